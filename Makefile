@@ -1,0 +1,24 @@
+# Two commands on a fresh machine: `make demo` and `make test`. Each builds its own environment.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+.PHONY: test demo bench clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[test]'
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -q -n 2 --dist loadfile tests
+
+demo: $(STAMP)
+	$(VENV)/bin/latentforge demo --out runs/demo
+
+bench: $(STAMP)
+	$(PY) bench/run_all.py --out docs/BENCHMARKS.md
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache
