@@ -7,6 +7,7 @@ Each concept owns one dataclass. Presets are plain values: `tiny` (tests, < 1 M 
 from __future__ import annotations
 
 import dataclasses
+import difflib
 from dataclasses import dataclass, field
 from typing import Optional, Tuple, Union
 
@@ -104,3 +105,304 @@ def preset(name: str) -> ModelPreset:
 def replace(cfg, **changes):
     """dataclasses.replace, re-exported so callers need not import dataclasses."""
     return dataclasses.replace(cfg, **changes)
+
+
+# ---------------------------------------------------------------------------------------------
+# Training configs. Resolution order: preset named by `model` -> TOML file -> key=value overrides.
+# ---------------------------------------------------------------------------------------------
+
+DEFAULT_SAMPLE_PROMPTS = (
+    "a red circle on a white background",
+    "a blue square on a black background",
+    "a green triangle on a gray background",
+    "a yellow star on a blue background",
+)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """UNet training. `unet` and `schedule` start from the preset named by `model`."""
+
+    model: str = "small"  # preset: tiny | small | sd15 (then unet.* / schedule.* override it)
+    unet: UNetConfig = PRESETS["small"].unet
+    schedule: ScheduleConfig = PRESETS["small"].schedule
+    seed: int = 0
+    batch_size: int = 16  # global batch per optimizer micro-step, summed over ranks
+    grad_accum: int = 1  # micro-steps per optimizer step
+    max_steps: int = 2000  # optimizer steps
+    lr: float = 1e-4
+    lr_schedule: str = "cosine"  # cosine | constant (both after a linear warmup)
+    warmup_steps: int = 100
+    min_lr: float = 0.0  # cosine floor
+    weight_decay: float = 0.01
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+    grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
+    ema_decay: float = 0.9999
+    ema_warmup: bool = True  # decay_n = min(ema_decay, (1 + n) / (10 + n))
+    timestep_sampling: str = "uniform"  # uniform | logit_normal
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    min_snr_gamma: float = 0.0  # 0 disables min-SNR-γ weighting (Hang et al. 2023 use 5)
+    offset_noise: float = 0.0  # 0 disables offset noise (Guttenberg 2023 use 0.1)
+    caption_dropout: float = 0.1  # probability of the null context / null class (for CFG)
+    conditioning: str = "auto"  # auto (from the cache) | text | class | none
+    precision: str = "fp32"  # fp32 | bf16 (autocast) | fp16 (CUDA only, with a grad scaler)
+    gradient_checkpointing: bool = False
+    device: str = "auto"  # auto | cpu | cuda
+    # --- bookkeeping (does not change the math) ---
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 2
+    sample_every: int = 500  # 0 disables validation grids
+    sample_prompts: Tuple[str, ...] = DEFAULT_SAMPLE_PROMPTS
+    sample_steps: int = 20
+    sample_guidance: float = 4.0
+    sample_seed: int = 1234
+    log_every: int = 10
+    nan_max_consecutive: int = 5  # stop after this many non-finite steps in a row
+    # --- data (only used with `train --data`, to build or reuse the latent cache) ---
+    vae_path: str = ""  # VAE folder (a diffusers `vae/` or a model folder containing one)
+    text_encoder: str = "default"
+    image_size: int = 64
+
+
+@dataclass(frozen=True)
+class VAETrainConfig:
+    """AutoencoderKL training: reconstruction (L1|L2) + β·KL, optional patch discriminator."""
+
+    model: str = "small"  # preset whose `vae` is the starting point (then vae.* overrides it)
+    vae: VAEConfig = PRESETS["small"].vae
+    seed: int = 0
+    image_size: int = 64
+    batch_size: int = 8
+    max_steps: int = 2000
+    lr: float = 2e-4
+    lr_schedule: str = "cosine"
+    warmup_steps: int = 50
+    min_lr: float = 0.0
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.5
+    adam_beta2: float = 0.9
+    adam_eps: float = 1e-8
+    grad_clip: float = 1.0
+    recon_loss: str = "l1"  # l1 | l2
+    kl_weight: float = 1e-6
+    discriminator: bool = False
+    disc_start: int = 500  # step after which the adversarial term is switched on
+    disc_weight: float = 0.1
+    disc_channels: int = 32
+    disc_layers: int = 3
+    holdout: int = 8  # images held out for the PSNR report
+    device: str = "auto"
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 2
+    sample_every: int = 500
+    log_every: int = 10
+
+
+# Keys that do not change what the run computes: they may differ on --resume. Everything else
+# (including keys added later) is part of the config hash.
+NON_MATH_KEYS = frozenset({
+    "checkpoint_every", "keep_checkpoints", "sample_every", "sample_prompts", "sample_steps",
+    "sample_guidance", "sample_seed", "log_every", "nan_max_consecutive", "device",
+    "gradient_checkpointing", "vae_path", "text_encoder", "image_size", "holdout",
+})
+_CHOICES = {
+    "lr_schedule": ("cosine", "constant"), "timestep_sampling": ("uniform", "logit_normal"),
+    "conditioning": ("auto", "text", "class", "none"), "precision": ("fp32", "bf16", "fp16"),
+    "device": ("auto", "cpu", "cuda"), "recon_loss": ("l1", "l2"),
+    "schedule.prediction_type": ("epsilon", "v_prediction", "sample"),
+    "schedule.beta_schedule": ("linear", "scaled_linear", "squaredcos_cap_v2", "cosine"),
+}
+
+
+def load_train_config(path=None, overrides=(), cls=None, base=None):
+    """Resolve a training config: defaults <- `base` <- TOML file <- `key=value` overrides.
+
+    `cls` is TrainConfig (default) or VAETrainConfig. Unknown keys and wrong types raise a
+    `UserError` naming the key and where it came from.
+    """
+    from .errors import UserError
+
+    cls = cls or TrainConfig
+    raw: dict = {}  # flat "section.key" -> (value, source)
+    if path is not None:
+        import tomllib
+
+        try:
+            with open(path, "rb") as f:
+                data = tomllib.load(f)
+        except FileNotFoundError:
+            raise UserError(f"--config {path}: file not found — pass an existing TOML file")
+        except tomllib.TOMLDecodeError as e:
+            raise UserError(f"--config {path}: not valid TOML ({e}) — fix the file")
+        for key, value in _flatten(data):
+            raw[key] = (value, str(path))
+    for item in overrides:
+        if "=" not in item:
+            raise UserError(f"override {item!r}: expected key=value (e.g. lr=3e-4) — fix the argument")
+        key, text = item.split("=", 1)
+        raw[key.strip()] = (_parse_value(text.strip()), f"override {item!r}")
+
+    cfg = base if base is not None else cls()
+    name, src = raw.pop("model", (cfg.model, "default"))
+    if not isinstance(name, str) or name not in PRESETS:
+        raise UserError(f"{src}: model={name!r} is not a preset — choose one of {', '.join(PRESETS)}")
+    sections = [f.name for f in dataclasses.fields(cls) if dataclasses.is_dataclass(getattr(cfg, f.name))]
+    if name != cfg.model:  # a new preset replaces the model sections wholesale
+        cfg = dataclasses.replace(cfg, model=name, **{k: getattr(PRESETS[name], k) for k in sections})
+
+    top, nested = {}, {}
+    valid = list(_keys(cfg))
+    for key, (value, src) in raw.items():
+        section, _, sub = key.partition(".")
+        if key not in valid:
+            near = difflib.get_close_matches(key, valid, n=3)
+            hint = f"did you mean {' or '.join(near)}?" if near else f"`latentforge {_cmd(cls)} --print-config` lists every key"
+            raise UserError(f"{src}: unknown key {key!r} — {hint}")
+        name_ = sub or key
+        fields = _field_types(type(getattr(cfg, section) if sub else cfg))
+        value = _coerce(value, fields[name_], key, src)
+        if key in _CHOICES and value not in _CHOICES[key]:
+            raise UserError(f"{src}: {key}={value!r} — choose one of {', '.join(_CHOICES[key])}")
+        (nested.setdefault(section, {}) if sub else top)[name_] = value
+    for section, changes in nested.items():
+        top[section] = dataclasses.replace(getattr(cfg, section), **changes)
+    return dataclasses.replace(cfg, **top)
+
+
+def config_to_dict(cfg) -> dict:
+    """Nested plain dict (tuples -> lists, None -> "none") ready for TOML or JSON."""
+    out = {}
+    for f in dataclasses.fields(cfg):
+        v = getattr(cfg, f.name)
+        out[f.name] = config_to_dict(v) if dataclasses.is_dataclass(v) else _plain(v)
+    return out
+
+
+def to_toml(cfg) -> str:
+    """The full resolved config as TOML (re-runnable with `--config`)."""
+    d = config_to_dict(cfg)
+    lines = [f"{k} = {_toml_value(v)}" for k, v in d.items() if not isinstance(v, dict)]
+    for k, v in d.items():
+        if isinstance(v, dict):
+            lines += ["", f"[{k}]"] + [f"{kk} = {_toml_value(vv)}" for kk, vv in v.items()]
+    return "\n".join(lines) + "\n"
+
+
+def math_dict(cfg) -> dict:
+    """The flat `key -> value` of every setting that changes what training computes."""
+    flat = dict(_flatten(config_to_dict(cfg)))
+    if flat.get("lr_schedule") == "constant":
+        flat.pop("max_steps", None)  # a constant-LR run may be extended on resume
+    return {k: v for k, v in flat.items() if k.split(".")[-1] not in NON_MATH_KEYS}
+
+
+def config_hash(cfg) -> str:
+    import hashlib
+    import json
+
+    return hashlib.sha256(json.dumps(math_dict(cfg), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _cmd(cls) -> str:
+    return "train-vae" if cls is VAETrainConfig else "train"
+
+
+def _keys(cfg):
+    for f in dataclasses.fields(cfg):
+        sub = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(sub):
+            yield from (f"{f.name}.{g.name}" for g in dataclasses.fields(sub))
+        else:
+            yield f.name
+
+
+def _flatten(d, prefix=""):
+    for k, v in d.items():
+        if isinstance(v, dict):
+            yield from _flatten(v, f"{prefix}{k}.")
+        else:
+            yield f"{prefix}{k}", v
+
+
+def _field_types(cls):
+    import typing
+
+    return typing.get_type_hints(cls)
+
+
+def _parse_value(text: str):
+    """A TOML value (1e-4, true, [32, 64], "x"); anything else is a bare string."""
+    import tomllib
+
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def _coerce(value, tp, key, src):
+    """Check `value` against the dataclass field type `tp`; convert lists to tuples."""
+    import typing
+
+    from .errors import UserError
+
+    def fail():
+        raise UserError(f"{src}: {key}={value!r} is not {_type_name(tp)} — fix the value")
+
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is Union:
+        if type(None) in args and value in ("none", "None"):
+            return None
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(value, arg, key, src)
+            except UserError:
+                pass
+        fail()
+    if origin in (tuple, Tuple):
+        if not isinstance(value, (list, tuple)):
+            fail()
+        return tuple(_coerce(v, args[0], key, src) for v in value)
+    if tp is bool:
+        return value if isinstance(value, bool) else fail()
+    if tp is int:
+        return value if isinstance(value, int) and not isinstance(value, bool) else fail()
+    if tp is float:
+        return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else fail()
+    if tp is str:
+        return value if isinstance(value, str) else fail()
+    fail()
+
+
+def _type_name(tp) -> str:
+    import typing
+
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (tuple, Tuple):
+        return "a list of " + {int: "integers", float: "numbers", bool: "true/false", str: "strings"}[args[0]]
+    if origin is Union:
+        return " or ".join(_type_name(a) for a in args if a is not type(None)) + (
+            " or none" if type(None) in args else "")
+    return {"int": "an integer", "float": "a number", "bool": "true/false", "str": "a string"}.get(
+        tp.__name__, tp.__name__)
+
+
+def _plain(v):
+    if isinstance(v, tuple):
+        return [_plain(x) for x in v]
+    return "none" if v is None else v
+
+
+def _toml_value(v) -> str:
+    import json
+
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, list):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    return json.dumps(v)  # a TOML basic string is a JSON string for our values
