@@ -27,13 +27,14 @@ class UNetConfig:
     head_dim: Optional[IntOrTuple] = None  # alternatively channels per head (SD 2.x style); wins if set
     transformer_layers: int = 1
     cross_attention_dim: Optional[int] = 768  # None -> no cross-attention (unconditional / class-only)
-    use_linear_projection: bool = False
+    use_linear_projection: bool = False  # Linear (SD 2.x) or 1x1 conv (SD 1.x) proj_in/proj_out
+    upcast_attention: bool = False  # compute attention in float32 under half precision (SD 2.1)
     num_class_embeds: Optional[int] = None
     norm_groups: int = 32
     norm_eps: float = 1e-5
     flip_sin_to_cos: bool = True
     freq_shift: int = 0
-    mid_attention: bool = True
+    mid_attention: bool = True  # needs cross_attention_dim (diffusers has no self-attention-only mid block)
     sample_size: int = 64  # latent side, recorded for the diffusers config
 
 
