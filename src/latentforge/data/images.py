@@ -1,0 +1,140 @@
+"""One image file -> one RGB square: checks, EXIF orientation, alpha, colour modes, resize + crop.
+
+Every way a file can be unusable raises `BadImage(reason, detail)`, where `reason` is one of the
+stable short codes in `REASONS` (the data scanner turns it into a `skipped.jsonl` line).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import random
+import warnings
+from typing import BinaryIO, Union
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+
+# File extension -> the formats PIL may report for it (MPO: multi-picture JPEGs from cameras).
+IMAGE_EXTENSIONS = {
+    ".jpg": ("JPEG", "MPO"), ".jpeg": ("JPEG", "MPO"), ".png": ("PNG",), ".webp": ("WEBP",),
+    ".bmp": ("BMP",), ".gif": ("GIF",), ".tif": ("TIFF",), ".tiff": ("TIFF",),
+}
+MAX_PIXELS = 8192 * 8192  # default decompression-bomb limit (width x height), configurable
+MIN_SIZE = 16  # default smallest usable side in pixels, configurable
+WHITE = (255, 255, 255)
+
+
+class BadImage(Exception):
+    """An unusable file: `reason` is a stable short code, `detail` says what was seen."""
+
+    def __init__(self, reason: str, detail: str):
+        super().__init__(f"{reason}: {detail}")
+        self.reason, self.detail = reason, detail
+
+
+Source = Union[str, os.PathLike, bytes, BinaryIO]
+
+
+def _as_file(src: Source) -> BinaryIO | str:
+    return io.BytesIO(src) if isinstance(src, (bytes, bytearray, memoryview)) else src
+
+
+def open_checked(src: Source, name: str = "", max_pixels: int = MAX_PIXELS,
+                 min_size: int = MIN_SIZE) -> Image.Image:
+    """Open (header only, no pixel decode) and check format, extension and size."""
+    if not name and isinstance(src, (str, os.PathLike)):
+        name = os.fspath(src)
+    ext = os.path.splitext(str(name))[1].lower()
+    # We apply our own limit below; only keep PIL's built-in one from firing first.
+    Image.MAX_IMAGE_PIXELS = max(Image.MAX_IMAGE_PIXELS or 0, max_pixels)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(_as_file(src))
+    except Image.DecompressionBombError as e:
+        raise BadImage("decompression_bomb", str(e)) from None
+    except Image.UnidentifiedImageError:
+        raise BadImage("not_image", "not a readable image file") from None
+    except OSError as e:
+        raise _decode_error(e) from None
+    w, h = img.size
+    if w * h > max_pixels:
+        raise BadImage("decompression_bomb", f"{w}x{h} = {w * h} pixels is over the limit of {max_pixels}")
+    if ext in IMAGE_EXTENSIONS and img.format not in IMAGE_EXTENSIONS[ext]:
+        raise BadImage("wrong_extension", f"content is {img.format} but the extension is {ext}; rename the file")
+    if min(w, h) < min_size:
+        raise BadImage("too_small", f"{w}x{h} is smaller than {min_size} pixels on a side")
+    return img
+
+
+def _decode_error(e: Exception) -> BadImage:
+    msg = str(e) or type(e).__name__
+    return BadImage("truncated" if "truncat" in msg.lower() else "decode_error", msg)
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Decode the pixels and return RGB uint8: EXIF orientation applied, alpha composited on white,
+    grayscale / CMYK / palette / 16-bit converted."""
+    try:
+        img.load()
+        img = ImageOps.exif_transpose(img)
+        if img.mode == "P":
+            img = img.convert("RGBA" if "transparency" in img.info else "RGB")
+        if img.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
+            img = _high_bit_depth_to_l(img)
+        if img.mode in ("RGBA", "LA", "PA", "La", "RGBa"):
+            canvas = Image.new("RGBA", img.size, WHITE + (255,))
+            img = Image.alpha_composite(canvas, img.convert("RGBA"))
+        return img.convert("RGB")
+    except (OSError, SyntaxError, ValueError, EOFError) as e:
+        raise _decode_error(e) from None
+
+
+def _high_bit_depth_to_l(img: Image.Image) -> Image.Image:
+    """16-bit / 32-bit / float grayscale -> 8-bit "L", scaling by the type's range (PIL clips)."""
+    x = np.asarray(img, dtype=np.float64)
+    if img.mode == "F":
+        top = 1.0 if x.max() <= 1.0 else 255.0
+    else:
+        top = 65535.0 if x.max() > 255 or img.mode.startswith("I;16") else 255.0
+    return Image.fromarray(np.clip(np.round(x / top * 255.0), 0, 255).astype(np.uint8), "L")
+
+
+def resize_crop(img: Image.Image, size: int, random_crop: bool = False, flip: bool = False,
+                rng: random.Random | None = None) -> Image.Image:
+    """Resize the shorter side to `size`, then crop a size x size square (center or random)."""
+    w, h = img.size
+    scale = size / min(w, h)
+    new_w, new_h = max(size, round(w * scale)), max(size, round(h * scale))
+    if (new_w, new_h) != (w, h):
+        img = img.resize((new_w, new_h), Image.Resampling.LANCZOS)
+    if random_crop:
+        rng = rng or random.Random()
+        left, top = rng.randint(0, new_w - size), rng.randint(0, new_h - size)
+    else:
+        left, top = (new_w - size) // 2, (new_h - size) // 2
+    img = img.crop((left, top, left + size, top + size))
+    return img.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if flip else img
+
+
+def load_image(src: Source, size: int, name: str = "", random_crop: bool = False, flip: bool = False,
+               rng: random.Random | None = None, max_pixels: int = MAX_PIXELS,
+               min_size: int = MIN_SIZE) -> Image.Image:
+    """A file (path, bytes or binary file) -> checked, RGB, size x size PIL image.
+    Raises BadImage. `name` gives the extension when `src` is bytes."""
+    img = open_checked(src, name, max_pixels, min_size)
+    return resize_crop(to_rgb(img), size, random_crop, flip, rng)
+
+
+def to_tensor(img: Image.Image) -> torch.Tensor:
+    """RGB PIL -> (3, H, W) float32 in [-1, 1]."""
+    x = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy())  # (H, W, 3)
+    return x.permute(2, 0, 1).float().div(127.5).sub(1.0)  # (3, H, W)
+
+
+def to_pil(x: torch.Tensor) -> Image.Image:
+    """(3, H, W) in [-1, 1] -> RGB PIL."""
+    x = ((x.detach().float().clamp(-1, 1) + 1) * 127.5).round().byte()  # (3, H, W)
+    return Image.fromarray(x.permute(1, 2, 0).cpu().numpy(), "RGB")
