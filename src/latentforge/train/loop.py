@@ -1,0 +1,174 @@
+"""The UNet training loop. Reads top to bottom; `step.train_step` is the math of one step.
+
+    for step in range(start, max_steps):            # optimizer steps
+        for micro in range(grad_accum):              # each: B/W samples of the stream on this rank
+            batch = stream.batch(positions)          # latents (+ text context | class label)
+            draws = draw(positions)                  # t, ε, caption-dropout coin per sample
+            loss = train_step(...); loss.backward()  # DDP averages gradients over ranks
+        clip -> NaN guard -> AdamW -> EMA -> log / checkpoint / samples / stop on signal
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from ..config import config_hash, math_dict, to_toml
+from ..errors import UserError
+from ..models import UNet
+from ..schedule import NoiseSchedule
+from . import checkpoint, distributed
+from .data import Stream
+from .ema import EMA
+from .lr import lr_for, set_lr
+from .nan_guard import NanGuard
+from .report import RunLog
+from .setup import autocast_dtype, check_precision, make_optimizer, null_condition, resolve_for_data
+from .signals import StopRequest
+from .step import apply_dropout, draw, mix, train_step
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    step: int  # optimizer steps done
+    stopped: str = ""  # name of the signal that stopped the run early, if any
+    skipped: int = 0  # non-finite steps skipped
+
+
+def train(cfg, dataset, out, *, resume: bool = False, vae=None, text_encoder=None, progress: bool = True) -> TrainResult:
+    """Train a UNet on `dataset` (items like data.cache.LatentDataset) into the run folder `out`."""
+    d = distributed.setup(cfg.device)
+    try:
+        return _train(cfg, dataset, Path(out), d, resume, vae, text_encoder, progress)
+    finally:
+        distributed.cleanup(d)
+
+
+def _train(cfg, dataset, run: Path, d, resume, vae, text_encoder, progress) -> TrainResult:
+    cfg = resolve_for_data(cfg, dataset)
+    B, A, W = cfg.batch_size, cfg.grad_accum, d.world_size
+    if B % W:
+        raise UserError(f"batch_size={B}: must be divisible by the {W} processes — change batch_size or --nproc_per_node")
+    check_precision(cfg.precision, d.device)
+    ckpt_dir = run / "checkpoints"
+    latest = checkpoint.latest_complete(ckpt_dir)
+    if latest is not None and not resume:
+        raise UserError(f"--out {run}: already holds checkpoints — pass --resume to continue it, or choose a new --out")
+    if d.is_main:
+        run.mkdir(parents=True, exist_ok=True)
+        (run / "config.toml").write_text(to_toml(cfg))
+
+    distributed.seed_everything(cfg.seed, d.rank)  # per-rank RNG (the math itself uses `draw`)
+    torch.manual_seed(mix(cfg.seed, "init"))  # same initial weights on every rank and device
+    unet = UNet(cfg.unet).to(d.device)
+    unet.enable_gradient_checkpointing(cfg.gradient_checkpointing)
+    ema = EMA(unet, cfg.ema_decay, cfg.ema_warmup)
+    opt = make_optimizer(unet, cfg, d.device)
+    scaler = torch.amp.GradScaler("cuda") if cfg.precision == "fp16" else None
+    guard = NanGuard(run, cfg.nan_max_consecutive, write=d.is_main)
+    ac = NoiseSchedule.from_config(cfg.schedule).alphas_cumprod.to(d.device)
+    null = null_condition(cfg, dataset, text_encoder)
+    stream = Stream(dataset, cfg.seed)
+
+    step = 0
+    if latest is not None:
+        step = _restore(latest, cfg, d, unet, ema, opt, guard, scaler)
+    model = distributed.wrap(unet, d)
+    log = RunLog(run, enabled=d.is_main, resume_step=step if latest is not None else None)
+    from .samples import maybe_sample, export_model  # noqa: E402 (needs pipelines/formats only here)
+
+    bar = tqdm(total=cfg.max_steps, initial=step, disable=not (progress and d.is_main), desc="train", unit="step",
+               dynamic_ncols=True)
+    stopped, t_last, seen_last = "", time.perf_counter(), step * A * B
+    with StopRequest() as stop:
+        while step < cfg.max_steps:
+            set_lr(opt, lr := lr_for(cfg, step))
+            losses, picked = [], []
+            for micro in range(A):
+                positions = stream.positions(step, micro, A, B, d.rank, W)
+                batch = stream.batch(positions)
+                draws = draw(cfg, positions, batch.latent.shape[1:], ac.shape[0])
+                if cfg.conditioning != "none":
+                    batch = apply_dropout(batch, draws.drop, *null)
+                picked += [{"id": i, "t": int(t)} for i, t in zip(batch.ids, draws.t)]
+                sync = model.no_sync() if d.enabled and micro < A - 1 else contextlib.nullcontext()
+                with sync:
+                    loss = train_step(model, batch.to(d.device), draws, ac, cfg.schedule.prediction_type,
+                                      cfg.min_snr_gamma, autocast_dtype(cfg.precision))
+                    (scaler.scale(loss / A) if scaler else loss / A).backward()
+                losses.append(loss.detach().float())
+            loss = distributed.mean(torch.stack(losses).mean().item(), d)
+            if scaler:
+                scaler.unscale_(opt)
+            gnorm = torch.nn.utils.clip_grad_norm_(unet.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
+            gnorm = gnorm.item()
+            if guard.finite(loss, gnorm) or (scaler and math.isfinite(loss)):  # fp16 overflow: the scaler skips
+                scaler.step(opt) if scaler else opt.step()
+                ema.update(unet)
+                guard.ok()
+            else:
+                guard.skip(step, sum(distributed.gather_json(picked, d), []), loss, gnorm)
+            if scaler:
+                scaler.update()
+            opt.zero_grad(set_to_none=True)
+            step += 1
+
+            if step % cfg.log_every == 0 or step == cfg.max_steps:
+                now = time.perf_counter()
+                ips = (step * A * B - seen_last) / max(now - t_last, 1e-9)  # images per second, all ranks
+                t_last, seen_last = now, step * A * B
+                log.log({"step": step, "loss": loss, "lr": lr, "grad_norm": gnorm, "img_per_s": ips,
+                         "epoch": step * A * B / len(dataset), "skipped": guard.skipped})
+                bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{ips:.1f}")
+            bar.update(1)
+            stopped = stop.name if distributed.any_true(stop.requested, d) else ""
+            if stopped or step % cfg.checkpoint_every == 0 or step == cfg.max_steps:
+                _save(ckpt_dir, step, cfg, d, unet, ema, opt, guard, scaler)
+            if d.is_main and cfg.sample_every and (step % cfg.sample_every == 0 or step == cfg.max_steps):
+                maybe_sample(run, step, cfg, unet, ema, vae, text_encoder, null)
+            if stopped:
+                break
+    bar.close()
+    log.close()
+    if d.is_main and step == cfg.max_steps:
+        export_model(run, cfg, unet, ema, vae, text_encoder)
+    distributed.barrier(d)
+    return TrainResult(run, step, stopped, guard.skipped)
+
+
+def _save(ckpt_dir, step, cfg, d, unet, ema, opt, guard, scaler) -> None:
+    rng = distributed.gather_json(checkpoint.rng_state(), d)  # every rank's RNG, gathered to all
+    if d.is_main:
+        flat_opt, opt_meta = checkpoint.flatten_optimizer(opt)
+        state = {"step": step, "data_position": step * cfg.grad_accum * cfg.batch_size,
+                 "config_hash": config_hash(cfg), "math": math_dict(cfg), "optimizer": opt_meta,
+                 "lr": {"schedule": cfg.lr_schedule, "value": opt.param_groups[0]["lr"]},
+                 "ema_updates": ema.num_updates, "nan_guard": guard.state_dict(), "world_size": d.world_size,
+                 "rng": rng, "scaler": scaler.state_dict() if scaler else None}
+        checkpoint.save(ckpt_dir, step, {"model": unet.state_dict(), "ema": ema.shadow, "optimizer": flat_opt},
+                        state, keep=cfg.keep_checkpoints)
+    distributed.barrier(d)
+
+
+def _restore(path, cfg, d, unet, ema, opt, guard, scaler) -> int:
+    tensors, state = checkpoint.load(path)
+    if state["config_hash"] != config_hash(cfg):
+        checkpoint.check_config(state, math_dict(cfg), path)
+    unet.load_state_dict(tensors["model"])
+    ema.load_state_dict({"shadow": tensors["ema"], "num_updates": state["ema_updates"]})
+    checkpoint.unflatten_optimizer(opt, tensors["optimizer"], state["optimizer"])
+    guard.load_state_dict(state["nan_guard"])
+    if scaler and state.get("scaler"):
+        scaler.load_state_dict(state["scaler"])
+    if state["world_size"] == d.world_size:
+        checkpoint.set_rng_state(state["rng"][d.rank])
+    if state["data_position"] != state["step"] * cfg.grad_accum * cfg.batch_size:
+        raise UserError(f"--resume: {path}/state.json: data position does not match step — the checkpoint is damaged")
+    return state["step"]

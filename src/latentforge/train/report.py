@@ -1,0 +1,101 @@
+"""What a run leaves behind for a human: metrics.jsonl, tensorboard logs/, report.md and loss.png."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+
+class RunLog:
+    """Append-only metrics (JSON lines + tensorboard). A no-op on ranks other than 0."""
+
+    def __init__(self, run_dir, enabled: bool = True, resume_step: int | None = None):
+        self.path = Path(run_dir) / "metrics.jsonl"
+        self.enabled, self._tb = enabled, None
+        if enabled and resume_step is not None and self.path.exists():
+            # Rows logged after the checkpoint we resume from belong to the lost attempt: drop them.
+            rows = [r for r in read_metrics(self.path) if r["step"] <= resume_step]
+            self.path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        elif enabled and resume_step is None and self.path.exists():
+            self.path.unlink()
+        if enabled:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tb = SummaryWriter(str(Path(run_dir) / "logs"), purge_step=resume_step)
+
+    def log(self, row: dict) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        for k, v in row.items():
+            if k != "step" and isinstance(v, (int, float)) and math.isfinite(v):
+                self._tb.add_scalar(f"train/{k}", v, row["step"])
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
+
+
+def read_metrics(path) -> list[dict]:
+    path = Path(path)
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def smooth(values: list[float], window: int) -> list[float]:
+    """Trailing moving average (window clipped at the start)."""
+    out, acc = [], 0.0
+    for i, v in enumerate(values):
+        acc += v
+        if i >= window:
+            acc -= values[i - window]
+        out.append(acc / min(i + 1, window))
+    return out
+
+
+def loss_drop(rows: list[dict], window: int = 20) -> tuple[float, float, float]:
+    """(first, last, relative drop) of the smoothed loss over the finite rows."""
+    losses = [r["loss"] for r in rows if isinstance(r.get("loss"), float) and math.isfinite(r["loss"])]
+    if not losses:
+        return float("nan"), float("nan"), float("nan")
+    w = max(1, min(window, len(losses) // 4))
+    first, last = sum(losses[:w]) / w, sum(losses[-w:]) / w
+    return first, last, (first - last) / first if first else float("nan")
+
+
+def plot_loss(rows: list[dict], out_png, title: str = "training loss") -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in rows if isinstance(r.get("loss"), float) and math.isfinite(r["loss"])]
+    steps, losses = [r["step"] for r in rows], [r["loss"] for r in rows]
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    ax.plot(steps, losses, alpha=0.3, label="loss")
+    if losses:
+        ax.plot(steps, smooth(losses, max(1, len(losses) // 20)), label="moving average")
+    ax.set(xlabel="step", ylabel="loss", title=title)
+    ax.set_yscale("log")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out_png)
+    plt.close(fig)
+
+
+def write_report(run_dir, title: str, facts: dict, metric: str = "loss") -> Path:
+    """report.md (facts + loss numbers) and loss.png from metrics.jsonl."""
+    run_dir = Path(run_dir)
+    rows = read_metrics(run_dir / "metrics.jsonl")
+    plot_loss(rows, run_dir / "loss.png", title=f"{title}: {metric}")
+    first, last, drop = loss_drop(rows)
+    lines = [f"# {title}", "", "| | |", "|---|---|"]
+    lines += [f"| {k} | {v} |" for k, v in facts.items()]
+    lines += [f"| {metric}, first (smoothed) | {first:.5g} |", f"| {metric}, last (smoothed) | {last:.5g} |",
+              f"| {metric} drop | {drop:.1%} |", "", "![loss](loss.png)", ""]
+    path = run_dir / "report.md"
+    path.write_text("\n".join(lines))
+    return path

@@ -1,0 +1,84 @@
+"""What the loop needs before its first step: the config completed from the data, the optimizer,
+the precision, and the null condition used for caption dropout / classifier-free guidance."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from ..errors import UserError
+
+
+def resolve_for_data(cfg, dataset):
+    """Complete the UNet config from the cache: latent channels and side, conditioning kind,
+    text-context width, number of classes. The result is what `config.toml` records.
+
+    Class-conditional models get one extra class embedding, the last one, as the null class
+    (caption dropout trains it; classifier-free guidance uses it as the unconditional branch).
+    """
+    if len(dataset) == 0:
+        raise UserError("data: the latent cache is empty — add images to the data folder and rebuild the cache")
+    item = dataset[0]
+    C, h, w = tuple(torch.as_tensor(item["latent"]).shape)
+    has_text = item.get("context") is not None
+    has_label = item.get("label") is not None and int(item["label"]) >= 0
+    cond = cfg.conditioning
+    if cond == "auto":
+        cond = "text" if has_text else "class" if has_label else "none"
+    if cond == "text" and not has_text:
+        raise UserError("conditioning=text: the cache holds no text embeddings — cache captioned data, or use conditioning=none")
+    if cond == "class" and not has_label:
+        raise UserError("conditioning=class: the cache holds no class labels — use one sub-folder per class, or conditioning=none")
+    unet = dataclasses.replace(cfg.unet, in_channels=C, out_channels=C, sample_size=h)
+    if cond == "text":
+        unet = dataclasses.replace(unet, cross_attention_dim=int(torch.as_tensor(item["context"]).shape[-1]),
+                                   num_class_embeds=None)
+    elif cond == "class":
+        unet = dataclasses.replace(unet, cross_attention_dim=None, mid_attention=False,
+                                   num_class_embeds=num_classes(dataset) + 1)
+    else:
+        unet = dataclasses.replace(unet, cross_attention_dim=None, mid_attention=False, num_class_embeds=None)
+    return dataclasses.replace(cfg, conditioning=cond, unet=unet)
+
+
+def num_classes(dataset) -> int:
+    n = getattr(dataset, "num_classes", None)
+    if n is None:  # no metadata: read every label once
+        n = max(int(dataset[i]["label"]) for i in range(len(dataset))) + 1
+    return int(n)
+
+
+def null_condition(cfg, dataset, text_encoder=None):
+    """(null_context (L, D), null_mask (L,), null_label) for `apply_dropout`; Nones where unused."""
+    if cfg.conditioning == "class":
+        return None, None, cfg.unet.num_class_embeds - 1
+    if cfg.conditioning != "text":
+        return None, None, None
+    context = getattr(dataset, "null_context", None)
+    mask = getattr(dataset, "null_mask", None)
+    if context is None:
+        if text_encoder is None:
+            raise UserError("caption_dropout: the cache has no null (empty-caption) context and no text encoder was "
+                            "given — rebuild the cache, or set caption_dropout=0")
+        context, mask = text_encoder.encode([""])
+        context, mask = context[0], mask[0]
+    context = torch.as_tensor(context).float()
+    mask = torch.ones(context.shape[0], dtype=torch.bool) if mask is None else torch.as_tensor(mask).bool()
+    return context, mask, None
+
+
+def make_optimizer(model: torch.nn.Module, cfg, device: torch.device) -> torch.optim.Optimizer:
+    """AdamW (Loshchilov & Hutter 2019); fused kernels on CUDA, multi-tensor (foreach) on CPU."""
+    fast = {"fused": True} if device.type == "cuda" else {"foreach": True}
+    return torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps,
+                             weight_decay=cfg.weight_decay, **fast)
+
+
+def autocast_dtype(precision: str):
+    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+def check_precision(precision: str, device: torch.device) -> None:
+    if precision == "fp16" and device.type != "cuda":
+        raise UserError("precision=fp16: needs a CUDA device (gradient scaling) — use precision=bf16 or fp32 on CPU")

@@ -1,0 +1,95 @@
+"""One training step of the denoiser, and the per-sample randomness it needs.
+
+    t ~ U{0..T-1} (or logit-normal),  ε ~ N(0, I) (+ offset noise),  x_t = √ᾱ_t x0 + √(1-ᾱ_t) ε
+    loss = mean_b  w_b · ‖UNet(x_t, t, c) − target_b‖²        target: ε | v | x0,  w: 1 or min-SNR-γ
+
+Every random draw of a sample is a function of (seed, position of the sample in the data stream)
+only — not of the batch it lands in, the rank that processes it, or how often the run was
+resumed. So 1 process with batch B and 2 processes with B/2 draw the same t and ε, and an
+interrupted run continues exactly where it stopped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, replace
+from typing import List, Optional
+
+import torch
+
+from ..schedule import add_noise, min_snr_weight, target
+
+
+@dataclass
+class Batch:
+    latent: torch.Tensor  # (B, C, h, w) scaled latents
+    context: Optional[torch.Tensor] = None  # (B, L, D) text context
+    mask: Optional[torch.Tensor] = None  # (B, L) bool
+    label: Optional[torch.Tensor] = None  # (B,) long class labels
+    ids: Optional[List[str]] = None
+    positions: Optional[List[int]] = None  # stream positions (seed the per-sample draws)
+
+    def to(self, device) -> "Batch":
+        move = lambda x: x.to(device, non_blocking=True) if torch.is_tensor(x) else x  # noqa: E731
+        return replace(self, latent=move(self.latent), context=move(self.context), mask=move(self.mask),
+                       label=move(self.label))
+
+
+@dataclass
+class Draws:
+    t: torch.Tensor  # (B,) long
+    noise: torch.Tensor  # (B, C, h, w)
+    drop: torch.Tensor  # (B,) bool: use the null condition (caption dropout)
+
+
+def mix(*parts) -> int:
+    """A 63-bit seed from any parts (seed, stream position, ...): decorrelated, platform-stable."""
+    digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & (2**63 - 1)
+
+
+def draw(cfg, positions: List[int], shape, num_timesteps: int) -> Draws:
+    """Timestep, noise and dropout coin for each sample, from its own generator (CPU, then moved)."""
+    ts, noises, drops = [], [], []
+    for p in positions:
+        g = torch.Generator().manual_seed(mix(cfg.seed, p))
+        if cfg.timestep_sampling == "logit_normal":  # Esser et al. 2024 (SD3), §3.1
+            u = torch.randn(1, generator=g) * cfg.logit_std + cfg.logit_mean
+            t = (torch.sigmoid(u) * num_timesteps).long().clamp(max=num_timesteps - 1)
+        else:
+            t = torch.randint(0, num_timesteps, (1,), generator=g)
+        drop = torch.rand(1, generator=g) < cfg.caption_dropout
+        noise = torch.randn(shape, generator=g)  # (C, h, w)
+        if cfg.offset_noise > 0:  # Guttenberg 2023: a per-channel constant shifts the mean brightness
+            noise = noise + cfg.offset_noise * torch.randn(shape[0], 1, 1, generator=g)
+        ts.append(t), noises.append(noise), drops.append(drop)
+    return Draws(torch.cat(ts), torch.stack(noises), torch.cat(drops))
+
+
+def apply_dropout(batch: Batch, drop: torch.Tensor, null_context=None, null_mask=None, null_label=None) -> Batch:
+    """Replace the condition of the dropped samples with the null one (text "" or the null class)."""
+    if not drop.any():
+        return batch
+    context, mask, label = batch.context, batch.mask, batch.label
+    if context is not None:
+        keep = ~drop[:, None, None]
+        context = torch.where(keep, context, null_context.to(context))  # (B, L, D)
+        if mask is not None:
+            mask = torch.where(~drop[:, None], mask, null_mask.to(mask))  # (B, L)
+    if label is not None:
+        label = torch.where(drop, torch.full_like(label, null_label), label)  # (B,)
+    return replace(batch, context=context, mask=mask, label=label)
+
+
+def train_step(model, batch: Batch, draws: Draws, alphas_cumprod: torch.Tensor, prediction_type: str = "epsilon",
+               min_snr_gamma: float = 0.0, autocast_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """Loss of one (micro-)batch as a float32 scalar; call `.backward()` on it."""
+    x0, noise, t = batch.latent, draws.noise.to(batch.latent), draws.t.to(batch.latent.device)
+    ac = alphas_cumprod.to(x0.device)
+    x_t = add_noise(x0, noise, t, ac)  # (B, C, h, w)
+    with torch.autocast(x0.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+        pred = model(x_t, t, batch.context, class_labels=batch.label, context_mask=batch.mask)  # (B, C, h, w)
+    err = (pred.float() - target(prediction_type, x0, noise, t, ac)).square().mean(dim=(1, 2, 3))  # (B,)
+    if min_snr_gamma > 0:  # Hang et al. 2023
+        err = err * min_snr_weight(t, ac, min_snr_gamma, prediction_type)
+    return err.mean()
