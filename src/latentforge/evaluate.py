@@ -1,0 +1,166 @@
+"""Evaluation: the shapes prompt-adherence benchmark and FID/KID against a reference folder.
+
+Both take a `generate(captions, seeds) -> list[PIL.Image]` function, so they run the same on a
+trained model (`pipeline_generator`) and on a fake generator in tests. The metric arithmetic lives
+in `latentforge.metrics`; this module wires generation, analysis, files and tables together.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw, ImageFont
+from tqdm import tqdm
+
+from .data import shapes
+from .errors import UserError
+from .metrics import adherence, fid as fidlib
+from .metrics.adherence import Prompt
+
+Generate = Callable[[list, list], Sequence[Image.Image]]
+IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
+
+
+def shapes_prompts() -> list[Prompt]:
+    """Every combination of the shapes caption grammar, seen and held out (96 prompts)."""
+    return [Prompt(shapes.caption(a), a, shapes.is_held_out(a)) for a in shapes.all_combinations()]
+
+
+def pipeline_generator(pipe, sampler: str | None = None, steps: int | None = None, cfg: float | None = None,
+                       negative: str = "") -> Generate:
+    """Adapt a `pipelines.Pipeline` to `generate(captions, seeds)`: one image per (caption, seed)."""
+    options = {k: v for k, v in dict(sampler=sampler, steps=steps, cfg=cfg).items() if v is not None}
+
+    def generate(captions, seeds):
+        return [pipe.text2img(c, negative=negative, seed=s, n=1, **options)[0] for c, s in zip(captions, seeds)]
+
+    return generate
+
+
+# ---- the adherence benchmark ----------------------------------------------------------------
+
+
+def evaluate_shapes(generate: Generate, out: str | os.PathLike | None = None, n: int = 4, seed: int = 0,
+                    batch_size: int = 16, settings: dict | None = None) -> dict:
+    """Generate n images for each of the 96 shapes prompts, analyse them, score seen vs held-out.
+
+    Writes `eval.json` (scores, settings, per-image records), `eval.md` (the table) and
+    `eval_grid.png` (the first image of every prompt, held-out ones marked) into `out` if given.
+    """
+    prompts = shapes_prompts()
+    firsts: dict[str, Image.Image] = {}
+
+    def keep_first(p, s, image, predicted):
+        firsts.setdefault(p.caption, image)
+
+    t0 = time.perf_counter()
+    scores, records = adherence.run_benchmark(generate, shapes.analyse, prompts, n=n, seed=seed,
+                                              batch_size=batch_size, on_image=keep_first)
+    result = {"benchmark": "shapes", "images_per_prompt": n, "seed": seed, "settings": settings or {},
+              "seconds": round(time.perf_counter() - t0, 2), "scores": scores, "records": records}
+    if out is not None:
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "eval.json").write_text(json.dumps(result, indent=1) + "\n")
+        (out / "eval.md").write_text("# Prompt adherence (shapes)\n\n" + adherence.markdown_table(scores) + "\n")
+        caption_grid([firsts[p.caption] for p in prompts], [p.caption for p in prompts],
+                     [p.held_out for p in prompts], cols=12).save(out / "eval_grid.png")
+    return result
+
+
+# ---- grids ----------------------------------------------------------------------------------
+
+
+def caption_grid(images: Sequence[Image.Image], labels: Sequence[str], marked: Sequence[bool] | None = None,
+                 cols: int = 8, cell: int = 96, mark_label: str = "HELD OUT") -> Image.Image:
+    """Images upscaled (nearest) to `cell` px, each over its wrapped label; marked cells get a red
+    border and `mark_label` in red."""
+    marked = marked or [False] * len(images)
+    font = ImageFont.load_default()
+    text_h, pad = 34, 4
+    rows = (len(images) + cols - 1) // cols
+    w, h = cell + 2 * pad, cell + 2 * pad + text_h
+    grid = Image.new("RGB", (cols * w, rows * h), (255, 255, 255))
+    draw = ImageDraw.Draw(grid)
+    for i, (img, label, mark) in enumerate(zip(images, labels, marked)):
+        x, y = (i % cols) * w, (i // cols) * h
+        if mark:
+            draw.rectangle((x, y, x + w - 1, y + cell + 2 * pad - 1), fill=(220, 0, 0))
+        grid.paste(img.convert("RGB").resize((cell, cell), Image.Resampling.NEAREST), (x + pad, y + pad))
+        lines = _wrap(label, chars=max(8, cell // 6))[:2 if mark else 3]
+        if mark:
+            lines = [mark_label] + lines
+        for j, line in enumerate(lines):
+            colour = (220, 0, 0) if mark and j == 0 else (0, 0, 0)
+            draw.text((x + pad, y + cell + 2 * pad + j * 11), line, fill=colour, font=font)
+    return grid
+
+
+def _wrap(text: str, chars: int) -> list[str]:
+    lines, line = [], ""
+    for word in text.split():
+        if line and len(line) + 1 + len(word) > chars:
+            lines.append(line)
+            line = word
+        else:
+            line = f"{line} {word}".strip()
+    return lines + ([line] if line else [])
+
+
+# ---- FID / KID ------------------------------------------------------------------------------
+
+
+def reference_items(reference_dir: str | os.PathLike) -> list[tuple[Path, str]]:
+    """(image path, caption) for every image under the folder; caption from a same-name .txt or ''."""
+    root = Path(reference_dir)
+    if not root.is_dir():
+        raise UserError(f"--reference: {root} is not a folder — give a folder of reference images")
+    items = []
+    for p in sorted(root.rglob("*")):
+        if p.suffix.lower() in IMAGE_EXTS and p.is_file():
+            txt = p.with_suffix(".txt")
+            items.append((p, txt.read_text(encoding="utf-8").strip() if txt.is_file() else ""))
+    if len(items) < 2:
+        raise UserError(f"--reference: {root} holds {len(items)} images — FID/KID need at least 2")
+    return items
+
+
+def _to_tensor(images: Sequence[Image.Image]) -> torch.Tensor:
+    """PIL images of any sizes -> (B, 3, 299, 299) in [-1, 1], resized as pytorch-fid does (torch bilinear)."""
+    out = []
+    for im in images:
+        x = torch.from_numpy(np.asarray(im.convert("RGB")).copy()).permute(2, 0, 1)[None].float()  # (1, 3, H, W)
+        x = torch.nn.functional.interpolate(x / 127.5 - 1, size=(299, 299), mode="bilinear", align_corners=False)
+        out.append(x)
+    return torch.cat(out)  # (B, 3, 299, 299)
+
+
+def inception_features(extractor, images: Sequence[Image.Image], batch_size: int = 16, desc: str = "inception") -> np.ndarray:
+    """pool3 features (N, 2048) of PIL images."""
+    feats = []
+    for i in tqdm(range(0, len(images), batch_size), desc=desc, unit="batch"):
+        feats.append(extractor(_to_tensor(images[i : i + batch_size])).double().numpy())
+    return np.concatenate(feats)
+
+
+def evaluate_fid(generate: Generate, reference_dir, extractor, n: int | None = None, seed: int = 0,
+                 batch_size: int = 16, kid_subsets: int = 100, kid_subset_size: int = 1000) -> dict:
+    """Generate one image per reference caption (the first n), compare Inception features."""
+    items = reference_items(reference_dir)[: n or None]
+    references = [Image.open(p) for p, _ in items]
+    captions = [c for _, c in items]
+    generated = []
+    for i in tqdm(range(0, len(captions), batch_size), desc="generate", unit="batch"):
+        chunk = captions[i : i + batch_size]
+        generated += list(generate(chunk, [seed + i + j for j in range(len(chunk))]))
+    f_ref = inception_features(extractor, references, batch_size, "inception (reference)")
+    f_gen = inception_features(extractor, generated, batch_size, "inception (generated)")
+    kid_mean, kid_std = fidlib.kid_score(f_gen, f_ref, kid_subsets, kid_subset_size, seed)
+    return {"fid": fidlib.fid_score(f_gen, f_ref), "kid": kid_mean, "kid_std": kid_std,
+            "n_generated": len(generated), "n_reference": len(references)}
