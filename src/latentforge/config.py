@@ -49,9 +49,11 @@ class VAEConfig:
     layers_per_level: int = 2
     norm_groups: int = 32
     scaling_factor: float = 0.18215
-    shift_factor: Optional[float] = None
+    shift_factor: Optional[float] = None  # latents = (z - shift_factor) * scaling_factor (SD3/Flux style)
     sample_size: int = 512
     mid_attention: bool = True
+    use_quant_conv: bool = True  # 1x1 convs around the latent (SD 1.x/2.x/XL: True; SD3/Flux: False)
+    use_post_quant_conv: bool = True
 
 
 @dataclass(frozen=True)
@@ -80,7 +82,7 @@ PRESETS = {
             channels=(32, 64), layers_per_level=1, attention=(False, True), num_heads=2,
             cross_attention_dim=32, norm_groups=8, sample_size=8,
         ),
-        vae=VAEConfig(channels=(16, 32), layers_per_level=1, norm_groups=8, sample_size=32),
+        vae=VAEConfig(channels=(16, 32, 32), layers_per_level=1, norm_groups=8, sample_size=32),
     ),
     # Sized for training on a 2-core CPU (shapes demo, benchmarks).
     "small": ModelPreset(

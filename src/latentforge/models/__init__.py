@@ -1,5 +1,6 @@
 """The networks: the SD-style UNet and the KL autoencoder (VAE)."""
 
 from .unet import UNet
+from .vae import AutoencoderKL
 
-__all__ = ["UNet"]
+__all__ = ["UNet", "AutoencoderKL"]

@@ -244,18 +244,13 @@ class SpatialTransformer(nn.Module):
     def forward(self, x: torch.Tensor, context: Optional[torch.Tensor] = None,
                 mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         B, C, H, W = x.shape
-        h = self.norm(x)  # (B, C, H, W)
-        if self.linear_projection:
-            h = self.proj_in(h.permute(0, 2, 3, 1).reshape(B, H * W, C))  # (B, HW, inner)
-        else:
-            h = self.proj_in(h)  # (B, inner, H, W)
-            h = h.permute(0, 2, 3, 1).reshape(B, H * W, -1)  # (B, HW, inner)
+        h = self.norm(x).permute(0, 2, 3, 1).reshape(B, H * W, C)  # (B, HW, C)
+        # A 1×1 conv is a Linear on tokens: one GEMM either way (conv weights are (out, in, 1, 1)).
+        h = F.linear(h, self.proj_in.weight.flatten(1), self.proj_in.bias)  # (B, HW, inner)
         for block in self.transformer_blocks:
             h = block(h, context, mask)  # (B, HW, inner)
-        if self.linear_projection:
-            h = self.proj_out(h).reshape(B, H, W, C).permute(0, 3, 1, 2)  # (B, C, H, W)
-        else:
-            h = self.proj_out(h.reshape(B, H, W, -1).permute(0, 3, 1, 2))  # (B, C, H, W)
+        h = F.linear(h, self.proj_out.weight.flatten(1), self.proj_out.bias)  # (B, HW, C)
+        h = h.reshape(B, H, W, C).permute(0, 3, 1, 2)  # (B, C, H, W)
         return x + h
 
 
