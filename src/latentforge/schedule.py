@@ -130,14 +130,22 @@ def target(prediction_type: str, x0: torch.Tensor, noise: torch.Tensor, t, ac: t
 
 
 def convert(pred: torch.Tensor, x_t: torch.Tensor, t, ac: torch.Tensor, src: str, dst: str) -> torch.Tensor:
-    """Turn a prediction of type `src` at (x_t, t) into type `dst`; the one place ε/v/x0 meet.
-
-    With x_t = α x0 + σ ε and v = α ε - σ x0 (α² + σ² = 1):
-      x0 = α x_t - σ v,  ε = σ x_t + α v,  x0 = (x_t - σ ε)/α,  ε = (x_t - α x0)/σ.
-    """
+    """Turn a prediction of type `src` at (x_t, t) into type `dst` (see `convert_at`)."""
     if src == dst:
         return pred
     alpha, sigma = _alpha_sigma(t, ac, x_t)
+    return convert_at(pred, x_t, alpha, sigma, src, dst)
+
+
+def convert_at(pred: torch.Tensor, x_t: torch.Tensor, alpha, sigma, src: str, dst: str) -> torch.Tensor:
+    """The one place ε / v / x0 meet: convert a prediction at x_t = α x0 + σ ε (α² + σ² = 1).
+
+    With v = α ε - σ x0 (Salimans & Ho 2022):
+      x0 = α x_t - σ v,  ε = σ x_t + α v,  x0 = (x_t - σ ε)/α,  ε = (x_t - α x0)/σ.
+    `alpha`, `sigma` broadcast against x_t (samplers pass values between the discrete timesteps).
+    """
+    if src == dst:
+        return pred
     if src == "v_prediction":
         x0, eps = alpha * x_t - sigma * pred, sigma * x_t + alpha * pred
     elif src == "epsilon":

@@ -1,0 +1,323 @@
+"""Samplers: pure functions that integrate the reverse process from noise to a clean latent.
+
+The k-diffusion view (Karras et al. 2022, "Elucidating the Design Space…"): write the noisy latent as
+x = x0 + σ·ε, with σ = √((1-ᾱ)/ᾱ), so x = x_t / √ᾱ_t. A *denoiser* D(x, σ) ≈ E[x0 | x] is all a
+sampler needs; `Denoiser` builds it from a UNet `model_fn(x_t, t, **cond)` of any prediction type.
+Every sampler has the shape of k-diffusion's `sample_euler(model, x, sigmas, extra_args, callback)`:
+
+    x = noise * plan.init_sigma                       # (B, C, h, w), at σ = sigmas[0]
+    x = sample_euler(denoiser, x, plan.sigmas)        # at σ = sigmas[-1] (0 unless asked otherwise)
+
+In these coordinates DDIM(η) *is* Euler-ancestral with η, and DDPM is DDIM with η = 1 (Song et al.
+2021, §4.1; the DDPM posterior mean and variance equal DDIM's at η = 1), so three named samplers share
+one update. Which timesteps, sigmas and starting scale a sampler uses follows diffusers' scheduler
+of the same name (`plan`), so trajectories match diffusers step for step (tests/test_samplers.py).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+from tqdm.auto import trange
+
+from .errors import UserError
+from .schedule import convert_at
+
+SPACINGS = ("leading", "trailing", "linspace")
+
+
+# ----------------------------------------------------------------------------- the denoiser
+
+class Denoiser:
+    """D(x, σ) = E[x0 | x0 + σε] from a UNet `model_fn(x_t, t, **cond)` (k-diffusion's `DiscreteSchedule`).
+
+    x_t = x / √(1+σ²) is what the UNet was trained on; t is the (fractional) timestep whose σ this is.
+    σ → t inverts how the plan built σ from t: linearly between table entries ("linear", diffusers'
+    np.interp), or linearly in log σ ("log", k-diffusion / diffusers for Karras sigmas); `quantize`
+    rounds t (diffusers' DPM-Solver with Karras sigmas).
+    """
+
+    def __init__(self, model_fn: Callable, alphas_cumprod: torch.Tensor, prediction_type: str = "epsilon",
+                 interpolation: str = "linear", quantize: bool = False):
+        self.model_fn = model_fn
+        self.prediction_type = prediction_type
+        self.sigma_table = sigma_table(alphas_cumprod).double()  # (T,) increasing in t
+        self.interpolation = interpolation
+        self.quantize = quantize
+
+    def sigma_to_t(self, sigma: torch.Tensor) -> torch.Tensor:
+        s = sigma.double().cpu().reshape(-1)
+        table = self.sigma_table
+        if self.interpolation == "log":  # log of the float32 table, as diffusers' `_sigma_to_t`
+            s, table = s.clamp(min=1e-10).log(), table.float().log().double()
+        t = _interp(s, table, torch.arange(len(table), dtype=torch.float64))
+        t = t.round() if self.quantize else t
+        return t.to(torch.float32).reshape(sigma.shape).to(sigma.device)
+
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor, **cond) -> torch.Tensor:
+        sigma = sigma.to(x.dtype)
+        s = sigma.reshape(-1, *([1] * (x.ndim - 1)))  # (B, 1, 1, 1)
+        alpha = 1 / (s**2 + 1).sqrt()  # √ᾱ
+        x_t = x * alpha  # (B, C, h, w) the UNet's input scale
+        out = self.model_fn(x_t, self.sigma_to_t(sigma), **cond)  # (B, C, h, w) ε, v or x0
+        return convert_at(out, x_t, alpha, s * alpha, self.prediction_type, "sample")  # (B, C, h, w) x0
+
+
+def _interp(x: torch.Tensor, xp: torch.Tensor, fp: torch.Tensor) -> torch.Tensor:
+    """np.interp for increasing xp (clamped at the ends)."""
+    return torch.from_numpy(np.interp(x.numpy(), xp.numpy(), fp.numpy()))
+
+
+def sigma_table(alphas_cumprod: torch.Tensor) -> torch.Tensor:
+    """σ_t for t = 0..T-1, float32. A zero-terminal-SNR schedule (ᾱ_T = 0, σ_T = ∞) is clamped to
+    ᾱ_T = 2⁻²⁴ (σ_T ≈ 4096), as diffusers' Euler and DPM-Solver schedulers do."""
+    ac = alphas_cumprod.float().clone()
+    if ac[-1] == 0:
+        ac[-1] = 2.0**-24
+    return ((1 - ac) / ac) ** 0.5
+
+
+# ----------------------------------------------------------------------------- sigma plans
+
+@dataclass(frozen=True)
+class SamplerInfo:
+    fn: Callable
+    family: str  # whose timestep definitions: "ddim" (DDPM/DDIM), "k" (Euler/Heun), "dpm" (DPM-Solver)
+    display: str  # the name Stable Diffusion tools write in PNG metadata
+    stochastic: bool
+
+
+@dataclass(frozen=True)
+class SamplingPlan:
+    """Everything a sampler run needs besides the model: where to start and which σ to visit."""
+
+    sigmas: torch.Tensor  # (N+1,) float32, decreasing; the last is 0 (or σ_min)
+    timesteps: torch.Tensor  # (N,) the UNet timestep at sigmas[:-1] (diffusers' `scheduler.timesteps`)
+    init_sigma: float  # the starting latent is N(0, I) · init_sigma (diffusers' `init_noise_sigma`)
+    interpolation: str  # Denoiser σ → t
+    quantize: bool
+
+    def denoiser(self, model_fn: Callable, alphas_cumprod: torch.Tensor, prediction_type: str) -> Denoiser:
+        return Denoiser(model_fn, alphas_cumprod, prediction_type, self.interpolation, self.quantize)
+
+    def start_at(self, index: int) -> "SamplingPlan":
+        """The same plan begun `index` steps down (image→image); the start is then x0 + σ·noise."""
+        return SamplingPlan(self.sigmas[index:], self.timesteps[index:], float(self.sigmas[index]),
+                            self.interpolation, self.quantize)
+
+
+def spaced_timesteps(steps: int, T: int, spacing: str, steps_offset: int = 0, family: str = "k") -> np.ndarray:
+    """Which of the T training timesteps to visit, high to low — diffusers' definitions, which differ
+    slightly per scheduler family (see `set_timesteps` of DDIMScheduler, EulerDiscreteScheduler and
+    DPMSolverMultistepScheduler; "leading"/"trailing" from Lin et al. 2023, Table 2)."""
+    if spacing == "linspace":
+        if family == "k":  # fractional timesteps, σ interpolated between table entries
+            return np.linspace(0, T - 1, steps, dtype=np.float32)[::-1].astype(np.float64)
+        if family == "dpm":
+            return np.linspace(0, T - 1, steps + 1).round()[::-1][:-1].copy()
+        return np.linspace(0, T - 1, steps).round()[::-1].copy()
+    if spacing == "leading":
+        if family == "dpm":
+            ratio = T // (steps + 1)
+            return (np.arange(0, steps + 1) * ratio).round()[::-1][:-1].copy() + steps_offset
+        ratio = T // steps
+        return (np.arange(0, steps) * ratio).round()[::-1].copy() + steps_offset
+    if spacing == "trailing":
+        return np.round(np.arange(T, 0, -T / steps)) - 1.0
+    raise UserError(f"--spacing: unknown {spacing!r} — use one of {', '.join(SPACINGS)}")
+
+
+def karras_sigmas(sigma_min: float, sigma_max: float, n: int, rho: float = 7.0) -> np.ndarray:
+    """σ_i = (σ_max^(1/ρ) + i/(n-1)·(σ_min^(1/ρ) - σ_max^(1/ρ)))^ρ (Karras et al. 2022, eq. 5)."""
+    ramp = np.linspace(0, 1, n)
+    lo, hi = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
+    return (hi + ramp * (lo - hi)) ** rho
+
+
+def plan(alphas_cumprod: torch.Tensor, sampler: str, steps: int, *, spacing: str = "leading",
+         steps_offset: int = 0, karras: bool = False, final_sigma: str = "zero") -> SamplingPlan:
+    """The σ grid, timesteps and starting scale diffusers' scheduler for `sampler` would use.
+
+    final_sigma: "zero" ends at a clean latent; "sigma_min" stops at σ_0 (diffusers' DDIM with
+    set_alpha_to_one=False, `final_sigmas_type="sigma_min"`). Karras σ lie between the training
+    timesteps; their t comes from log-σ interpolation, rounded for DPM-Solver as diffusers does.
+    """
+    info = get_sampler(sampler)
+    if steps < 1:
+        raise UserError(f"--steps: must be at least 1, got {steps}")
+    table = sigma_table(alphas_cumprod).double().numpy()  # (T,)
+    T = len(table)
+    if steps > T:
+        raise UserError(f"--steps: {steps} is more than the model's {T} training timesteps — use fewer")
+    ts = spaced_timesteps(steps, T, spacing, steps_offset, info.family)
+    sigmas = np.interp(ts, np.arange(T), table)  # σ at (possibly fractional) t, linear between entries
+    interpolation, quantize = "linear", False
+    if karras:
+        lo, hi = (table[0], table[-1]) if info.family == "dpm" else (sigmas[-1], sigmas[0])
+        sigmas = karras_sigmas(lo, hi, steps)
+        log_table = np.log(table.astype(np.float32)).astype(np.float64)
+        ts = np.interp(np.log(sigmas), log_table, np.arange(T))
+        interpolation, quantize = "log", info.family == "dpm"
+        ts = ts.round() if quantize else ts
+    last = table[0] if final_sigma == "sigma_min" else 0.0
+    sigmas = torch.from_numpy(np.concatenate([sigmas, [last]]).astype(np.float32))
+    smax = float(sigmas.max())
+    # diffusers: Euler-family schedulers start at σ_max for linspace/trailing spacing, all others at
+    # √(σ_max² + 1), i.e. a unit-variance x_T (x = x_t / √ᾱ).
+    vp_start = info.family != "k" or spacing == "leading"
+    init = math.sqrt(smax**2 + 1) if vp_start else smax
+    return SamplingPlan(sigmas, torch.from_numpy(ts.astype(np.float32)), init, interpolation, quantize)
+
+
+def start_index(steps: int, strength: float) -> int:
+    """First step of image→image at `strength` ∈ (0, 1] (diffusers' `get_timesteps`)."""
+    if not 0 < strength <= 1:
+        raise UserError(f"--strength: must be in (0, 1], got {strength}")
+    first = steps - min(int(steps * strength), steps)
+    if first >= steps:
+        raise UserError(f"--strength: {strength} × {steps} steps leaves no step to run — raise --strength or --steps")
+    return first
+
+
+# ----------------------------------------------------------------------------- the samplers
+
+def _step_done(i, x, sigmas, denoised, callback, after_step):
+    if after_step is not None:
+        x = after_step(x, sigmas[i + 1])
+    if callback is not None:
+        callback({"i": i, "x": x, "sigma": sigmas[i], "sigma_next": sigmas[i + 1], "denoised": denoised})
+    return x
+
+
+@torch.no_grad()
+def sample_euler(model, x, sigmas, extra_args=None, callback=None, after_step=None, disable=None):
+    """Euler on the probability-flow ODE dx/dσ = (x - D(x, σ))/σ (Karras et al. 2022, eq. 3 / Alg. 1).
+
+    Equals DDIM with η = 0 when the σ are on the training grid (Song et al. 2021).
+    `after_step(x, σ_next) -> x` lets a caller edit x between steps (inpainting pastes the known region);
+    `callback(dict)` sees x after each step.
+    """
+    extra_args = extra_args or {}
+    s_in = x.new_ones(x.shape[0])  # (B,)
+    for i in trange(len(sigmas) - 1, disable=disable, desc="euler"):
+        denoised = model(x, sigmas[i] * s_in, **extra_args)  # (B, C, h, w)
+        d = (x - denoised) / sigmas[i]
+        x = x + d * (sigmas[i + 1] - sigmas[i])
+        x = _step_done(i, x, sigmas, denoised, callback, after_step)
+    return x
+
+
+def ancestral_step(sigma: float, sigma_next: float, eta: float = 1.0):
+    """Split σ → σ_next into a deterministic step to σ_down plus fresh noise of size σ_up.
+
+    σ_up = η·√(σ_next²(σ² - σ_next²)/σ²) is DDIM's σ_t(η) (Song et al. 2021, eq. 16) divided by √ᾱ_next.
+    """
+    if not eta or sigma_next == 0:
+        return sigma_next, 0.0 * sigma_next
+    up = min(sigma_next, eta * (sigma_next**2 * (sigma**2 - sigma_next**2) / sigma**2) ** 0.5)
+    down = (sigma_next**2 - up**2) ** 0.5
+    return down, up
+
+
+@torch.no_grad()
+def sample_euler_ancestral(model, x, sigmas, extra_args=None, callback=None, after_step=None, disable=None,
+                           eta=1.0, generator: Optional[torch.Generator] = None):
+    """Euler step to σ_down, then add N(0, σ_up²) noise drawn from `generator` (k-diffusion)."""
+    extra_args = extra_args or {}
+    s_in = x.new_ones(x.shape[0])
+    for i in trange(len(sigmas) - 1, disable=disable, desc="ancestral"):
+        denoised = model(x, sigmas[i] * s_in, **extra_args)
+        down, up = ancestral_step(sigmas[i], sigmas[i + 1], eta)
+        d = (x - denoised) / sigmas[i]
+        x = x + d * (down - sigmas[i])
+        if sigmas[i + 1] > 0 and up > 0:
+            x = x + torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device) * up
+        x = _step_done(i, x, sigmas, denoised, callback, after_step)
+    return x
+
+
+def sample_ddim(model, x, sigmas, extra_args=None, callback=None, after_step=None, disable=None,
+                eta=0.0, generator=None):
+    """DDIM (Song et al. 2021): x_{t'} = √ᾱ' x̂0 + √(1-ᾱ'-σ_η²) ε̂ + σ_η z — Euler-ancestral with η here."""
+    return sample_euler_ancestral(model, x, sigmas, extra_args, callback, after_step, disable, eta, generator)
+
+
+def sample_ddpm(model, x, sigmas, extra_args=None, callback=None, after_step=None, disable=None,
+                generator=None):
+    """Ancestral DDPM (Ho et al. 2020, Alg. 2; posterior variance β̃_t) = DDIM with η = 1."""
+    return sample_euler_ancestral(model, x, sigmas, extra_args, callback, after_step, disable, 1.0, generator)
+
+
+@torch.no_grad()
+def sample_heun(model, x, sigmas, extra_args=None, callback=None, after_step=None, disable=None):
+    """Heun's 2nd-order method (Karras et al. 2022, Alg. 1 without churn); Euler for the last step to 0."""
+    extra_args = extra_args or {}
+    s_in = x.new_ones(x.shape[0])
+    for i in trange(len(sigmas) - 1, disable=disable, desc="heun"):
+        denoised = model(x, sigmas[i] * s_in, **extra_args)
+        d = (x - denoised) / sigmas[i]
+        dt = sigmas[i + 1] - sigmas[i]
+        if sigmas[i + 1] == 0:
+            x = x + d * dt
+        else:
+            x_2 = x + d * dt
+            denoised_2 = model(x_2, sigmas[i + 1] * s_in, **extra_args)
+            d_2 = (x_2 - denoised_2) / sigmas[i + 1]
+            x = x + (d + d_2) / 2 * dt
+        x = _step_done(i, x, sigmas, denoised, callback, after_step)
+    return x
+
+
+@torch.no_grad()
+def sample_dpmpp_2m(model, x, sigmas, extra_args=None, callback=None, after_step=None, disable=None):
+    """DPM-Solver++(2M) (Lu et al. 2022, Alg. 2), in λ = -log σ; the last step is first order
+    (diffusers' `lower_order_final`, k-diffusion at σ = 0)."""
+    extra_args = extra_args or {}
+    s_in = x.new_ones(x.shape[0])
+    n = len(sigmas) - 1
+    old_denoised = None
+    for i in trange(n, disable=disable, desc="dpm++ 2m"):
+        denoised = model(x, sigmas[i] * s_in, **extra_args)
+        lam, lam_next = -sigmas[i].log(), -sigmas[i + 1].log()  # λ_next = ∞ at σ = 0
+        h = lam_next - lam
+        if old_denoised is None or i == n - 1:
+            d = denoised  # DPM-Solver++(1) = DDIM
+        else:
+            r = (lam - (-sigmas[i - 1].log())) / h
+            d = (1 + 1 / (2 * r)) * denoised - (1 / (2 * r)) * old_denoised
+        x = (sigmas[i + 1] / sigmas[i]) * x - torch.expm1(-h) * d
+        old_denoised = denoised
+        x = _step_done(i, x, sigmas, denoised, callback, after_step)
+    return x
+
+
+SAMPLERS = {
+    "ddpm": SamplerInfo(sample_ddpm, "ddim", "DDPM", True),
+    "ddim": SamplerInfo(sample_ddim, "ddim", "DDIM", False),
+    "euler": SamplerInfo(sample_euler, "k", "Euler", False),
+    "euler-a": SamplerInfo(sample_euler_ancestral, "k", "Euler a", True),
+    "heun": SamplerInfo(sample_heun, "k", "Heun", False),
+    "dpmpp-2m": SamplerInfo(sample_dpmpp_2m, "dpm", "DPM++ 2M", False),
+}
+
+
+def get_sampler(name: str) -> SamplerInfo:
+    if name not in SAMPLERS:
+        raise UserError(f"--sampler: unknown {name!r} — use one of {', '.join(SAMPLERS)}")
+    return SAMPLERS[name]
+
+
+def sample(name: str, model, x, sigmas, *, extra_args=None, callback=None, after_step=None, disable=None,
+           generator=None, eta: Optional[float] = None):
+    """Run sampler `name`; `generator` feeds the ancestral samplers' noise, `eta` is DDIM's η."""
+    info = get_sampler(name)
+    kwargs = dict(extra_args=extra_args, callback=callback, after_step=after_step, disable=disable)
+    if info.stochastic or name == "ddim":
+        kwargs["generator"] = generator
+    if name == "ddim" and eta is not None:
+        kwargs["eta"] = eta
+    return info.fn(model, x, sigmas, **kwargs)
