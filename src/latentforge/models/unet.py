@@ -33,16 +33,21 @@ def _per_level(value, n: int, name: str) -> Tuple[int, ...]:
 
 
 def level_heads(config: UNetConfig) -> Tuple[int, ...]:
-    """Attention heads per level: from `head_dim` (channels per head, wins if set) or `num_heads`."""
-    n = len(config.channels)
+    """Attention heads per level: from `head_dim` (channels per head, wins if set) or `num_heads`.
+
+    Checked where attention is used (the levels with `attention`, and the last level for the mid block).
+    """
+    n, ch = len(config.channels), config.channels
+    used = list(config.attention[:-1]) + [config.attention[-1] or config.mid_attention]
     if config.head_dim is not None:
         dims = _per_level(config.head_dim, n, "head_dim")
-        heads = tuple(max(c // d, 1) for c, d in zip(config.channels, dims))
+        bad = [(c, f"head_dim {d}") for c, d, u in zip(ch, dims, used) if u and (d < 1 or c % d)]
+        heads = tuple(max(c // d, 1) for c, d in zip(ch, dims))
     else:
         heads = _per_level(config.num_heads, n, "num_heads")
-    for c, h, a in zip(config.channels, heads, config.attention):
-        if c % h:
-            raise ValueError(f"UNetConfig: {c} channels do not split into {h} heads")
+        bad = [(c, f"{h} heads") for c, h, u in zip(ch, heads, used) if u and (h < 1 or c % h)]
+    if bad:
+        raise ValueError(f"UNetConfig: {bad[0][0]} channels do not split into {bad[0][1]}")
     return heads
 
 

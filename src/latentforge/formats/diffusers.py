@@ -1,0 +1,497 @@
+"""The diffusers folder layout, our native model format.
+
+    model/
+      model_index.json                      which component lives where (StableDiffusionPipeline)
+      unet/config.json                      UNet2DConditionModel config
+      unet/diffusion_pytorch_model.safetensors
+      vae/config.json, vae/diffusion_pytorch_model.safetensors   AutoencoderKL
+      scheduler/scheduler_config.json      DDPMScheduler config (the training noise schedule)
+      text_encoder/, tokenizer/             optional; written by latentforge.text
+
+Our configs describe the networks simply (per-level `attention: bool`, heads or head_dim); this
+module translates them to and from diffusers' block-type strings. Our state_dict keys *are*
+diffusers' keys, so weights need no renaming — only a strict key/shape check. Weights are only
+ever read and written as safetensors. Anything we cannot represent is a `UserError` naming the file
+and the key.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+import torch
+
+from ..config import ScheduleConfig, UNetConfig, VAEConfig
+from ..errors import UserError
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
+SCHEDULER_CONFIG_NAME = "scheduler_config.json"
+MODEL_INDEX_NAME = "model_index.json"
+DIFFUSERS_VERSION = "0.42.1"  # the version whose layout we write and test against
+
+_DOWN = {"cross": "CrossAttnDownBlock2D", "self": "AttnDownBlock2D", None: "DownBlock2D"}
+_UP = {"cross": "CrossAttnUpBlock2D", "self": "AttnUpBlock2D", None: "UpBlock2D"}
+_MID = {True: "UNetMidBlock2DCrossAttn", False: "UNetMidBlock2D"}
+
+# diffusers UNet2DConditionModel options we do not implement, with the only value we accept.
+_UNET_FIXED = {
+    "center_input_sample": False, "only_cross_attention": False, "downsample_padding": 1,
+    "mid_block_scale_factor": 1, "dropout": 0.0, "act_fn": "silu", "encoder_hid_dim": None,
+    "encoder_hid_dim_type": None, "num_attention_heads": None, "dual_cross_attention": False,
+    "class_embed_type": None, "addition_embed_type": None, "addition_time_embed_dim": None,
+    "resnet_time_scale_shift": "default", "resnet_skip_time_act": False, "resnet_out_scale_factor": 1.0,
+    "time_embedding_type": "positional", "time_embedding_dim": None, "time_embedding_act_fn": None,
+    "timestep_post_act": None, "time_cond_proj_dim": None, "conv_in_kernel": 3, "conv_out_kernel": 3,
+    "projection_class_embeddings_input_dim": None, "attention_type": "default", "class_embeddings_concat": False,
+    "mid_block_only_cross_attention": None, "cross_attention_norm": None,
+    "reverse_transformer_layers_per_block": None,
+}
+_VAE_FIXED = {"act_fn": "silu", "latents_mean": None, "latents_std": None}
+_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
+_PREDICTIONS = ("epsilon", "v_prediction", "sample")
+
+
+# --------------------------------------------------------------------------- small helpers
+
+
+def _read_json(path: Path) -> Dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise UserError(f"{path}: file not found — the model folder is incomplete; re-save it") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: not valid JSON ({e}) — fix or re-save the file") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: expected a JSON object at the top level — fix or re-save the file")
+    return data
+
+
+def _write_json(path: Path, data: Dict[str, Any]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+def _unsupported(path: Path, key: str, value, hint: str = "") -> UserError:
+    return UserError(f"{path}: unsupported {key}={json.dumps(value)}" + (f" — {hint}" if hint else
+                     " — latentforge reads SD 1.x/2.x-style models only"))
+
+
+def _uniform(path: Path, d: Dict[str, Any], key: str, default):
+    """An int option that diffusers also allows per level: we need one value for all levels."""
+    value = d.get(key, default)
+    if isinstance(value, (list, tuple)):
+        if len(set(map(json.dumps, value))) != 1:
+            raise _unsupported(path, key, value, "per-level values are not supported; use one value")
+        value = value[0]
+    return value
+
+
+def _component_dir(folder, sub: str) -> Path:
+    """`folder` itself if it holds config.json, else `folder/sub`, else a UserError naming the folder."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise UserError(f"{folder}: no such folder — pass a model folder (with {MODEL_INDEX_NAME}) or its {sub}/ folder")
+    if (folder / CONFIG_NAME).is_file():
+        return folder
+    if (folder / sub / CONFIG_NAME).is_file():
+        return folder / sub
+    raise UserError(f"{folder}: not a model folder (no {CONFIG_NAME} and no {sub}/{CONFIG_NAME}) — pass a folder "
+                    "written by save_pretrained or a diffusers model folder")
+
+
+def _check_class(path: Path, d: Dict[str, Any], expected: str) -> None:
+    name = d.get("_class_name", expected)
+    if name != expected:
+        raise UserError(f"{path}: _class_name is {name!r}, expected {expected!r} — is this the right folder?")
+
+
+# --------------------------------------------------------------------------- UNet config
+
+
+def unet_to_diffusers(cfg: UNetConfig) -> Dict[str, Any]:
+    """Our UNetConfig -> diffusers UNet2DConditionModel config.json contents."""
+    from ..models.unet import level_heads
+
+    cross = cfg.cross_attention_dim is not None
+    kinds = [("cross" if cross else "self") if a else None for a in cfg.attention]
+    heads = level_heads(cfg)
+    # diffusers' `attention_head_dim` is the number of heads for transformer (CrossAttn) blocks, a
+    # historical misnomer, but the channels per head for the self-attention-only Attn blocks.
+    per_level = [h if cross else c // h for c, h in zip(cfg.channels, heads)]
+    return {
+        "_class_name": "UNet2DConditionModel",
+        "_diffusers_version": DIFFUSERS_VERSION,
+        "sample_size": cfg.sample_size,
+        "in_channels": cfg.in_channels,
+        "out_channels": cfg.out_channels,
+        "flip_sin_to_cos": cfg.flip_sin_to_cos,
+        "freq_shift": cfg.freq_shift,
+        "down_block_types": [_DOWN[k] for k in kinds],
+        "mid_block_type": _MID[cfg.mid_attention],
+        "up_block_types": [_UP[k] for k in reversed(kinds)],
+        "block_out_channels": list(cfg.channels),
+        "layers_per_block": cfg.layers_per_level,
+        "transformer_layers_per_block": cfg.transformer_layers,
+        "attention_head_dim": per_level[0] if len(set(per_level)) == 1 else per_level,
+        # diffusers needs an int here even without cross-attention blocks; it is unused then.
+        "cross_attention_dim": cfg.cross_attention_dim if cross else cfg.channels[-1],
+        "use_linear_projection": cfg.use_linear_projection,
+        "upcast_attention": cfg.upcast_attention,
+        "num_class_embeds": cfg.num_class_embeds,
+        "norm_num_groups": cfg.norm_groups,
+        "norm_eps": cfg.norm_eps,
+        **_UNET_FIXED,
+    }
+
+
+def unet_from_diffusers(d: Dict[str, Any], path: Path) -> UNetConfig:
+    """diffusers UNet2DConditionModel config -> our UNetConfig; UserError for what we do not support."""
+    _check_class(path, d, "UNet2DConditionModel")
+    for key, ok in _UNET_FIXED.items():
+        value = d.get(key, ok)
+        if value != ok and not (key == "mid_block_only_cross_attention" and value is False):
+            raise _unsupported(path, key, value)
+    down = d.get("down_block_types", [_DOWN["cross"]] * 3 + [_DOWN[None]])
+    up = d.get("up_block_types", [_UP[None]] + [_UP["cross"]] * 3)
+    by_name = {v: k for k, v in _DOWN.items()}
+    kinds = []
+    for name in down:
+        if name not in by_name:
+            raise _unsupported(path, "down_block_types", down, f"{name!r} is not one of {', '.join(_DOWN.values())}")
+        kinds.append(by_name[name])
+    if list(up) != [_UP[k] for k in reversed(kinds)]:
+        raise _unsupported(path, "up_block_types", up, "up blocks must mirror down_block_types "
+                           f"({', '.join(_UP[k] for k in reversed(kinds))})")
+    if "cross" in kinds and "self" in kinds:
+        raise _unsupported(path, "down_block_types", down, "cannot mix CrossAttn and Attn blocks")
+    mid = d.get("mid_block_type", _MID[True])
+    if mid not in _MID.values():
+        raise _unsupported(path, "mid_block_type", mid, f"use {_MID[True]!r} or {_MID[False]!r}")
+    mid_attention = mid == _MID[True]
+    if "self" in kinds and mid_attention:
+        raise _unsupported(path, "mid_block_type", mid, "a cross-attention mid block needs CrossAttn levels")
+    cross = "cross" in kinds or mid_attention
+
+    channels = tuple(d.get("block_out_channels", (320, 640, 1280, 1280)))
+    if len(channels) != len(kinds):
+        raise _unsupported(path, "block_out_channels", list(channels), "one entry per down block")
+    raw = d.get("attention_head_dim", 8)
+    raw = list(raw) if isinstance(raw, (list, tuple)) else [raw] * len(channels)
+    if len(raw) != len(channels) or not all(isinstance(v, int) and v > 0 for v in raw):
+        raise _unsupported(path, "attention_head_dim", d.get("attention_head_dim"), "one positive int per level")
+    heads = tuple(v if cross else max(c // v, 1) for c, v in zip(channels, raw))
+    norm_groups = d.get("norm_num_groups", 32)
+    if norm_groups is None:
+        raise _unsupported(path, "norm_num_groups", None, "GroupNorm groups must be set")
+    cfg = UNetConfig(
+        in_channels=d.get("in_channels", 4),
+        out_channels=d.get("out_channels", 4),
+        channels=channels,
+        layers_per_level=_uniform(path, d, "layers_per_block", 2),
+        attention=tuple(k is not None for k in kinds),
+        num_heads=heads[0] if len(set(heads)) == 1 else heads,
+        head_dim=None,
+        transformer_layers=_uniform(path, d, "transformer_layers_per_block", 1),
+        cross_attention_dim=_uniform(path, d, "cross_attention_dim", 1280) if cross else None,
+        use_linear_projection=bool(d.get("use_linear_projection", False)),
+        upcast_attention=bool(d.get("upcast_attention", False)),
+        num_class_embeds=d.get("num_class_embeds"),
+        norm_groups=norm_groups,
+        norm_eps=d.get("norm_eps", 1e-5),
+        flip_sin_to_cos=bool(d.get("flip_sin_to_cos", True)),
+        freq_shift=d.get("freq_shift", 0),
+        mid_attention=mid_attention,
+        sample_size=_sample_size(d.get("sample_size"), 64),
+    )
+    return cfg
+
+
+def _sample_size(value, default: int) -> int:
+    if isinstance(value, (list, tuple)):
+        return int(value[0])
+    return int(value) if value is not None else default
+
+
+# --------------------------------------------------------------------------- VAE config
+
+
+def vae_to_diffusers(cfg: VAEConfig) -> Dict[str, Any]:
+    n = len(cfg.channels)
+    return {
+        "_class_name": "AutoencoderKL",
+        "_diffusers_version": DIFFUSERS_VERSION,
+        "in_channels": cfg.in_channels,
+        "out_channels": cfg.out_channels,
+        "down_block_types": ["DownEncoderBlock2D"] * n,
+        "up_block_types": ["UpDecoderBlock2D"] * n,
+        "block_out_channels": list(cfg.channels),
+        "layers_per_block": cfg.layers_per_level,
+        "act_fn": "silu",
+        "latent_channels": cfg.latent_channels,
+        "norm_num_groups": cfg.norm_groups,
+        "sample_size": cfg.sample_size,
+        "scaling_factor": cfg.scaling_factor,
+        "shift_factor": cfg.shift_factor,
+        "latents_mean": None,
+        "latents_std": None,
+        "force_upcast": True,
+        "use_quant_conv": cfg.use_quant_conv,
+        "use_post_quant_conv": cfg.use_post_quant_conv,
+        "mid_block_add_attention": cfg.mid_attention,
+    }
+
+
+def vae_from_diffusers(d: Dict[str, Any], path: Path) -> VAEConfig:
+    _check_class(path, d, "AutoencoderKL")
+    for key, ok in _VAE_FIXED.items():
+        if d.get(key, ok) != ok:
+            raise _unsupported(path, key, d[key])
+    channels = tuple(d.get("block_out_channels", (64,)))
+    for key, name in (("down_block_types", "DownEncoderBlock2D"), ("up_block_types", "UpDecoderBlock2D")):
+        types = d.get(key, [name])
+        if list(types) != [name] * len(channels):
+            raise _unsupported(path, key, types, f"expected {len(channels)} × {name!r}")
+    return VAEConfig(
+        in_channels=d.get("in_channels", 3),
+        out_channels=d.get("out_channels", 3),
+        latent_channels=d.get("latent_channels", 4),
+        channels=channels,
+        layers_per_level=d.get("layers_per_block", 1),
+        norm_groups=d.get("norm_num_groups", 32),
+        scaling_factor=float(d.get("scaling_factor", 0.18215)),
+        shift_factor=d.get("shift_factor"),
+        sample_size=_sample_size(d.get("sample_size"), 32),
+        mid_attention=bool(d.get("mid_block_add_attention", True)),
+        use_quant_conv=bool(d.get("use_quant_conv", True)),
+        use_post_quant_conv=bool(d.get("use_post_quant_conv", True)),
+    )
+
+
+# --------------------------------------------------------------------------- scheduler config
+
+
+def schedule_to_diffusers(cfg: ScheduleConfig) -> Dict[str, Any]:
+    """Our ScheduleConfig -> DDPMScheduler `scheduler_config.json` contents."""
+    beta_schedule = "squaredcos_cap_v2" if cfg.beta_schedule == "cosine" else cfg.beta_schedule
+    return {
+        "_class_name": "DDPMScheduler",
+        "_diffusers_version": DIFFUSERS_VERSION,
+        "num_train_timesteps": cfg.num_train_timesteps,
+        "beta_start": cfg.beta_start,
+        "beta_end": cfg.beta_end,
+        "beta_schedule": beta_schedule,
+        "trained_betas": None,
+        "variance_type": "fixed_small",
+        "clip_sample": False,  # latents are not bounded to [-1, 1]
+        "prediction_type": cfg.prediction_type,
+        "thresholding": False,
+        "rescale_betas_zero_snr": cfg.rescale_betas_zero_snr,
+        # Zero terminal SNR must start sampling at t = T-1 (Lin et al. 2024, §3.3): "trailing".
+        "timestep_spacing": "trailing" if cfg.rescale_betas_zero_snr else "leading",
+        "steps_offset": 0 if cfg.rescale_betas_zero_snr else 1,
+    }
+
+
+def schedule_from_diffusers(d: Dict[str, Any], path: Path) -> ScheduleConfig:
+    if d.get("trained_betas") is not None:
+        raise _unsupported(path, "trained_betas", "[...]", "use a named beta_schedule")
+    beta_schedule = d.get("beta_schedule", "linear")
+    if beta_schedule not in _SCHEDULES:
+        raise _unsupported(path, "beta_schedule", beta_schedule, f"use one of {', '.join(_SCHEDULES)}")
+    prediction = d.get("prediction_type", "epsilon")
+    if prediction not in _PREDICTIONS:
+        raise _unsupported(path, "prediction_type", prediction, f"use one of {', '.join(_PREDICTIONS)}")
+    return ScheduleConfig(
+        num_train_timesteps=int(d.get("num_train_timesteps", 1000)),
+        beta_schedule=beta_schedule,
+        beta_start=float(d.get("beta_start", 0.0001)),
+        beta_end=float(d.get("beta_end", 0.02)),
+        rescale_betas_zero_snr=bool(d.get("rescale_betas_zero_snr", False)),
+        prediction_type=prediction,
+    )
+
+
+# --------------------------------------------------------------------------- weights
+
+
+def _weights_file(folder: Path) -> Path:
+    path = folder / WEIGHTS_NAME
+    if path.is_file():
+        return path
+    if (folder / "diffusion_pytorch_model.bin").is_file():
+        raise UserError(f"{folder / 'diffusion_pytorch_model.bin'}: pickle weights are never loaded — convert them to "
+                        f"{WEIGHTS_NAME} (safetensors)")
+    raise UserError(f"{path}: file not found — the model folder is incomplete; re-save it")
+
+
+def load_weights(model: torch.nn.Module, path: Path, dtype: torch.dtype = torch.float32) -> None:
+    """Load a safetensors file into `model`, strictly: every key present, none extra, every shape equal.
+
+    The first offending key is named in a one-line UserError. A model built on the meta device gets the
+    loaded tensors themselves (cast to `dtype`), so a large model is never randomly initialised first.
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        state = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise UserError(f"{path}: not a readable safetensors file ({e}) — re-save the model") from None
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = sorted(k for k in state if k not in expected)
+    if missing:
+        raise UserError(f"{path}: missing key {missing[0]!r} ({len(missing)} missing) — the weights do not match "
+                        f"{CONFIG_NAME}; re-save the model")
+    if unexpected:
+        raise UserError(f"{path}: unexpected key {unexpected[0]!r} ({len(unexpected)} unexpected) — the weights do "
+                        f"not match {CONFIG_NAME}; re-save the model")
+    for k, v in expected.items():
+        if state[k].shape != v.shape:
+            raise UserError(f"{path}: key {k!r} has shape {list(state[k].shape)} but {CONFIG_NAME} implies "
+                            f"{list(v.shape)} — the weights do not match the config; re-save the model")
+    if next(iter(expected.values())).is_meta:
+        model.load_state_dict({k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()},
+                              strict=True, assign=True)
+    else:
+        model.load_state_dict(state, strict=True)
+
+
+def save_weights(model: torch.nn.Module, path: Path) -> None:
+    from safetensors.torch import save_file
+
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(state, str(tmp), metadata={"format": "pt"})
+    os.replace(tmp, path)
+
+
+# --------------------------------------------------------------------------- components
+
+
+def _build(cls, cfg, config_path: Path):
+    try:
+        with torch.device("meta"):  # no random init: load_weights assigns the real tensors
+            return cls(cfg)
+    except ValueError as e:  # an inconsistent config (e.g. heads that do not divide the channels)
+        raise UserError(f"{config_path}: {e}") from None
+
+
+def load_unet(folder):
+    """`UNet` from a diffusers `unet/` folder or a model root holding one."""
+    from ..models.unet import UNet
+
+    folder = _component_dir(folder, "unet")
+    cfg = unet_from_diffusers(_read_json(folder / CONFIG_NAME), folder / CONFIG_NAME)
+    model = _build(UNet, cfg, folder / CONFIG_NAME)
+    load_weights(model, _weights_file(folder))
+    return model
+
+
+def load_vae(folder):
+    """`AutoencoderKL` from a diffusers `vae/` folder or a model root holding one."""
+    from ..models.vae import AutoencoderKL
+
+    folder = _component_dir(folder, "vae")
+    cfg = vae_from_diffusers(_read_json(folder / CONFIG_NAME), folder / CONFIG_NAME)
+    model = _build(AutoencoderKL, cfg, folder / CONFIG_NAME)
+    load_weights(model, _weights_file(folder))
+    return model
+
+
+def _save_component(model, config: Dict[str, Any], folder) -> None:
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    _write_json(folder / CONFIG_NAME, config)
+    save_weights(model, folder / WEIGHTS_NAME)
+
+
+def save_unet(unet, folder) -> None:
+    _save_component(unet, unet_to_diffusers(unet.config), folder)
+
+
+def save_vae(vae, folder) -> None:
+    _save_component(vae, vae_to_diffusers(vae.config), folder)
+
+
+def save_schedule(cfg: ScheduleConfig, folder) -> None:
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    _write_json(folder / SCHEDULER_CONFIG_NAME, schedule_to_diffusers(cfg))
+
+
+def load_schedule(folder) -> ScheduleConfig:
+    """ScheduleConfig from `scheduler/scheduler_config.json` (or that folder, or the file itself)."""
+    path = Path(folder)
+    if path.is_dir():
+        path = path / "scheduler" / SCHEDULER_CONFIG_NAME if (path / "scheduler").is_dir() else path / SCHEDULER_CONFIG_NAME
+    return schedule_from_diffusers(_read_json(path), path)
+
+
+# --------------------------------------------------------------------------- whole model folder
+
+
+def _text_entries(folder: Path, text_encoder) -> Dict[str, list]:
+    """model_index.json entries for text_encoder/ and tokenizer/, read from what was written."""
+    if hasattr(text_encoder, "model_index_entries"):
+        return text_encoder.model_index_entries()
+    entries = {"text_encoder": [None, None], "tokenizer": [None, None]}
+    te, tok = folder / "text_encoder" / CONFIG_NAME, folder / "tokenizer" / "tokenizer_config.json"
+    if te.is_file() and _read_json(te).get("architectures"):
+        entries["text_encoder"] = ["transformers", _read_json(te)["architectures"][0]]
+    if tok.is_file() and _read_json(tok).get("tokenizer_class"):
+        entries["tokenizer"] = ["transformers", _read_json(tok)["tokenizer_class"]]
+    return entries
+
+
+def save_model_folder(folder, unet, vae, schedule_config: ScheduleConfig, text_encoder=None) -> Path:
+    """Write a whole model in the diffusers layout (see the module docstring). Returns the folder."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    save_unet(unet, folder / "unet")
+    save_vae(vae, folder / "vae")
+    save_schedule(schedule_config, folder / "scheduler")
+    text = {"text_encoder": [None, None], "tokenizer": [None, None]}
+    if text_encoder is not None:
+        text_encoder.save_pretrained(str(folder))  # writes text_encoder/ + tokenizer/
+        text = _text_entries(folder, text_encoder)
+    _write_json(folder / MODEL_INDEX_NAME, {
+        "_class_name": "StableDiffusionPipeline",
+        "_diffusers_version": DIFFUSERS_VERSION,
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+        "scheduler": ["diffusers", "DDPMScheduler"],
+        **text,
+        "safety_checker": [None, None],
+        "feature_extractor": [None, None],
+        "image_encoder": [None, None],
+        "requires_safety_checker": False,
+    })
+    return folder
+
+
+def load_model_folder(folder) -> Dict[str, Any]:
+    """-> dict(unet, vae, schedule_config, text_encoder_dir (Path or None), model_index)."""
+    folder = Path(folder)
+    index_path = folder / MODEL_INDEX_NAME
+    if not index_path.is_file():
+        what = "no such folder" if not folder.is_dir() else f"not a model folder (no {MODEL_INDEX_NAME})"
+        raise UserError(f"{folder}: {what} — pass a folder written by latentforge (e.g. runs/x/model) "
+                        "or a diffusers Stable Diffusion folder")
+    index = _read_json(index_path)
+    for part in ("unet", "vae"):
+        if not (folder / part).is_dir():
+            raise UserError(f"{folder / part}: no such folder — {index_path} lists a model without its {part}; re-save it")
+    text_dir = folder / "text_encoder"
+    return {
+        "unet": load_unet(folder / "unet"),
+        "vae": load_vae(folder / "vae"),
+        "schedule_config": load_schedule(folder / "scheduler" / SCHEDULER_CONFIG_NAME),
+        "text_encoder_dir": text_dir if text_dir.is_dir() else None,
+        "model_index": index,
+    }
