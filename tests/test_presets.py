@@ -1,0 +1,70 @@
+"""Presets: tiny is tiny, small works, sd15 has Stable Diffusion 1.5's exact shapes (counted on the meta device)."""
+
+import pytest
+import torch
+
+from latentforge.config import PRESETS, preset
+from latentforge.errors import UserError
+from latentforge.formats.diffusers import unet_to_diffusers, vae_to_diffusers
+from latentforge.models import AutoencoderKL, UNet
+
+
+def _count(model) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def test_sd15_parameter_counts_on_meta():
+    p = preset("sd15")
+    with torch.device("meta"):  # allocates nothing
+        unet, vae = UNet(p.unet), AutoencoderKL(p.vae)
+    assert _count(unet) == 859_520_964  # SD 1.5 UNet (runwayml/stable-diffusion-v1-5 unet/)
+    assert _count(vae) == 83_653_863  # SD 1.5 VAE (vae/)
+    assert vae.downsample_factor == 8
+
+
+def test_sd15_config_is_the_diffusers_sd15_config():
+    """The translated config builds the same tree in diffusers: same keys, same shapes (meta device)."""
+    from diffusers import AutoencoderKL as DiffusersVAE, UNet2DConditionModel
+
+    p = preset("sd15")
+    d = unet_to_diffusers(p.unet)
+    # SD 1.5's unet/config.json values (attention_head_dim=8 means 8 heads).
+    assert d["down_block_types"] == ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"]
+    assert d["up_block_types"] == ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3
+    assert (d["attention_head_dim"], d["cross_attention_dim"], d["use_linear_projection"]) == (8, 768, False)
+    with torch.device("meta"):
+        theirs, ours = UNet2DConditionModel(**d), UNet(p.unet)
+        theirs_vae, ours_vae = DiffusersVAE(**vae_to_diffusers(p.vae)), AutoencoderKL(p.vae)
+    for a, b in ((theirs, ours), (theirs_vae, ours_vae)):
+        assert {k: v.shape for k, v in a.state_dict().items()} == {k: v.shape for k, v in b.state_dict().items()}
+
+
+def test_tiny_is_small_and_consistent():
+    p = preset("tiny")
+    unet, vae = UNet(p.unet), AutoencoderKL(p.vae)
+    assert _count(unet) < 1_000_000
+    assert _count(vae) < 1_000_000
+    assert vae.downsample_factor == 4
+    assert p.vae.sample_size // vae.downsample_factor == p.unet.sample_size
+    assert p.vae.latent_channels == p.unet.in_channels == p.unet.out_channels
+
+
+@pytest.mark.parametrize("name", ["tiny", "small"])
+def test_preset_runs_end_to_end(name):
+    """image -> latents -> UNet prediction of the latent's shape -> image, at the preset's sizes."""
+    p = preset(name)
+    unet, vae = UNet(p.unet).eval(), AutoencoderKL(p.vae).eval()
+    images = torch.rand(1, 3, p.vae.sample_size, p.vae.sample_size) * 2 - 1
+    context = torch.randn(1, 7, p.unet.cross_attention_dim)
+    with torch.no_grad():
+        latents = vae.encode(images)
+        assert latents.shape == (1, p.unet.in_channels, p.unet.sample_size, p.unet.sample_size)
+        pred = unet(latents, torch.tensor([500]), context)
+        assert pred.shape == latents.shape and torch.isfinite(pred).all()
+        assert vae.decode(pred).shape == images.shape
+
+
+def test_unknown_preset_is_a_user_error():
+    with pytest.raises(UserError, match="tiny"):
+        preset("huge")
+    assert set(PRESETS) >= {"tiny", "small", "sd15"}
