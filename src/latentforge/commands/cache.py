@@ -1,0 +1,61 @@
+"""`latentforge cache --data DIR --vae MODEL --out CACHE [--text-encoder NAME_OR_DIR] [--size S]`:
+encode a data folder once into a latent cache (re-runs encode only new or changed files)."""
+
+from __future__ import annotations
+
+import os
+
+from ..errors import UserError
+
+
+def add_arguments(p):
+    p.add_argument("--data", required=True, help="data folder (images + .txt, metadata.jsonl, .tar shards, class folders)")
+    p.add_argument("--vae", required=True, help="VAE: a model folder (with vae/) or a vae/ folder")
+    p.add_argument("--out", required=True, help="cache folder to create or update")
+    p.add_argument("--text-encoder", default="default",
+                   help="'default' (all-MiniLM-L6-v2, bundled), a local transformers model folder, a model "
+                        "folder with text_encoder/, or 'none' (default: default)")
+    p.add_argument("--max-length", type=int, default=None, help="caption tokens (default: min(tokenizer's, 77))")
+    p.add_argument("--size", type=int, default=None, help="image side in pixels (default: the VAE's sample_size)")
+    p.add_argument("--batch-size", type=int, default=16, help="images per VAE batch (default 16)")
+    p.add_argument("--shard-size", type=int, default=1024, help="latents per shard file (default 1024)")
+    p.add_argument("--flip", action="store_true", help="also cache each image's horizontal mirror")
+    p.add_argument("--strict", action="store_true", help="fail if any file has to be skipped")
+    p.add_argument("--caption-column", default="text", help="metadata.jsonl caption key (default text)")
+    p.add_argument("--labels", choices=["auto", "folders", "none"], default="auto",
+                   help="class labels from sub-folders (default auto: when there are no captions)")
+    p.add_argument("--min-size", type=int, default=None, help="skip images with a shorter side below this (default 16)")
+    p.add_argument("--max-pixels", type=int, default=None,
+                   help="decompression-bomb limit, width x height (default 8192*8192)")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def run(args):
+    import torch
+
+    from ..data.cache import build_cache
+    from ..data.images import MAX_PIXELS, MIN_SIZE
+    from ..models import AutoencoderKL
+
+    if not os.path.isdir(args.vae):
+        raise UserError(f"--vae {args.vae}: no such folder — pass a model folder (with vae/) or a vae/ folder")
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    try:
+        device = torch.device(device)
+    except RuntimeError:
+        raise UserError(f"--device {args.device}: not a device — use cpu, cuda, cuda:N or auto") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {args.device}: CUDA is not available here — use --device cpu")
+    vae = AutoencoderKL.from_pretrained(args.vae).to(device).eval()
+    text_encoder = None if args.text_encoder.lower() == "none" else args.text_encoder  # loaded if captioned
+    report = build_cache(
+        args.data, vae, text_encoder, args.out, size=args.size, batch_size=args.batch_size, flip=args.flip,
+        text_max_length=args.max_length,
+        shard_size=args.shard_size, caption_column=args.caption_column, labels=args.labels,
+        min_size=MIN_SIZE if args.min_size is None else args.min_size,
+        max_pixels=MAX_PIXELS if args.max_pixels is None else args.max_pixels,
+        strict=args.strict, progress=not args.quiet)
+    print(report)
+    if report.skipped:
+        print(f"skipped files are listed in {os.path.join(args.out, 'skipped.jsonl')}")
