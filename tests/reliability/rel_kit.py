@@ -1,0 +1,165 @@
+"""Shared helpers for the reliability suite: tiny models and data on disk, the real CLI as a child
+process, waiting on a run's progress, bitwise weight comparison, and the figures each test measured.
+
+Figures: `record(name, **values)` prints them and, when $LATENTFORGE_FIGURES names a folder, writes
+`<folder>/<name>.json`; `make_doc.py` turns that folder into docs/RELIABILITY.md.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+ROOT = Path(__file__).resolve().parents[2]
+
+# Child processes: one thread (bitwise equality with the in-process runs needs the same reductions),
+# offline, no colour/progress noise on stderr.
+CHILD_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+             "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
+
+
+def child_env(**extra) -> dict:
+    env = {**os.environ, **CHILD_ENV, **extra}
+    src = str(ROOT / "src")
+    env["PYTHONPATH"] = src + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    return env
+
+
+# ---- the CLI as a child process --------------------------------------------------------------
+
+def cli(*args, timeout=300, **kw) -> subprocess.CompletedProcess:
+    """`python -m latentforge ARGS` to completion."""
+    return subprocess.run([sys.executable, "-m", "latentforge", *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout, env=child_env(), cwd=kw.pop("cwd", None), **kw)
+
+
+def spawn(*args, wrapper: str | None = None) -> subprocess.Popen:
+    """`python -m latentforge ARGS` in the background; `wrapper` = a python file that patches
+    something, then calls latentforge.cli.main(ARGS) (a fault injected inside the real entry point)."""
+    head = [sys.executable, wrapper] if wrapper else [sys.executable, "-m", "latentforge"]
+    return subprocess.Popen([*head, *map(str, args)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=child_env())
+
+
+def wait_for(cond, timeout=120.0, proc: subprocess.Popen | None = None, what="condition"):
+    """Poll `cond()` until true; fail early (with its stderr) if `proc` exits first."""
+    end = time.time() + timeout
+    while time.time() < end:
+        value = cond()
+        if value:
+            return value
+        if proc is not None and proc.poll() is not None:
+            out, err = proc.communicate()
+            raise AssertionError(f"process exited ({proc.returncode}) before {what}:\n{err[-3000:]}")
+        time.sleep(0.02)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def one_error_line(stderr: str) -> str:
+    """The stderr of a failed command must be exactly one line `error: ...` (no traceback)."""
+    assert "Traceback" not in stderr, stderr
+    lines = [l for l in stderr.splitlines() if l.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), stderr
+    return lines[0]
+
+
+# ---- runs and checkpoints --------------------------------------------------------------------
+
+def logged_steps(run) -> list[int]:
+    """Steps in `run/metrics.jsonl` (log_every=1 -> every finished optimizer step)."""
+    path = Path(run) / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    steps = []
+    for line in path.read_text().splitlines():
+        try:
+            steps.append(int(json.loads(line)["step"]))
+        except (ValueError, KeyError):
+            pass  # a line being written right now
+    return steps
+
+
+def ckpt_steps(run) -> list[int]:
+    from latentforge.train import checkpoint
+
+    return checkpoint.complete_steps(Path(run) / "checkpoints")
+
+
+def weights(run, step) -> tuple[dict, dict]:
+    """(model, EMA) tensors of `run/checkpoints/step-<step>`."""
+    d = Path(run) / "checkpoints" / f"step-{step}"
+    return load_file(str(d / "model.safetensors")), load_file(str(d / "ema.safetensors"))
+
+
+def assert_bitwise(a: dict, b: dict) -> int:
+    """Every tensor equal bit for bit; returns the number of tensors compared."""
+    assert a.keys() == b.keys()
+    for k in a:
+        assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), k
+    return len(a)
+
+
+def tree_digest(folder) -> dict:
+    """{relative path: sha256} of every file under `folder` (to prove it was left untouched)."""
+    import hashlib
+
+    folder = Path(folder)
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+# ---- tiny models and data --------------------------------------------------------------------
+
+def tiny_vae(seed=0):
+    from latentforge.config import preset
+    from latentforge.models import AutoencoderKL
+
+    torch.manual_seed(seed)
+    return AutoencoderKL(preset("tiny").vae).eval()
+
+
+def save_tiny_vae(folder, seed=0) -> Path:
+    """A model root holding `vae/` (what --vae accepts)."""
+    tiny_vae(seed).save_pretrained(str(Path(folder) / "vae"))
+    return Path(folder)
+
+
+def class_folders(folder, n_per_class=4, size=32, seed=0) -> Path:
+    """Two class folders of small noisy solid-colour PNGs (no captions: no text encoder needed)."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    for cls, colour in (("reds", (200, 30, 30)), ("blues", (30, 30, 200))):
+        os.makedirs(Path(folder) / cls, exist_ok=True)
+        for i in range(n_per_class):
+            x = np.clip(np.array(colour) + rng.normal(0, 25, (size, size, 3)), 0, 255).astype(np.uint8)
+            Image.fromarray(x).save(Path(folder) / cls / f"{i}.png")
+    return Path(folder)
+
+
+def build_tiny_cache(data, vae_root, out):
+    from latentforge.data.cache import build_cache
+    from latentforge.models import AutoencoderKL
+
+    vae = AutoencoderKL.from_pretrained(str(Path(vae_root) / "vae"))
+    return build_cache(str(data), vae, None, str(out), size=32, progress=False)
+
+
+# ---- figures ---------------------------------------------------------------------------------
+
+def record(name: str, **values) -> dict:
+    print(f"[figures] {name}: {json.dumps(values, default=str)}")
+    folder = os.environ.get("LATENTFORGE_FIGURES")
+    if folder:
+        os.makedirs(folder, exist_ok=True)
+        with open(os.path.join(folder, f"{name}.json"), "w") as f:
+            json.dump(values, f, indent=1, default=str)
+    return values
