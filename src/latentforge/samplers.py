@@ -223,10 +223,21 @@ def ancestral_step(sigma: float, sigma_next: float, eta: float = 1.0):
     return down, up
 
 
+def randn_like(x: torch.Tensor, generator=None) -> torch.Tensor:
+    """N(0, I) shaped like x from one generator, or one generator per sample (a list), so that sample i
+    of a batch equals a batch of one drawn with generator i (as diffusers' `randn_tensor`)."""
+    if isinstance(generator, (list, tuple)):
+        return torch.cat([torch.randn((1, *x.shape[1:]), generator=g, dtype=x.dtype, device=g.device)
+                          for g in generator]).to(x.device)
+    device = x.device if generator is None else generator.device  # drawn where the generator lives
+    return torch.randn(x.shape, generator=generator, dtype=x.dtype, device=device).to(x.device)
+
+
 @torch.no_grad()
 def sample_euler_ancestral(model, x, sigmas, extra_args=None, callback=None, after_step=None, disable=None,
-                           eta=1.0, generator: Optional[torch.Generator] = None):
-    """Euler step to σ_down, then add N(0, σ_up²) noise drawn from `generator` (k-diffusion)."""
+                           eta=1.0, generator=None):
+    """Euler step to σ_down, then add N(0, σ_up²) noise drawn from `generator` (k-diffusion); `generator`
+    may be a list with one per sample (see `randn_like`)."""
     extra_args = extra_args or {}
     s_in = x.new_ones(x.shape[0])
     for i in trange(len(sigmas) - 1, disable=disable, desc="ancestral"):
@@ -235,7 +246,7 @@ def sample_euler_ancestral(model, x, sigmas, extra_args=None, callback=None, aft
         d = (x - denoised) / sigmas[i]
         x = x + d * (down - sigmas[i])
         if sigmas[i + 1] > 0 and up > 0:
-            x = x + torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device) * up
+            x = x + randn_like(x, generator) * up
         x = _step_done(i, x, sigmas, denoised, callback, after_step)
     return x
 

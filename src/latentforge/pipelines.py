@@ -1,0 +1,257 @@
+"""Generation = encode → sample → decode, for text→image, image→image and inpainting.
+
+    pipe = latentforge.load("runs/x/model")             # Pipeline.from_pretrained
+    images = pipe.text2img("a red circle", seed=1, n=4)  # list of PIL images
+    images[0].info["parameters"]                         # the A1111 'parameters' text (see png.py)
+
+One private function, `_generate`, runs every mode: start from noise (text→image) or from the
+encoded image noised to `strength` (image→image: the same sampler started part-way down), guide with
+classifier-free guidance, integrate with a sampler from samplers.py, and for inpainting paste the
+known region back after every step, noised to the current level — diffusers' pipeline for
+UNets without inpainting channels. Sampler settings follow the model's scheduler_config.json
+(timestep_spacing, steps_offset, …), so results equal diffusers' StableDiffusionPipeline with the
+matching scheduler (tests/test_pipelines.py).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from . import samplers
+from .errors import UserError
+from .guidance import classifier_free_guidance
+from .png import format_parameters
+from .schedule import NoiseSchedule
+
+ImageLike = Union[str, Path, Image.Image]
+
+
+def _open(image: ImageLike, flag: str) -> Image.Image:
+    if isinstance(image, Image.Image):
+        return image
+    path = Path(image)
+    if not path.is_file():
+        raise UserError(f"{flag} {path}: no such file — pass an existing image")
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return im.copy()
+    except (OSError, ValueError) as e:
+        raise UserError(f"{flag} {path}: not a readable image ({e}) — pass a PNG or JPEG") from None
+
+
+def to_tensor(image: Image.Image) -> torch.Tensor:
+    """PIL RGB -> (1, 3, H, W) float32 in [-1, 1]."""
+    a = np.asarray(image.convert("RGB"), dtype=np.float32) / 127.5 - 1.0  # (H, W, 3)
+    return torch.from_numpy(a).permute(2, 0, 1)[None]
+
+
+def to_pil(images: torch.Tensor) -> List[Image.Image]:
+    """(B, 3, H, W) in [-1, 1] -> PIL RGB, rounded like diffusers' `numpy_to_pil`."""
+    a = (images / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).float().cpu().numpy()  # (B, H, W, 3)
+    return [Image.fromarray(x) for x in (a * 255).round().astype(np.uint8)]
+
+
+class Pipeline:
+    """A UNet, a VAE, the noise schedule and (for text models) the text encoder."""
+
+    def __init__(self, unet, vae, schedule: NoiseSchedule, text_encoder=None, scheduler_config: Optional[dict] = None,
+                 name: str = "", use_context_mask: bool = False):
+        self.unet, self.vae, self.schedule, self.text_encoder = unet.eval(), vae.eval(), schedule, text_encoder
+        self.scheduler_config = dict(scheduler_config or {})
+        self.name = name
+        # diffusers' StableDiffusionPipeline gives the UNet no attention mask (captions are padded to a
+        # fixed length); keep False for identical images there, True if the model was trained with it.
+        self.use_context_mask = use_context_mask
+        cfg = unet.config
+        if cfg.cross_attention_dim is not None and text_encoder is None:
+            raise UserError(f"{name or 'model'}: the UNet cross-attends to text but the folder has no "
+                            "text_encoder/ — save the model with its text encoder")
+        if text_encoder is not None and cfg.cross_attention_dim != text_encoder.dim:
+            raise UserError(f"{name or 'model'}/text_encoder: its width {text_encoder.dim} is not the UNet's "
+                            f"cross_attention_dim {cfg.cross_attention_dim} — use the encoder it was trained with")
+
+    @classmethod
+    def from_pretrained(cls, model_dir, device: Union[str, torch.device, None] = None, **kwargs) -> "Pipeline":
+        from .formats.diffusers import load_model_folder
+
+        folder = Path(model_dir)
+        parts = load_model_folder(folder)
+        text = None
+        if parts["text_encoder_dir"] is not None:
+            from .text import TextEncoder
+
+            text = TextEncoder.from_pretrained(str(folder))
+        sched_file = folder / "scheduler" / "scheduler_config.json"
+        raw = json.loads(sched_file.read_text()) if sched_file.is_file() else {}
+        pipe = cls(parts["unet"], parts["vae"], NoiseSchedule.from_config(parts["schedule_config"]), text, raw,
+                   name=folder.resolve().name if folder.name in ("", ".") else folder.name, **kwargs)
+        return pipe.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+    def to(self, device) -> "Pipeline":
+        self.unet.to(device)
+        self.vae.to(device)
+        if self.text_encoder is not None:
+            self.text_encoder.to(device)
+        return self
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.unet.parameters()).device
+
+    @property
+    def default_size(self) -> Tuple[int, int]:
+        side = self.unet.config.sample_size * self.vae.downsample_factor
+        return side, side
+
+    # ------------------------------------------------------------------ public API
+
+    def text2img(self, prompt: str = "", negative_prompt: Optional[str] = None, sampler: str = "dpmpp-2m",
+                 steps: int = 25, cfg: float = 5.0, seed: int = 0, n: int = 1,
+                 size: Optional[Tuple[int, int]] = None, latents: Optional[torch.Tensor] = None,
+                 class_label: Optional[int] = None, **options):
+        """n images of `size` (W, H) for `prompt`. Image i starts from noise drawn with seed + i (or
+        from `latents` (n, C, h, w), unit-variance noise as in diffusers). Options: karras, eta,
+        guidance_rescale, output ("pil" | "pt" | "latent"), progress."""
+        return self._generate(prompt, negative_prompt, sampler, steps, cfg, seed, n, size, latents, class_label,
+                              **options)
+
+    def img2img(self, image: ImageLike, prompt: str = "", strength: float = 0.6, negative_prompt: Optional[str] = None,
+                sampler: str = "dpmpp-2m", steps: int = 25, cfg: float = 5.0, seed: int = 0, n: int = 1,
+                latents: Optional[torch.Tensor] = None, class_label: Optional[int] = None, **options):
+        """Change `image`: noise it to `strength` ∈ (0, 1] and run the last ⌊steps·strength⌋ steps.
+        strength 1.0 starts from pure noise and equals text→image."""
+        init = _open(image, "--image")
+        return self._generate(prompt, negative_prompt, sampler, steps, cfg, seed, n, init.size, latents, class_label,
+                              init=init, strength=strength, **options)
+
+    def inpaint(self, image: ImageLike, mask: ImageLike, prompt: str = "", strength: float = 1.0,
+                negative_prompt: Optional[str] = None, sampler: str = "dpmpp-2m", steps: int = 25, cfg: float = 5.0,
+                seed: int = 0, n: int = 1, latents: Optional[torch.Tensor] = None, class_label: Optional[int] = None,
+                **options):
+        """Repaint where `mask` is white (≥ 50 % grey); elsewhere the latents stay the encoded image's."""
+        init, m = _open(image, "--image"), _open(mask, "--mask")
+        if m.size != init.size:
+            raise UserError(f"--mask: its size {m.size[0]}x{m.size[1]} differs from the image's "
+                            f"{init.size[0]}x{init.size[1]} — give a mask of the same size")
+        return self._generate(prompt, negative_prompt, sampler, steps, cfg, seed, n, init.size, latents, class_label,
+                              init=init, strength=strength, mask=m, **options)
+
+    # ------------------------------------------------------------------ the one generation loop
+
+    @torch.no_grad()
+    def _generate(self, prompt, negative_prompt, sampler, steps, cfg, seed, n, size, latents, class_label,
+                  init: Optional[Image.Image] = None, strength: float = 1.0, mask: Optional[Image.Image] = None,
+                  karras: bool = False, eta: float = 0.0, guidance_rescale: float = 0.0, output: str = "pil",
+                  progress: Optional[bool] = None):
+        info = samplers.get_sampler(sampler)
+        if n < 1:
+            raise UserError(f"--n: must be at least 1, got {n}")
+        W, H = self._check_size(size or self.default_size, "--image" if init is not None else "--size")
+        ac = self.schedule.alphas_cumprod
+        plan = samplers.plan(ac, sampler, steps, karras=karras, **self._plan_options(sampler))
+        first = samplers.start_index(steps, strength)  # validates strength ∈ (0, 1]
+        f, C = self.vae.downsample_factor, self.unet.config.in_channels
+        gens = [torch.Generator(device="cpu").manual_seed(seed + i) for i in range(n)]
+        noise = self._noise(latents, gens, (n, C, H // f, W // f))  # (n, C, h, w)
+        x0 = None
+        if init is not None:
+            x0 = self.vae.encode(to_tensor(init).to(self.device)).expand(n, -1, -1, -1)  # (n, C, h, w)
+        if first == 0:  # full strength: pure noise, as text→image (diffusers' `is_strength_max`)
+            x = noise * plan.init_sigma
+        else:
+            plan = plan.start_at(first)
+            x = x0 + noise * plan.sigmas[0]  # = add_noise(x0, noise, t) / √ᾱ_t
+        cond, uncond = self._conditions(prompt, negative_prompt, class_label, n)
+        model_fn = classifier_free_guidance(lambda x, t, **c: self.unet(x, t, **c), cond, uncond, cfg,
+                                            guidance_rescale)
+        keep = after_step = None
+        if mask is not None:
+            keep = self._latent_mask(mask, x0.shape[-2:])  # (1, 1, h, w): 1 = repaint
+
+            def after_step(x, sigma_next):  # the known region, noised to the level x is now at
+                return keep * x + (1 - keep) * (x0 + noise * sigma_next)
+
+        x = samplers.sample(sampler, plan.denoiser(model_fn, ac, self.schedule.prediction_type), x, plan.sigmas,
+                            generator=gens, eta=eta if sampler == "ddim" else None, after_step=after_step,
+                            disable=None if progress is None else not progress)
+        out = x / (plan.sigmas[-1] ** 2 + 1).sqrt()  # x_t = x/√(1+σ²); σ_last = 0 unless "sigma_min"
+        if keep is not None:
+            out = keep * out + (1 - keep) * x0
+        if output == "latent":
+            return out
+        images = self.vae.decode(out).float()  # (n, 3, H, W) in about [-1, 1]
+        if output == "pt":
+            return (images / 2 + 0.5).clamp(0, 1)
+        pils = to_pil(images)
+        for i, im in enumerate(pils):
+            im.info["parameters"] = format_parameters(prompt, negative_prompt, {
+                "Steps": steps, "Sampler": info.display + (" Karras" if karras else ""),
+                "CFG scale": float(cfg), "Seed": seed + i, "Size": f"{W}x{H}", "Model": self.name or None,
+                "Denoising strength": float(strength) if init is not None else None,
+                "Eta": float(eta) if sampler == "ddim" and eta else None,
+                "Class": class_label, "Guidance rescale": float(guidance_rescale) if guidance_rescale else None,
+            })
+        return pils
+
+    # ------------------------------------------------------------------ helpers
+
+    def _plan_options(self, sampler: str) -> dict:
+        c = self.scheduler_config
+        if sampler == "ddim":
+            final = "zero" if c.get("set_alpha_to_one", True) else "sigma_min"
+        else:
+            final = c.get("final_sigmas_type", "zero")
+        return dict(spacing=c.get("timestep_spacing", "leading"), steps_offset=int(c.get("steps_offset", 0)),
+                    final_sigma=final)
+
+    def _check_size(self, size: Sequence[int], flag: str) -> Tuple[int, int]:
+        W, H = int(size[0]), int(size[1])
+        f = self.vae.downsample_factor
+        if W < f or H < f or W % f or H % f:
+            raise UserError(f"{flag}: {W}x{H} is not a multiple of {f} (the VAE's downsampling) — "
+                            f"use e.g. {max(f, W // f * f)}x{max(f, H // f * f)}")
+        return W, H
+
+    def _noise(self, latents, gens, shape) -> torch.Tensor:
+        if latents is not None:
+            if tuple(latents.shape) != tuple(shape):
+                raise UserError(f"latents: shape {tuple(latents.shape)} does not match {tuple(shape)} "
+                                "(n, channels, height/f, width/f)")
+            return latents.to(self.device, torch.float32)
+        return torch.cat([torch.randn((1, *shape[1:]), generator=g) for g in gens]).to(self.device)
+
+    def _conditions(self, prompt, negative_prompt, class_label, n):
+        cfg = self.unet.config
+        if self.text_encoder is not None:
+            ctx, mask = self.text_encoder.encode([prompt or ""] * n)  # (n, L, D), (n, L)
+            nctx, nmask = self.text_encoder.encode([negative_prompt or ""] * n)
+            cond, uncond = {"context": ctx}, {"context": nctx}
+            if self.use_context_mask:
+                cond["context_mask"], uncond["context_mask"] = mask, nmask
+            return cond, uncond
+        if prompt or negative_prompt:
+            raise UserError("--prompt: this model has no text encoder (unconditional or class-conditional) — "
+                            "leave out --prompt/--negative" + (" and pass --class" if cfg.num_class_embeds else ""))
+        if cfg.num_class_embeds:
+            K = cfg.num_class_embeds
+            if class_label is None or not 0 <= int(class_label) < K:
+                raise UserError(f"--class: this model is class-conditional — pass a class label in 0..{K - 2} "
+                                f"(label {K - 1} is the null class used for guidance)")
+            labels = torch.full((n,), int(class_label), dtype=torch.long, device=self.device)
+            return {"class_labels": labels}, {"class_labels": torch.full_like(labels, K - 1)}
+        if class_label is not None:
+            raise UserError("--class: this model is not class-conditional — leave out --class")
+        return {}, {}
+
+    def _latent_mask(self, mask: Image.Image, hw) -> torch.Tensor:
+        """White = repaint. Binarised at 50 %, then nearest-resized to the latent grid (as diffusers)."""
+        m = torch.from_numpy((np.asarray(mask.convert("L"), dtype=np.float32) / 255.0 >= 0.5).astype(np.float32))
+        return F.interpolate(m[None, None], size=tuple(hw)).to(self.device)  # (1, 1, h, w)
