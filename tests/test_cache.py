@@ -4,6 +4,7 @@ part-way, checksums, conditioning kinds, skipped files, and the `latentforge cac
 import glob
 import json
 import os
+import pickle
 import signal
 import subprocess
 import sys
@@ -94,6 +95,8 @@ def test_cached_latents_equal_direct_encode(tmp_path, text):
     torch.testing.assert_close(ds.null_context, null[0], atol=0, rtol=0)
     batch = next(iter(torch.utils.data.DataLoader(ds, batch_size=5)))
     assert batch["latent"].shape == (5, 4, 8, 8) and batch["context"].shape == (5, 16, 16)
+    blob = pickle.dumps(ds)  # what DataLoader workers under "spawn" receive: no copied arrays
+    assert len(blob) < 20_000 and torch.equal(pickle.loads(blob)[7]["latent"], ds[7]["latent"])
     manifest = json.load(open(tmp_path / "c" / "manifest.json"))
     assert len(manifest["text"]["index"]) == len({e["caption"] for e in manifest["entries"]} | {""})  # deduplicated
 

@@ -62,7 +62,7 @@ class ShardStore:
     """
 
     def __init__(self, root: str, kind: str, state: Optional[dict], shard_size: int,
-                 on_flush: Callable[[], None] = lambda: None):
+                 on_flush: Optional[Callable[[], None]] = None):
         self.root, self.kind, self.shard_size, self.on_flush = root, kind, shard_size, on_flush
         state = state or {}
         self.shards: Dict[str, dict] = dict(state.get("shards", {}))
@@ -73,6 +73,9 @@ class ShardStore:
 
     def state(self) -> dict:
         return {"shards": self.shards, "index": self.index}
+
+    def __getstate__(self) -> dict:  # DataLoader workers under "spawn": re-open, don't copy, the maps
+        return {**self.__dict__, "_open": {}, "on_flush": None}
 
     def __contains__(self, key: str) -> bool:
         return key in self.index
@@ -142,7 +145,8 @@ class ShardStore:
         self.shards[name] = {"rows": len(keys), "files": files}
         self.index.update({k: [name, i] for i, k in enumerate(keys)})
         self.pending_keys, self.pending = [], {}
-        self.on_flush()
+        if self.on_flush is not None:
+            self.on_flush()
 
     def keep_only(self, live: set, repack_below: float = 0.5) -> None:
         """Drop keys not in `live`; rows of mostly-stale shards are rewritten into new shards."""
