@@ -1,0 +1,17 @@
+"""`latentforge inpaint --model M --image in.png --mask mask.png --prompt "…" --out DIR`: repaint the white part."""
+
+from __future__ import annotations
+
+from .sample import add_common_arguments, generate
+
+
+def add_arguments(p):
+    add_common_arguments(p)
+    p.add_argument("--image", required=True, help="the image to repaint (its size is the output size)")
+    p.add_argument("--mask", required=True, help="same-size mask: white = repaint, black = keep")
+    p.add_argument("--strength", type=float, default=1.0,
+                   help="in (0, 1]: below 1 the masked part starts from the image, noised (default 1)")
+
+
+def run(args):
+    return generate(args, "inpaint", image=args.image, mask=args.mask, strength=args.strength)

@@ -1,0 +1,88 @@
+"""`latentforge sample --model M --prompt "…" --out DIR`: text → image.
+
+The generation flags shared with `img2img` and `inpaint` live here too; each writes PNGs carrying their
+settings in a `parameters` text chunk (A1111 layout), named `00000-<seed>.png`, …
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def add_common_arguments(p, cfg_default: float = 5.0):
+    p.add_argument("--model", required=True, help="model folder (diffusers layout, e.g. runs/x/model)")
+    p.add_argument("--prompt", default="", help="what to draw (text-conditional models)")
+    p.add_argument("--negative", default=None, help="negative prompt: what to steer away from")
+    p.add_argument("--class", dest="class_label", type=int, default=None,
+                   help="class label (class-conditional models)")
+    p.add_argument("--sampler", default="dpmpp-2m", help="ddpm | ddim | euler | euler-a | heun | dpmpp-2m (default)")
+    p.add_argument("--karras", action="store_true", help="Karras et al. (2022) sigma spacing")
+    p.add_argument("--eta", type=float, default=0.0, help="DDIM η: 0 deterministic … 1 DDPM-like (default 0)")
+    p.add_argument("--steps", type=int, default=25, help="sampling steps (default 25)")
+    p.add_argument("--cfg", type=float, default=cfg_default, help=f"guidance scale; ≤ 1 turns guidance off "
+                                                                   f"(default {cfg_default:g})")
+    p.add_argument("--seed", type=int, default=0, help="image i uses seed + i (default 0)")
+    p.add_argument("--n", type=int, default=1, help="number of images (default 1)")
+    p.add_argument("--out", required=True, help="folder to write the PNGs into")
+    p.add_argument("--device", default=None, help="cpu | cuda (default: cuda if available)")
+
+
+def add_arguments(p):
+    add_common_arguments(p)
+    p.add_argument("--size", default=None, help="WxH in pixels, multiples of the VAE factor (default: the model's)")
+
+
+def parse_size(text):
+    from ..errors import UserError
+
+    if text is None:
+        return None
+    parts = text.lower().split("x")
+    try:
+        w, h = (int(parts[0]), int(parts[0])) if len(parts) == 1 else (int(parts[0]), int(parts[1]))
+        if len(parts) > 2 or w < 1 or h < 1:
+            raise ValueError
+    except ValueError:
+        raise UserError(f"--size {text}: expected WxH in pixels, e.g. 64x64") from None
+    return w, h
+
+
+def generate(args, mode: str, **inputs) -> int:
+    """Load the model, run `mode` (text2img | img2img | inpaint), write one PNG per image."""
+    from .. import load, samplers
+    from ..png import save_png
+    from ..errors import UserError
+
+    # the cheap checks first: a typo should not wait for the model to load
+    samplers.get_sampler(args.sampler)
+    if args.steps < 1:
+        raise UserError(f"--steps: must be at least 1, got {args.steps}")
+    if args.n < 1:
+        raise UserError(f"--n: must be at least 1, got {args.n}")
+    if "strength" in inputs:
+        samplers.start_index(args.steps, inputs["strength"])
+    _quiet_transformers()
+    pipe = load(args.model, device=args.device)
+    images = getattr(pipe, mode)(prompt=args.prompt, negative_prompt=args.negative, sampler=args.sampler,
+                                 steps=args.steps, cfg=args.cfg, seed=args.seed, n=args.n,
+                                 class_label=args.class_label, karras=args.karras, eta=args.eta, **inputs)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for i, im in enumerate(images):
+        path = save_png(im, out / f"{i:05d}-{args.seed + i}.png", im.info["parameters"])
+        print(path)
+    return 0
+
+
+def _quiet_transformers():
+    """No per-file 'Loading weights' bars from transformers: the CLI's stderr is for errors."""
+    try:
+        from transformers.utils import logging
+
+        logging.disable_progress_bar()
+    except ImportError:
+        pass
+
+
+def run(args):
+    return generate(args, "text2img", size=parse_size(args.size))

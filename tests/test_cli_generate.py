@@ -1,0 +1,116 @@
+"""`latentforge sample | img2img | inpaint` end to end on a tiny random model, and their one-line errors."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+from latentforge.cli import main
+from latentforge.config import ScheduleConfig, UNetConfig, VAEConfig
+from latentforge.formats import save_model_folder
+from latentforge.models import AutoencoderKL, UNet
+from latentforge.png import parse_parameters, read_parameters
+from latentforge.text import TextEncoder
+
+VOCAB = ["l", "o", "w", "e", "r", "s", "t", "i", "d", "n", "a", "c", "lo", "l</w>", "w</w>", "r</w>", "t</w>",
+         "a</w>", "e</w>", "low</w>", "er</w>", "lowest</w>", "newer</w>", "wider", "<unk>", "<|startoftext|>",
+         "<|endoftext|>"]
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("cli")
+    d = tmp / "clip"
+    d.mkdir()
+    (d / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(VOCAB)}))
+    (d / "merges.txt").write_text("#version: 0.2\nl o\nlo w</w>\ne r</w>\n")
+    CLIPTokenizer(str(d / "vocab.json"), str(d / "merges.txt"), unk_token="<unk>", pad_token="<|endoftext|>",
+                  model_max_length=77).save_pretrained(d)
+    CLIPTextModel(CLIPTextConfig(vocab_size=len(VOCAB), hidden_size=32, intermediate_size=37, num_hidden_layers=1,
+                                 num_attention_heads=4, max_position_embeddings=77, bos_token_id=25,
+                                 eos_token_id=26, pad_token_id=26)).save_pretrained(d)
+    unet = UNet(UNetConfig(channels=(16, 32), layers_per_level=1, attention=(False, True), num_heads=2,
+                           cross_attention_dim=32, norm_groups=8, sample_size=8))
+    torch.nn.init.normal_(unet.conv_out.weight, std=0.1)  # a fresh UNet predicts exactly 0
+    vae = AutoencoderKL(VAEConfig(channels=(8, 8, 16), layers_per_level=1, norm_groups=4, sample_size=32))
+    folder = save_model_folder(tmp / "model", unet, vae, ScheduleConfig(),
+                               text_encoder=TextEncoder.from_pretrained(str(d), max_length=8))
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(tmp / "in.png")
+    mask = np.zeros((32, 32), dtype=np.uint8)
+    mask[:16] = 255
+    Image.fromarray(mask).save(tmp / "mask.png")
+    Image.fromarray(mask[:, :16]).save(tmp / "mask-small.png")
+    Image.fromarray(rng.integers(0, 256, (30, 32, 3), dtype=np.uint8)).save(tmp / "odd.png")
+    return tmp
+
+
+def _run(argv, capsys):
+    code = main(argv)
+    return code, capsys.readouterr()
+
+
+def test_sample_console_script_writes_pngs_with_parameters(model, tmp_path, capsys):
+    exe = Path(sys.executable).with_name("latentforge")
+    argv = ["sample", "--model", str(model / "model"), "--prompt", "lower newer", "--negative", "wider",
+            "--sampler", "euler-a", "--steps", "3", "--cfg", "4.5", "--seed", "7", "--n", "2", "--size", "32x16",
+            "--device", "cpu"]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", OMP_NUM_THREADS="1")
+    r = subprocess.run([str(exe), *argv, "--out", str(tmp_path / "a")], capture_output=True, text=True, env=env,
+                       timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert _run([*argv, "--out", str(tmp_path / "b")], capsys)[0] == 0  # again, in this process
+    files = sorted(p.name for p in (tmp_path / "a").iterdir())
+    assert files == ["00000-7.png", "00001-8.png"]
+    for name in files:  # same seed and settings -> identical bytes
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+    p = parse_parameters(read_parameters(tmp_path / "a" / "00001-8.png"))
+    assert p["prompt"] == "lower newer" and p["negative_prompt"] == "wider"
+    assert (p["Steps"], p["Sampler"], p["CFG scale"], p["Seed"], p["Size"], p["Model"]) == \
+        ("3", "Euler a", "4.5", "8", "32x16", "model")
+    assert Image.open(tmp_path / "a" / "00000-7.png").size == (32, 16)
+
+
+def test_img2img_and_inpaint_commands(model, tmp_path, capsys):
+    base = ["--model", str(model / "model"), "--prompt", "lower", "--steps", "4", "--device", "cpu"]
+    code, _ = _run(["img2img", *base, "--image", str(model / "in.png"), "--strength", "0.5", "--out",
+                    str(tmp_path / "i")], capsys)
+    assert code == 0
+    p = parse_parameters(read_parameters(tmp_path / "i" / "00000-0.png"))
+    assert p["Denoising strength"] == "0.5" and p["Sampler"] == "DPM++ 2M"
+    code, _ = _run(["inpaint", *base, "--image", str(model / "in.png"), "--mask", str(model / "mask.png"),
+                    "--sampler", "ddim", "--karras", "--out", str(tmp_path / "p")], capsys)
+    assert code == 0
+    assert Image.open(tmp_path / "p" / "00000-0.png").size == (32, 32)
+    assert parse_parameters(read_parameters(tmp_path / "p" / "00000-0.png"))["Sampler"] == "DDIM Karras"
+
+
+@pytest.mark.parametrize("extra,needle", [
+    (["sample", "--sampler", "plms"], "--sampler"),
+    (["sample", "--steps", "0"], "--steps"),
+    (["sample", "--size", "33x32"], "--size"),
+    (["sample", "--size", "big"], "--size"),
+    (["img2img", "--image", "{m}/in.png", "--strength", "0"], "--strength"),
+    (["img2img", "--image", "{m}/in.png", "--strength", "1.5"], "--strength"),
+    (["img2img", "--image", "{m}/odd.png"], "--image"),
+    (["img2img", "--image", "{m}/nothing.png"], "--image"),
+    (["inpaint", "--image", "{m}/in.png", "--mask", "{m}/mask-small.png"], "--mask"),
+])
+def test_bad_input_is_one_line_and_exit_2(model, tmp_path, capsys, extra, needle):
+    argv = [a.replace("{m}", str(model)) for a in extra]
+    code, io = _run([argv[0], "--model", str(model / "model"), "--prompt", "lower", "--steps", "2",
+                     "--out", str(tmp_path), "--device", "cpu", *argv[1:]], capsys)
+    assert code == 2
+    assert io.err.startswith("error: ") and io.err.count("\n") == 1 and needle in io.err, io.err
+
+
+def test_missing_model_is_one_line(tmp_path, capsys):
+    code, io = _run(["sample", "--model", str(tmp_path / "nope"), "--prompt", "x", "--out", str(tmp_path)], capsys)
+    assert code == 2 and io.err.startswith("error: ") and io.err.count("\n") == 1 and "nope" in io.err
