@@ -162,5 +162,22 @@ def test_bad_text_encoder_paths_are_user_errors(tmp_path):
     with pytest.raises(UserError, match="no config.json"):
         TextEncoder.from_pretrained(str(tmp_path))
     (tmp_path / "config.json").write_text('{"model_type": "bert"}')
+    with pytest.raises(UserError, match="no .safetensors weights"):
+        TextEncoder.from_pretrained(str(tmp_path))
+    (tmp_path / "model.safetensors").write_bytes(b"not really safetensors")
     with pytest.raises(UserError, match="cannot load it"):
         TextEncoder.from_pretrained(str(tmp_path))
+
+
+def test_pickle_weights_are_refused_without_unpickling(bert_dir, tmp_path, monkeypatch):
+    model = BertModel.from_pretrained(bert_dir)
+    model.config.save_pretrained(tmp_path / "pickled")
+    torch.save(model.state_dict(), tmp_path / "pickled" / "pytorch_model.bin")  # the legacy pickle layout
+    BertTokenizer.from_pretrained(bert_dir).save_pretrained(tmp_path / "pickled")
+
+    def no_unpickling(*a, **k):
+        raise AssertionError("torch.load was called")
+
+    monkeypatch.setattr(torch, "load", no_unpickling)
+    with pytest.raises(UserError, match="pytorch_model.bin: pickle weights are never loaded"):
+        TextEncoder.from_pretrained(str(tmp_path / "pickled"))

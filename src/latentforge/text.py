@@ -52,6 +52,21 @@ def _resolve(name_or_dir: Optional[str]) -> Tuple[str, str]:
     return path, path
 
 
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+
+
+def _check_safetensors(model_dir: str) -> None:
+    """Weights are data, never code: refuse folders whose weights are pickles (torch.load runs them)."""
+    names = sorted(os.listdir(model_dir))
+    if any(n.endswith(".safetensors") for n in names):
+        return
+    pickles = [n for n in names if n.endswith(PICKLE_SUFFIXES)]
+    if pickles:
+        raise UserError(f"{os.path.join(model_dir, pickles[0])}: pickle weights are never loaded — convert them "
+                        "to model.safetensors (transformers: save_pretrained(..., safe_serialization=True))")
+    raise UserError(f"{model_dir}: no .safetensors weights — pass a transformers model folder saved with safetensors")
+
+
 class TextEncoder:
     """A frozen transformers text model + its tokenizer. Not an nn.Module: it is never trained."""
 
@@ -68,16 +83,18 @@ class TextEncoder:
         from transformers import AutoConfig, AutoModel, AutoTokenizer, CLIPTextModel
 
         model_dir, tok_dir = _resolve(name_or_dir)
+        _check_safetensors(model_dir)
+        load = dict(local_files_only=True, use_safetensors=True)
         try:
             config = AutoConfig.from_pretrained(model_dir, local_files_only=True)
             if config.model_type in ("clip_text_model", "clip"):
-                model = CLIPTextModel.from_pretrained(model_dir, local_files_only=True)
+                model = CLIPTextModel.from_pretrained(model_dir, **load)
             else:
-                model = AutoModel.from_pretrained(model_dir, local_files_only=True)
+                model = AutoModel.from_pretrained(model_dir, **load)
                 if getattr(model.config, "is_encoder_decoder", False):  # T5 & co: the encoder half
                     model = model.get_encoder()
             tokenizer = AutoTokenizer.from_pretrained(tok_dir, local_files_only=True)
-        except (OSError, ValueError, KeyError) as e:
+        except Exception as e:  # transformers raises many kinds; all mean "this folder is not usable"
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise UserError(f"text encoder {model_dir}: cannot load it ({first}) — pass a transformers "
                             "text model folder with its tokenizer") from None
