@@ -38,9 +38,10 @@ DIFFUSERS_CONFIGS = {
                            in_channels=3, out_channels=6, flip_sin_to_cos=False, freq_shift=1, norm_eps=1e-6,
                            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
                            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D")),
-    # One level: no down/up sampling at all; cross-attention without a mid-block attention.
+    # One level: no down/up sampling at all; cross-attention without a mid-block attention; one head of 16
+    # channels (head_dim >= 16 takes the unpadded CPU attention path, smaller head dims the padded one).
     "one_level": dict(block_out_channels=(16,), layers_per_block=2, norm_num_groups=8, cross_attention_dim=8,
-                      attention_head_dim=4, mid_block_type="UNetMidBlock2D",
+                      attention_head_dim=1, mid_block_type="UNetMidBlock2D",
                       down_block_types=("CrossAttnDownBlock2D",), up_block_types=("CrossAttnUpBlock2D",)),
 }
 
