@@ -176,3 +176,30 @@ def test_weights_not_safetensors(model_dir):
     path.unlink()
     (model_dir / "unet" / "diffusion_pytorch_model.bin").write_bytes(b"pickle")
     _one_line_error(lambda: UNet.from_pretrained(model_dir), "diffusion_pytorch_model.bin", "pickle")
+
+
+def test_sharded_and_fp16_variant_weights_load(tmp_path):
+    """diffusers writes big models as shards + an index, and fp16 variants; both load, cast to float32."""
+    from diffusers import AutoencoderKL as DiffusersVAE
+
+    theirs = DiffusersVAE(block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4,
+                          down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2)
+    theirs.save_pretrained(tmp_path / "sharded", max_shard_size="20KB")
+    assert (tmp_path / "sharded" / "diffusion_pytorch_model.safetensors.index.json").is_file()
+    ours = AutoencoderKL.from_pretrained(tmp_path / "sharded")
+    for k, v in theirs.state_dict().items():
+        assert torch.equal(ours.state_dict()[k], v), k
+
+    theirs.half().save_pretrained(tmp_path / "fp16", variant="fp16")
+    ours = AutoencoderKL.from_pretrained(tmp_path / "fp16")
+    assert ours.dtype == torch.float32
+    for k, v in theirs.state_dict().items():
+        assert torch.equal(ours.state_dict()[k], v.float()), k
+    # A key missing from a sharded checkpoint names the index file.
+    index = tmp_path / "sharded" / "diffusion_pytorch_model.safetensors.index.json"
+    data = json.loads(index.read_text())
+    shard = tmp_path / "sharded" / data["weight_map"]["decoder.conv_out.weight"]
+    state = load_file(str(shard))
+    state.pop("decoder.conv_out.weight")
+    save_file(state, str(shard))
+    _one_line_error(lambda: AutoencoderKL.from_pretrained(tmp_path / "sharded"), index, "decoder.conv_out.weight")

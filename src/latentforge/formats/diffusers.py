@@ -320,28 +320,50 @@ def schedule_from_diffusers(d: Dict[str, Any], path: Path) -> ScheduleConfig:
 
 
 def _weights_file(folder: Path) -> Path:
-    path = folder / WEIGHTS_NAME
-    if path.is_file():
-        return path
+    """The weights to read: the safetensors file, a sharded index, or the fp16 variant, in that order."""
+    for name in (WEIGHTS_NAME, WEIGHTS_NAME + ".index.json", "diffusion_pytorch_model.fp16.safetensors"):
+        if (folder / name).is_file():
+            return folder / name
     if (folder / "diffusion_pytorch_model.bin").is_file():
         raise UserError(f"{folder / 'diffusion_pytorch_model.bin'}: pickle weights are never loaded — convert them to "
                         f"{WEIGHTS_NAME} (safetensors)")
-    raise UserError(f"{path}: file not found — the model folder is incomplete; re-save it")
+    raise UserError(f"{folder / WEIGHTS_NAME}: file not found — the model folder is incomplete; re-save it")
 
 
-def load_weights(model: torch.nn.Module, path: Path, dtype: torch.dtype = torch.float32) -> None:
-    """Load a safetensors file into `model`, strictly: every key present, none extra, every shape equal.
-
-    The first offending key is named in a one-line UserError. A model built on the meta device gets the
-    loaded tensors themselves (cast to `dtype`), so a large model is never randomly initialised first.
-    """
+def _read_safetensors(path: Path) -> Dict[str, torch.Tensor]:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     try:
-        state = load_file(str(path))
+        return load_file(str(path))
     except (SafetensorError, OSError, ValueError) as e:
         raise UserError(f"{path}: not a readable safetensors file ({e}) — re-save the model") from None
+
+
+def _read_state(path: Path):
+    """-> (state_dict, {key: file it came from}); a `.index.json` names the shard of every key."""
+    if not path.name.endswith(".index.json"):
+        state = _read_safetensors(path)
+        return state, dict.fromkeys(state, path)
+    weight_map = _read_json(path).get("weight_map")
+    if not isinstance(weight_map, dict):
+        raise UserError(f"{path}: no weight_map object — re-save the model")
+    state, source = {}, {}
+    for shard in sorted(set(weight_map.values())):
+        part = _read_safetensors(path.parent / shard)
+        state.update(part)
+        source.update(dict.fromkeys(part, path.parent / shard))
+    return state, source
+
+
+def load_weights(model: torch.nn.Module, path: Path, dtype: torch.dtype = torch.float32) -> None:
+    """Load safetensors weights into `model`, strictly: every key present, none extra, every shape equal.
+
+    The first offending key is named, with its file, in a one-line UserError. A model built on the meta
+    device gets the loaded tensors themselves (cast to `dtype`), so a large model is never randomly
+    initialised first. `path` is a .safetensors file or a sharded `.safetensors.index.json`.
+    """
+    state, source = _read_state(path)
     expected = model.state_dict()
     missing = [k for k in expected if k not in state]
     unexpected = sorted(k for k in state if k not in expected)
@@ -349,11 +371,11 @@ def load_weights(model: torch.nn.Module, path: Path, dtype: torch.dtype = torch.
         raise UserError(f"{path}: missing key {missing[0]!r} ({len(missing)} missing) — the weights do not match "
                         f"{CONFIG_NAME}; re-save the model")
     if unexpected:
-        raise UserError(f"{path}: unexpected key {unexpected[0]!r} ({len(unexpected)} unexpected) — the weights do "
-                        f"not match {CONFIG_NAME}; re-save the model")
+        raise UserError(f"{source[unexpected[0]]}: unexpected key {unexpected[0]!r} ({len(unexpected)} unexpected) — "
+                        f"the weights do not match {CONFIG_NAME}; re-save the model")
     for k, v in expected.items():
         if state[k].shape != v.shape:
-            raise UserError(f"{path}: key {k!r} has shape {list(state[k].shape)} but {CONFIG_NAME} implies "
+            raise UserError(f"{source[k]}: key {k!r} has shape {list(state[k].shape)} but {CONFIG_NAME} implies "
                             f"{list(v.shape)} — the weights do not match the config; re-save the model")
     if next(iter(expected.values())).is_meta:
         model.load_state_dict({k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()},
