@@ -86,7 +86,7 @@ def test_img2img_and_inpaint_commands(model, tmp_path, capsys):
     p = parse_parameters(read_parameters(tmp_path / "i" / "00000-0.png"))
     assert p["Denoising strength"] == "0.5" and p["Sampler"] == "DPM++ 2M"
     code, _ = _run(["inpaint", *base, "--image", str(model / "in.png"), "--mask", str(model / "mask.png"),
-                    "--sampler", "ddim", "--karras", "--out", str(tmp_path / "p")], capsys)
+                    "--sampler", "ddim", "--karras", "--spacing", "trailing", "--out", str(tmp_path / "p")], capsys)
     assert code == 0
     assert Image.open(tmp_path / "p" / "00000-0.png").size == (32, 32)
     assert parse_parameters(read_parameters(tmp_path / "p" / "00000-0.png"))["Sampler"] == "DDIM Karras"
@@ -97,6 +97,7 @@ def test_img2img_and_inpaint_commands(model, tmp_path, capsys):
     (["sample", "--steps", "0"], "--steps"),
     (["sample", "--size", "33x32"], "--size"),
     (["sample", "--size", "big"], "--size"),
+    (["sample", "--spacing", "uniform"], "--spacing"),
     (["img2img", "--image", "{m}/in.png", "--strength", "0"], "--strength"),
     (["img2img", "--image", "{m}/in.png", "--strength", "1.5"], "--strength"),
     (["img2img", "--image", "{m}/odd.png"], "--image"),

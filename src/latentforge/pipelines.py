@@ -118,8 +118,9 @@ class Pipeline:
                  size: Optional[Tuple[int, int]] = None, latents: Optional[torch.Tensor] = None,
                  class_label: Optional[int] = None, **options):
         """n images of `size` (W, H) for `prompt`. Image i starts from noise drawn with seed + i (or
-        from `latents` (n, C, h, w), unit-variance noise as in diffusers). Options: karras, eta,
-        guidance_rescale, output ("pil" | "pt" | "latent"), progress."""
+        from `latents` (n, C, h, w), unit-variance noise as in diffusers). Options: karras, eta (DDIM),
+        spacing (override the model's timestep_spacing), guidance_rescale, output ("pil" | "pt" |
+        "latent"), progress."""
         return self._generate(prompt, negative_prompt, sampler, steps, cfg, seed, n, size, latents, class_label,
                               **options)
 
@@ -150,13 +151,13 @@ class Pipeline:
     def _generate(self, prompt, negative_prompt, sampler, steps, cfg, seed, n, size, latents, class_label,
                   init: Optional[Image.Image] = None, strength: float = 1.0, mask: Optional[Image.Image] = None,
                   karras: bool = False, eta: float = 0.0, guidance_rescale: float = 0.0, output: str = "pil",
-                  progress: Optional[bool] = None):
+                  progress: Optional[bool] = None, spacing: Optional[str] = None):
         info = samplers.get_sampler(sampler)
         if n < 1:
             raise UserError(f"--n: must be at least 1, got {n}")
         W, H = self._check_size(size or self.default_size, "--image" if init is not None else "--size")
         ac = self.schedule.alphas_cumprod
-        plan = samplers.plan(ac, sampler, steps, karras=karras, **self._plan_options(sampler))
+        plan = samplers.plan(ac, sampler, steps, karras=karras, **self._plan_options(sampler, spacing))
         first = samplers.start_index(steps, strength)  # validates strength ∈ (0, 1]
         f, C = self.vae.downsample_factor, self.unet.config.in_channels
         gens = [torch.Generator(device="cpu").manual_seed(seed + i) for i in range(n)]
@@ -203,8 +204,9 @@ class Pipeline:
 
     # ------------------------------------------------------------------ helpers
 
-    def _plan_options(self, sampler: str) -> dict:
-        c = self.scheduler_config
+    def _plan_options(self, sampler: str, spacing: Optional[str] = None) -> dict:
+        """Timestep spacing etc. from the model's scheduler_config.json, as diffusers' `from_config`."""
+        c = dict(self.scheduler_config, **({"timestep_spacing": spacing} if spacing else {}))
         if sampler == "ddim":
             final = "zero" if c.get("set_alpha_to_one", True) else "sigma_min"
         else:

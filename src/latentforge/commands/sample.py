@@ -17,6 +17,8 @@ def add_common_arguments(p, cfg_default: float = 5.0):
                    help="class label (class-conditional models)")
     p.add_argument("--sampler", default="dpmpp-2m", help="ddpm | ddim | euler | euler-a | heun | dpmpp-2m (default)")
     p.add_argument("--karras", action="store_true", help="Karras et al. (2022) sigma spacing")
+    p.add_argument("--spacing", default=None,
+                   help="timestep spacing leading | trailing | linspace (default: the model's scheduler config)")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM η: 0 deterministic … 1 DDPM-like (default 0)")
     p.add_argument("--steps", type=int, default=25, help="sampling steps (default 25)")
     p.add_argument("--cfg", type=float, default=cfg_default, help=f"guidance scale; ≤ 1 turns guidance off "
@@ -61,11 +63,14 @@ def generate(args, mode: str, **inputs) -> int:
         raise UserError(f"--n: must be at least 1, got {args.n}")
     if "strength" in inputs:
         samplers.start_index(args.steps, inputs["strength"])
+    if args.spacing is not None and args.spacing not in samplers.SPACINGS:
+        raise UserError(f"--spacing: unknown {args.spacing!r} — use one of {', '.join(samplers.SPACINGS)}")
     _quiet_transformers()
     pipe = load(args.model, device=args.device)
     images = getattr(pipe, mode)(prompt=args.prompt, negative_prompt=args.negative, sampler=args.sampler,
                                  steps=args.steps, cfg=args.cfg, seed=args.seed, n=args.n,
-                                 class_label=args.class_label, karras=args.karras, eta=args.eta, **inputs)
+                                 class_label=args.class_label, karras=args.karras, eta=args.eta,
+                                 spacing=args.spacing, **inputs)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     for i, im in enumerate(images):
