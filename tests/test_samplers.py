@@ -116,12 +116,15 @@ def test_trajectory_matches_diffusers(name, opts, pred):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=0, msg=lambda m: f"step {i}: {m}")
 
 
-def test_zero_terminal_snr_euler_trailing_matches_diffusers():
+@pytest.mark.parametrize("name,atol", [("euler", 1e-4), ("dpmpp-2m", 1e-4), ("ddim", 1e-3)])
+def test_zero_terminal_snr_trailing_matches_diffusers(name, atol):
+    # σ_max is infinite here; we clamp ᾱ_T to 2⁻²⁴ (σ ≈ 4096) as diffusers' Euler and DPM-Solver do. Its
+    # DDIM keeps ᾱ_T = 0 exactly, which the σ formulation cannot, hence the looser (measured 2e-4) bound.
     z = torch.randn(2, 4, 4, 4, generator=torch.Generator().manual_seed(4))
-    ref, _ = _diffusers_run("euler", "v_prediction", 8, z, 0, zsnr=True, timestep_spacing="trailing")
-    ours, _ = _ours_run("euler", "v_prediction", 8, z, 0, zsnr=True, timestep_spacing="trailing")
-    for a, b in zip(ours, ref):  # σ_max ≈ 4096 here, so compare relative to that scale
-        torch.testing.assert_close(a, b, atol=1e-4 * max(1.0, b.abs().max().item()), rtol=0)
+    ref, _ = _diffusers_run(name, "v_prediction", 8, z, 0, zsnr=True, timestep_spacing="trailing")
+    ours, _ = _ours_run(name, "v_prediction", 8, z, 0, zsnr=True, timestep_spacing="trailing")
+    for a, b in zip(ours, ref):  # Euler's x is at σ ≈ 4096 scale at first: compare relative to that
+        torch.testing.assert_close(a, b, atol=atol * max(1.0, b.abs().max().item()), rtol=0)
 
 
 def test_img2img_plan_is_the_tail_of_the_schedule():

@@ -113,7 +113,11 @@ class SamplingPlan:
 def spaced_timesteps(steps: int, T: int, spacing: str, steps_offset: int = 0, family: str = "k") -> np.ndarray:
     """Which of the T training timesteps to visit, high to low — diffusers' definitions, which differ
     slightly per scheduler family (see `set_timesteps` of DDIMScheduler, EulerDiscreteScheduler and
-    DPMSolverMultistepScheduler; "leading"/"trailing" from Lin et al. 2023, Table 2)."""
+    DPMSolverMultistepScheduler; "leading"/"trailing" from Lin et al. 2023, Table 2).
+
+    One deliberate difference: diffusers' DDIMScheduler always steps to t - T//steps, which is not the
+    next listed timestep for "linspace" (or "trailing" when steps does not divide T); we step to the
+    next listed one, so each step lands where the next model call assumes it is."""
     if spacing == "linspace":
         if family == "k":  # fractional timesteps, σ interpolated between table entries
             return np.linspace(0, T - 1, steps, dtype=np.float32)[::-1].astype(np.float64)
