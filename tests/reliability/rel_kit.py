@@ -163,3 +163,33 @@ def record(name: str, **values) -> dict:
         with open(os.path.join(folder, f"{name}.json"), "w") as f:
             json.dump(values, f, indent=1, default=str)
     return values
+
+
+# ---- the shared world: data, VAE, cache and an uninterrupted reference run ---------------------
+
+MAX_STEPS, EVERY = 24, 4  # 8 latents, batch 4: an epoch is 2 steps; a checkpoint every 4
+SETTINGS = ["model=tiny", "batch_size=4", f"max_steps={MAX_STEPS}", "lr=1e-3", "warmup_steps=2", "log_every=1",
+            f"checkpoint_every={EVERY}", "keep_checkpoints=2", "sample_every=0"]
+
+
+class World(dict):
+    def train_argv(self, out, *extra) -> list[str]:
+        return ["train", "--cache", str(self["cache"]), "--vae", str(self["vae"]), "--out", str(out), "--quiet",
+                *SETTINGS, *extra]
+
+
+def losses(run) -> list:
+    return [json.loads(l)["loss"] for l in (Path(run) / "metrics.jsonl").read_text().splitlines()]
+
+
+def make_world(root) -> World:
+    from latentforge.cli import main
+
+    root = Path(root)
+    vae = save_tiny_vae(root / "model")
+    build_tiny_cache(class_folders(root / "data"), vae, root / "cache")
+    w = World(root=root, vae=vae, cache=root / "cache", data=root / "data")
+    ref = root / "reference"
+    assert main(w.train_argv(ref, "keep_checkpoints=0")) == 0  # every checkpoint kept, to compare against
+    w.update(ref=ref, ref_final=weights(ref, MAX_STEPS), ref_losses=losses(ref))
+    return w

@@ -3,13 +3,12 @@ checkpoint is being written, and stopped by SIGTERM / SIGINT; each `--resume` en
 (weights and EMA) to one uninterrupted run, and logs the same losses.
 
 The interrupted runs are real child processes of `python -m latentforge train`; the resumes and the
-reference run call `latentforge.cli.main` in this process (same code, one thread each — see rel_kit).
+reference run (the `world` fixture, conftest.py) call `latentforge.cli.main` in this process (same
+code, one thread each — see rel_kit).
 """
 
-import json
 import random
 import signal
-import sys
 from pathlib import Path
 
 import pytest
@@ -17,36 +16,9 @@ import pytest
 from latentforge.cli import main
 from latentforge.train import checkpoint
 
-from rel_kit import (assert_bitwise, build_tiny_cache, ckpt_steps, class_folders, logged_steps, record,
-                     save_tiny_vae, spawn, wait_for, weights)
+from rel_kit import MAX_STEPS, assert_bitwise, ckpt_steps, logged_steps, losses, record, spawn, wait_for, weights
 
 pytestmark = pytest.mark.slow
-
-MAX_STEPS, EVERY = 24, 4  # 8 latents, batch 4: an epoch is 2 steps; a checkpoint every 4
-SETTINGS = ["model=tiny", "batch_size=4", f"max_steps={MAX_STEPS}", "lr=1e-3", "warmup_steps=2", "log_every=1",
-            f"checkpoint_every={EVERY}", "keep_checkpoints=2", "sample_every=0"]
-
-
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    """Data, VAE, cache, and the uninterrupted reference run."""
-    root = tmp_path_factory.mktemp("train_faults")
-    vae = save_tiny_vae(root / "model")
-    build_tiny_cache(class_folders(root / "data"), vae, root / "cache")
-    w = {"root": root, "vae": vae, "cache": root / "cache"}
-    ref = root / "reference"
-    assert train_argv(w, ref) and main(train_argv(w, ref)) == 0
-    w["ref"], w["ref_final"], w["ref_losses"] = ref, weights(ref, MAX_STEPS), losses(ref)
-    return w
-
-
-def train_argv(w, out, *extra):
-    return ["train", "--cache", str(w["cache"]), "--vae", str(w["vae"]), "--out", str(out), "--quiet",
-            *SETTINGS, *extra]
-
-
-def losses(run) -> list:
-    return [json.loads(l)["loss"] for l in (Path(run) / "metrics.jsonl").read_text().splitlines()]
 
 
 def resume_and_compare(w, out, monkeypatch) -> list[str]:
@@ -60,7 +32,7 @@ def resume_and_compare(w, out, monkeypatch) -> list[str]:
         return real_load(path)
 
     monkeypatch.setattr(checkpoint, "load", spy)
-    assert main(train_argv(w, out, "--resume")) == 0
+    assert main(w.train_argv(out, "--resume")) == 0
     n = sum(assert_bitwise(a, b) for a, b in zip(weights(out, MAX_STEPS), w["ref_final"]))
     assert losses(out) == w["ref_losses"]  # the lost steps were redone identically
     assert not list((out / "checkpoints").glob(".tmp-*"))  # the half-written folder is gone
@@ -84,7 +56,7 @@ KILL_STEPS = sorted(random.Random(2024).sample(range(3, MAX_STEPS - 3), 3))
 @pytest.mark.parametrize("step", KILL_STEPS)
 def test_kill_9_at_a_random_step_resumes_bitwise(world, tmp_path, monkeypatch, step):
     out = tmp_path / "run"
-    proc = spawn(*train_argv(world, out))
+    proc = spawn(*world.train_argv(out))
     at, _, stderr = kill_at(proc, out, step, signal.SIGKILL)
     assert proc.returncode == -signal.SIGKILL, stderr
     on_disk = ckpt_steps(out)
@@ -136,7 +108,7 @@ def test_kill_9_while_writing_a_checkpoint_resumes_from_a_complete_one(world, tm
     script = tmp_path / "crash.py"
     script.write_text(CRASH)
     out = tmp_path / "run"
-    proc = spawn(mode, 12, *train_argv(world, out), wrapper=str(script))
+    proc = spawn(mode, 12, *world.train_argv(out), wrapper=str(script))
     _, stderr = proc.communicate(timeout=300)
     assert proc.returncode == -signal.SIGKILL, stderr[-3000:]
     left = sorted(p.name for p in (out / "checkpoints").iterdir())
@@ -155,7 +127,7 @@ def test_kill_9_while_writing_a_checkpoint_resumes_from_a_complete_one(world, tm
 @pytest.mark.parametrize("sig, step", [(signal.SIGTERM, 9), (signal.SIGINT, 14)])
 def test_signal_checkpoints_at_the_next_step_and_resumes_bitwise(world, tmp_path, monkeypatch, sig, step):
     out = tmp_path / "run"
-    proc = spawn(*train_argv(world, out))
+    proc = spawn(*world.train_argv(out))
     at, stdout, stderr = kill_at(proc, out, step, sig)
     assert proc.returncode == 0 and "Traceback" not in stderr, stderr[-3000:]
     line = next(l for l in stdout.splitlines() if l.startswith("stopped by"))
