@@ -62,6 +62,20 @@ def wait_for(cond, timeout=120.0, proc: subprocess.Popen | None = None, what="co
     raise AssertionError(f"timed out waiting for {what}")
 
 
+def run_cli(argv, capsys, want_stdout=False):
+    """latentforge.cli.main(argv) in this process -> (exit code, stderr lines[, stdout]). An exception
+    escaping main (a traceback for the user) becomes the code "traceback (...)", so a test can report it."""
+    from latentforge.cli import main
+
+    try:
+        code = main([str(a) for a in argv])
+    except BaseException as e:
+        code = f"traceback ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+    out, err = capsys.readouterr()
+    lines = [l for l in err.splitlines() if l.strip()]
+    return (code, lines, out) if want_stdout else (code, lines)
+
+
 def one_error_line(stderr: str) -> str:
     """The stderr of a failed command must be exactly one line `error: ...` (no traceback)."""
     assert "Traceback" not in stderr, stderr

@@ -14,12 +14,11 @@ from pathlib import Path
 
 import pytest
 
-from latentforge.cli import main
 from latentforge.data import shards
 from latentforge.data.cache import LatentDataset, read_manifest
 from latentforge.train import checkpoint
 
-from rel_kit import (MAX_STEPS, assert_bitwise, ckpt_steps, class_folders, losses, record, tree_digest,
+from rel_kit import (MAX_STEPS, assert_bitwise, ckpt_steps, class_folders, losses, record, run_cli, tree_digest,
                      weights)
 
 pytestmark = pytest.mark.slow
@@ -37,17 +36,6 @@ def tmpfs(folder: Path, size: int):
         yield lambda n: subprocess.run(["mount", "-o", f"remount,size={n}", str(folder)], check=True)
     finally:
         subprocess.run(["umount", "-l", str(folder)], capture_output=True)
-
-
-def run_cli(argv, capsys, want_stdout=False):
-    """main(argv) -> (exit code, stderr lines[, stdout]); an exception escaping main is reported, not raised."""
-    try:
-        code = main([str(a) for a in argv])
-    except BaseException as e:  # the user would see a traceback
-        code = f"traceback ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
-    out, err = capsys.readouterr()
-    lines = [l for l in err.splitlines() if l.strip()]
-    return (code, lines, out) if want_stdout else (code, lines)
 
 
 def is_one_clear_error(code, lines) -> bool:
