@@ -51,12 +51,6 @@ def assert_bitwise(a, b):
         assert torch.equal(a[k], b[k]), k
 
 
-@pytest.fixture(autouse=True)
-def _no_export(monkeypatch):
-    # These runs have no VAE; the model-folder export is tested in test_train_cli.py.
-    monkeypatch.setattr("latentforge.train.samples.export_model", lambda *a, **k: None)
-
-
 def test_stream_is_every_latent_once_per_epoch():
     s = Stream(dataset(), seed=3)
     for epoch in range(3):
@@ -140,8 +134,6 @@ import sys, torch
 torch.set_num_threads(1)
 sys.path.insert(0, {tests!r})
 from test_train_loop import run, dataset
-import latentforge.train.samples as s
-s.export_model = lambda *a, **k: None
 res = run(sys.argv[1], sys.argv[3:], resume=sys.argv[2] == "resume")
 print("done", res.step, res.stopped, flush=True)
 """

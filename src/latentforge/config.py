@@ -114,11 +114,11 @@ def replace(cfg, **changes):
 # Training configs. Resolution order: preset named by `model` -> TOML file -> key=value overrides.
 # ---------------------------------------------------------------------------------------------
 
-DEFAULT_SAMPLE_PROMPTS = (
-    "a red circle on a white background",
-    "a blue square on a black background",
-    "a green triangle on a gray background",
-    "a yellow star on a blue background",
+DEFAULT_SAMPLE_PROMPTS = (  # in the grammar of the built-in shapes data set (data/shapes.py)
+    "a red square at the top right on a black background",
+    "a blue circle at the bottom left on a white background",
+    "a green triangle at the top left on a black background",
+    "a yellow triangle at the bottom right on a white background",
 )
 
 
@@ -165,9 +165,9 @@ class TrainConfig:
     log_every: int = 10
     nan_max_consecutive: int = 5  # stop after this many non-finite steps in a row
     # --- data (only used with `train --data`, to build or reuse the latent cache) ---
-    vae_path: str = ""  # VAE folder (a diffusers `vae/` or a model folder containing one)
-    text_encoder: str = "default"
-    image_size: int = 64
+    vae_path: str = ""  # VAE folder (a diffusers `vae/` or a model folder with one); same as --vae
+    text_encoder: str = "default"  # the one the cache was built with; same as --text-encoder
+    image_size: int = 0  # pixels; 0 = the VAE's sample_size
 
 
 @dataclass(frozen=True)

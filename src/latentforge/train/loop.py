@@ -28,7 +28,8 @@ from .data import Stream
 from .ema import EMA
 from .lr import lr_for, set_lr
 from .nan_guard import NanGuard
-from .report import RunLog
+from .report import RunLog, write_report
+from .samples import export_model, maybe_sample
 from .setup import autocast_dtype, check_precision, make_optimizer, null_condition, resolve_for_data
 from .signals import StopRequest
 from .step import apply_dropout, draw, mix, train_step
@@ -82,11 +83,11 @@ def _train(cfg, dataset, run: Path, d, resume, vae, text_encoder, progress) -> T
         step = _restore(latest, cfg, d, unet, ema, opt, guard, scaler)
     model = distributed.wrap(unet, d)
     log = RunLog(run, enabled=d.is_main, resume_step=step if latest is not None else None)
-    from .samples import maybe_sample, export_model  # noqa: E402 (needs pipelines/formats only here)
 
     bar = tqdm(total=cfg.max_steps, initial=step, disable=not (progress and d.is_main), desc="train", unit="step",
                dynamic_ncols=True)
-    stopped, t_last, seen_last = "", time.perf_counter(), step * A * B
+    start, t0 = step, time.perf_counter()
+    stopped, t_last, seen_last = "", t0, step * A * B
     with StopRequest() as stop:
         while step < cfg.max_steps:
             set_lr(opt, lr := lr_for(cfg, step))
@@ -132,13 +133,22 @@ def _train(cfg, dataset, run: Path, d, resume, vae, text_encoder, progress) -> T
             if stopped or step % cfg.checkpoint_every == 0 or step == cfg.max_steps:
                 _save(ckpt_dir, step, cfg, d, unet, ema, opt, guard, scaler)
             if d.is_main and cfg.sample_every and (step % cfg.sample_every == 0 or step == cfg.max_steps):
-                maybe_sample(run, step, cfg, unet, ema, vae, text_encoder, null)
+                maybe_sample(run, step, cfg, unet, ema, vae, text_encoder)
             if stopped:
                 break
     bar.close()
     log.close()
-    if d.is_main and step == cfg.max_steps:
-        export_model(run, cfg, unet, ema, vae, text_encoder)
+    if d.is_main:
+        done = step == cfg.max_steps and vae is not None
+        if done:
+            export_model(run, cfg, unet, ema, vae, text_encoder)
+        write_report(run, "UNet training", {
+            "steps": f"{step} of {cfg.max_steps}" + (f" (stopped by {stopped})" if stopped else ""),
+            "images seen": f"{step * A * B} ({step * A * B / len(dataset):.2f} epochs of {len(dataset)} latents)",
+            "this session": f"{step - start} steps in {time.perf_counter() - t0:.1f} s on {W} x {d.device.type}",
+            "model": f"preset {cfg.model}, {unet.num_parameters():,} UNet parameters, {cfg.conditioning}-conditional",
+            "skipped non-finite steps": guard.skipped, "config hash": config_hash(cfg),
+            "model folder": "model/ (EMA weights)" if done else "not written (run unfinished or no VAE)"})
     distributed.barrier(d)
     return TrainResult(run, step, stopped, guard.skipped)
 

@@ -88,7 +88,9 @@ def train_step(model, batch: Batch, draws: Draws, alphas_cumprod: torch.Tensor, 
     ac = alphas_cumprod.to(x0.device)
     x_t = add_noise(x0, noise, t, ac)  # (B, C, h, w)
     with torch.autocast(x0.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-        pred = model(x_t, t, batch.context, class_labels=batch.label, context_mask=batch.mask)  # (B, C, h, w)
+        # No context mask: captions are padded to a fixed length and, as in SD and diffusers'
+        # pipeline, the UNet attends to the padding too — training and sampling must agree.
+        pred = model(x_t, t, batch.context, class_labels=batch.label)  # (B, C, h, w)
     err = (pred.float() - target(prediction_type, x0, noise, t, ac)).square().mean(dim=(1, 2, 3))  # (B,)
     if min_snr_gamma > 0:  # Hang et al. 2023
         err = err * min_snr_weight(t, ac, min_snr_gamma, prediction_type)

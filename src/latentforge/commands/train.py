@@ -1,0 +1,132 @@
+"""`latentforge train --data DIR | --cache DIR --out RUN --vae VAE [--config FILE.toml] [key=value ...] [--resume]`
+
+Train the UNet on a latent cache (built or reused first from --data). Settings: a preset
+(`model=tiny|small|sd15`), then the TOML file, then key=value overrides; `--print-config` lists them.
+Several processes: `torchrun --nproc_per_node=N -m latentforge train ...`.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from ..errors import UserError
+
+
+def add_arguments(p):
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--data", help="data folder; its latent cache is built (or reused) in RUN/cache first")
+    src.add_argument("--cache", help="a latent cache made by `latentforge cache`")
+    p.add_argument("--out", help="run folder (config.toml, model/, checkpoints/, samples/, logs/, report.md)")
+    p.add_argument("--config", help="TOML file with training settings (see --print-config)")
+    p.add_argument("--vae", help="the VAE the latents come from: a model folder with vae/, or a vae/ folder "
+                                 "(same as vae_path=...); needed to decode samples and for model/")
+    p.add_argument("--text-encoder", help="text encoder of a captioned cache (same as text_encoder=...; "
+                                          "default: the bundled all-MiniLM-L6-v2)")
+    p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in RUN")
+    p.add_argument("--print-config", action="store_true", help="print the resolved settings as TOML and exit")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="settings, e.g. model=tiny lr=3e-4 max_steps=500")
+
+
+def resolve_config(args, cls=None):
+    """Preset <- --config (or RUN/config.toml when resuming) <- key=value <- --vae/--text-encoder."""
+    from ..config import TrainConfig, load_train_config
+
+    cls = cls or TrainConfig
+    path = args.config
+    if path is None and getattr(args, "resume", False) and args.out and (Path(args.out) / "config.toml").is_file():
+        path = Path(args.out) / "config.toml"  # resuming: the run's own settings are the base
+    overrides = list(args.overrides)
+    if getattr(args, "vae", None):
+        overrides.append(f"vae_path={args.vae}")
+    if getattr(args, "text_encoder", None):
+        overrides.append(f"text_encoder={args.text_encoder}")
+    return load_train_config(path, [_quote(o) for o in overrides], cls=cls)
+
+
+def _quote(override: str) -> str:
+    """Paths and names given as flags are strings, whatever they look like."""
+    key, _, value = override.partition("=")
+    return f"{key}={_toml_str(value)}" if key in ("vae_path", "text_encoder") else override
+
+
+def _toml_str(s: str) -> str:
+    import json
+
+    return json.dumps(s)
+
+
+def run(args):
+    from ..config import to_toml
+
+    cfg = resolve_config(args)
+    if args.print_config:
+        print(to_toml(cfg), end="")
+        return 0
+    if not args.out:
+        raise UserError("--out: required — name the run folder, e.g. --out runs/first")
+    if not (args.data or args.cache):
+        raise UserError("--data or --cache: one is required — pass the data folder or a latent cache")
+    import torch
+
+    from ..train import distributed
+    from ..train.loop import train
+
+    if args.cache and not os.path.isdir(args.cache):
+        raise UserError(f"--cache {args.cache}: no such folder — build one with `latentforge cache` or pass --data")
+    d = distributed.setup(cfg.device)
+    vae = load_vae(cfg.vae_path, d.device)
+    cache = args.cache or str(Path(args.out) / "cache")
+    if args.data:
+        if d.is_main:
+            from ..data.cache import build_cache
+
+            print(build_cache(args.data, vae, cfg.text_encoder, cache, size=cfg.image_size or None,
+                              progress=not args.quiet))
+        distributed.barrier(d)
+    dataset, text_encoder = open_cache(cache, vae, cfg.text_encoder, d.device)
+    torch.set_grad_enabled(True)
+    result = train(cfg, dataset, args.out, resume=args.resume, vae=vae, text_encoder=text_encoder,
+                   progress=not args.quiet)
+    if d.is_main:
+        if result.stopped:
+            print(f"stopped by {result.stopped} at step {result.step}; checkpoint saved — continue with the same "
+                  f"command plus --resume")
+        else:
+            print(f"done: {result.step} steps; model in {os.path.join(args.out, 'model')}, report in "
+                  f"{os.path.join(args.out, 'report.md')}")
+    return 0
+
+
+def load_vae(path: str, device):
+    from ..models import AutoencoderKL
+
+    if not path:
+        raise UserError("--vae: required — pass the VAE the latents were encoded with (a model folder or vae/ "
+                        "folder; `latentforge train-vae` makes one)")
+    if not os.path.isdir(path):
+        raise UserError(f"--vae {path}: no such folder — pass a model folder (with vae/) or a vae/ folder")
+    return AutoencoderKL.from_pretrained(path).to(device).eval().requires_grad_(False)
+
+
+def open_cache(cache: str, vae, text_encoder_name: str, device):
+    """LatentDataset + the text encoder it was built with; refuses a VAE or encoder that differs."""
+    from ..data.cache import LatentDataset, module_fingerprint
+
+    dataset = LatentDataset(cache)
+    settings = dataset.manifest["settings"]
+    if settings.get("vae") and settings["vae"] != module_fingerprint(vae.cpu(), vae.config):
+        raise UserError(f"--vae: {cache} was encoded with a different VAE — pass the VAE used by "
+                        "`latentforge cache`, or rebuild the cache with this one")
+    vae.to(device)
+    text_encoder = None
+    if dataset.conditioning == "text":
+        from ..text import TextEncoder
+
+        text_encoder = TextEncoder.from_pretrained(text_encoder_name, max_length=settings.get("max_length"),
+                                                   device=device)
+        if settings.get("text_encoder") and text_encoder.fingerprint() != settings["text_encoder"]:
+            raise UserError(f"--text-encoder {text_encoder_name}: {cache} was built with a different text encoder "
+                            "— pass the one given to `latentforge cache`")
+    return dataset, text_encoder
