@@ -178,3 +178,36 @@ def test_stop_request_catches_sigterm_and_sigint():
             os.kill(os.getpid(), signal.SIGINT)
             time.sleep(0.01)
     assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_damaged_file_is_named_and_an_older_checkpoint_used(tmp_path):
+    for s in (2, 4):
+        _fake(tmp_path, s)
+    path = tmp_path / "step-4" / "model.safetensors"
+    raw = bytearray(path.read_bytes())
+    raw[-1] ^= 1  # one bit inside the tensor data
+    path.write_bytes(bytes(raw))
+    with pytest.raises(checkpoint.CheckpointCorrupt, match=r"step-4/model.safetensors: checksum mismatch"):
+        checkpoint.load(tmp_path / "step-4")
+    warnings = []
+    folder, tensors, state = checkpoint.load_newest_intact(tmp_path, warnings.append)
+    assert folder.name == "step-2" and state["step"] == 2
+    assert "model.safetensors" in warnings[0] and "older intact checkpoint" in warnings[1]
+    (tmp_path / "step-2" / "state.json").write_text('{"step": 3}')  # every checkpoint damaged: refuse
+    with pytest.raises(checkpoint.CheckpointCorrupt):
+        checkpoint.load_newest_intact(tmp_path, warnings.append)
+
+
+def test_disk_full_cleans_up_and_says_so(tmp_path, monkeypatch):
+    import errno
+
+    _fake(tmp_path, 2)
+
+    def full(tensors, path):
+        open(path, "wb").write(b"\0" * 100)
+        raise OSError(errno.ENOSPC, "No space left on device", path)
+
+    monkeypatch.setattr(checkpoint, "save_file", full)
+    with pytest.raises(UserError, match="no space left on the device while writing checkpoint step-4 .* step-2"):
+        _fake(tmp_path, 4)
+    assert checkpoint.complete_steps(tmp_path) == [2] and not list(tmp_path.glob(".tmp-*"))

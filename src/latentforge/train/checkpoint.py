@@ -4,17 +4,22 @@
       model.safetensors  ema.safetensors  optimizer.safetensors   tensors, safetensors only
       state.json         step, data position, config hash + math keys, optimizer scalars,
                          EMA count, RNG states (python, numpy, torch) per rank, guard counters
-      COMPLETE           written last; a folder without it is never read
+      COMPLETE           written last: the sha256 of every other file; a folder without it is never read
 
 A checkpoint is written into `checkpoints/.tmp-step-N-<pid>/`, every file fsynced, the marker
 written, then the folder renamed to `step-N` (rename is atomic on POSIX) and the parent fsynced.
 Older checkpoints are pruned only after that. A kill at any moment leaves either the previous
-complete checkpoint or the new one — never a half-written `step-N`.
+complete checkpoint or the new one — never a half-written `step-N`. A full disk removes the
+temporary folder and raises a one-line UserError. On load every file is checked against its
+sha256, so a damaged file is named and never used (`resume_candidates` then falls back to an
+older complete checkpoint).
 """
 
 from __future__ import annotations
 
 import base64
+import errno
+import hashlib
 import json
 import os
 import random
@@ -34,6 +39,10 @@ _STEP_DIR = re.compile(r"^step-(\d+)$")
 
 # ----------------------------------------------------------------------------- write / find / prune
 
+class CheckpointCorrupt(UserError):
+    """A checkpoint file does not match the checksum recorded when it was written."""
+
+
 def save(ckpt_root, step: int, tensors: dict[str, dict[str, torch.Tensor]], state: dict, keep: int = 2) -> Path:
     """Write `tensors` (file stem -> flat tensor dict) and `state` (JSON) as `ckpt_root/step-<step>`."""
     root = Path(ckpt_root)
@@ -41,13 +50,23 @@ def save(ckpt_root, step: int, tensors: dict[str, dict[str, torch.Tensor]], stat
     for stale in root.glob(".tmp-step-*"):  # left by a killed writer
         shutil.rmtree(stale, ignore_errors=True)
     tmp = root / f".tmp-step-{step}-{os.getpid()}"
-    tmp.mkdir()
-    for stem, flat in tensors.items():
-        path = tmp / f"{stem}.safetensors"
-        save_file({k: v.detach().to("cpu").contiguous() for k, v in flat.items()}, str(path))
-        _fsync(path)
-    _write_synced(tmp / "state.json", json.dumps(state, indent=1))
-    _write_synced(tmp / MARKER, f"step {step}\n")
+    try:
+        tmp.mkdir()
+        for stem, flat in tensors.items():
+            path = tmp / f"{stem}.safetensors"
+            save_file({k: v.detach().to("cpu").contiguous() for k, v in flat.items()}, str(path))
+            _fsync(path)
+        _write_synced(tmp / "state.json", json.dumps(state, indent=1))
+        sums = {p.name: _sha256(p) for p in sorted(tmp.iterdir())}
+        _write_synced(tmp / MARKER, json.dumps({"step": step, "sha256": sums}, indent=1))
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            previous = latest_complete(root)
+            raise UserError(f"{root}: no space left on the device while writing checkpoint step-{step} — free some "
+                            f"space and run again with --resume (it continues from "
+                            f"{previous.name if previous else 'the start'})") from None
+        raise
     final = root / f"step-{step}"
     if final.exists():  # re-saving the same step (e.g. a signal right after resuming)
         old = root / f".tmp-step-{step}-old-{os.getpid()}"
@@ -86,14 +105,48 @@ def prune(ckpt_root, keep: int) -> None:
         shutil.rmtree(Path(ckpt_root) / f"step-{step}", ignore_errors=True)
 
 
-def load(ckpt_dir) -> tuple[dict[str, dict[str, torch.Tensor]], dict]:
-    """(tensors by file stem, state) of a complete checkpoint folder."""
+def verify(ckpt_dir) -> None:
+    """Raise CheckpointCorrupt naming the first file whose sha256 differs from the marker's record."""
     ckpt_dir = Path(ckpt_dir)
     if not (ckpt_dir / MARKER).is_file():
         raise UserError(f"{ckpt_dir}: checkpoint is incomplete (no {MARKER} marker) — resume from another one")
+    try:
+        sums = json.loads((ckpt_dir / MARKER).read_text())["sha256"]
+    except (ValueError, KeyError, TypeError):
+        raise CheckpointCorrupt(f"{ckpt_dir / MARKER}: unreadable checksum record — the checkpoint is damaged") from None
+    for name, digest in sums.items():
+        path = ckpt_dir / name
+        if not path.is_file() or _sha256(path) != digest:
+            raise CheckpointCorrupt(f"{path}: checksum mismatch — the file is damaged; resume from another checkpoint")
+
+
+def load(ckpt_dir) -> tuple[dict[str, dict[str, torch.Tensor]], dict]:
+    """(tensors by file stem, state) of a complete checkpoint folder, verified against its checksums."""
+    ckpt_dir = Path(ckpt_dir)
+    verify(ckpt_dir)
     tensors = {p.stem: load_file(str(p)) for p in sorted(ckpt_dir.glob("*.safetensors"))}
     state = json.loads((ckpt_dir / "state.json").read_text())
     return tensors, state
+
+
+def load_newest_intact(ckpt_root, warn=print) -> tuple[Path, dict, dict] | None:
+    """(folder, tensors, state) of the newest complete checkpoint that passes its checksums; each damaged
+    newer one is named through `warn` and skipped. None when there is no complete checkpoint."""
+    damaged = []
+    for step in reversed(complete_steps(ckpt_root)):
+        path = Path(ckpt_root) / f"step-{step}"
+        try:
+            tensors, state = load(path)
+        except CheckpointCorrupt as e:
+            warn(f"warning: {e}")
+            damaged.append(str(e))
+            continue
+        if damaged:
+            warn(f"warning: resuming from the older intact checkpoint {path}")
+        return path, tensors, state
+    if damaged:
+        raise CheckpointCorrupt(damaged[0])
+    return None
 
 
 def check_config(state: dict, math: dict, ckpt_dir) -> None:
@@ -167,6 +220,14 @@ def _unb64(s: str) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------- fsync helpers
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
 
 def _write_synced(path: Path, text: str) -> None:
     with open(path, "w") as f:

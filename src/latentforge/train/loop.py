@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -80,7 +81,8 @@ def _train(cfg, dataset, run: Path, d, resume, vae, text_encoder, progress) -> T
 
     step = 0
     if latest is not None:
-        step = _restore(latest, cfg, d, unet, ema, opt, guard, scaler)
+        warn = (lambda m: print(m, file=sys.stderr)) if d.is_main else (lambda m: None)
+        step = _restore(*checkpoint.load_newest_intact(ckpt_dir, warn), cfg, d, unet, ema, opt, guard, scaler)
     model = distributed.wrap(unet, d)
     log = RunLog(run, enabled=d.is_main, resume_step=step if latest is not None else None)
 
@@ -167,8 +169,7 @@ def _save(ckpt_dir, step, cfg, d, unet, ema, opt, guard, scaler) -> None:
     distributed.barrier(d)
 
 
-def _restore(path, cfg, d, unet, ema, opt, guard, scaler) -> int:
-    tensors, state = checkpoint.load(path)
+def _restore(path, tensors, state, cfg, d, unet, ema, opt, guard, scaler) -> int:
     if state["config_hash"] != config_hash(cfg):
         checkpoint.check_config(state, math_dict(cfg), path)
     unet.load_state_dict(tensors["model"])
