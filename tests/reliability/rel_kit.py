@@ -76,12 +76,19 @@ def run_cli(argv, capsys, want_stdout=False):
     return (code, lines, out) if want_stdout else (code, lines)
 
 
-def one_error_line(stderr: str) -> str:
-    """The stderr of a failed command must be exactly one line `error: ...` (no traceback)."""
-    assert "Traceback" not in stderr, stderr
-    lines = [l for l in stderr.splitlines() if l.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), stderr
-    return lines[0]
+def clear_error(code, lines, names: str, warnings_ok=True) -> str:
+    """"ok" when a command failed the way a user should see it: exit 2, no traceback, exactly one
+    `error: ...` line that contains `names` (other lines only `warning: ...`, if `warnings_ok`);
+    else what is wrong."""
+    if code == 0:
+        return "exit 0"
+    if isinstance(code, str) or any("Traceback" in l for l in lines):
+        return f"traceback: {code}"
+    errors = [l for l in lines if l.startswith("error: ")]
+    others = [l for l in lines if not l.startswith("error: ") and not (warnings_ok and l.startswith("warning: "))]
+    if code != 2 or len(errors) != 1 or others:
+        return f"exit {code}, {len(errors)} error line(s), {len(others)} other line(s)"
+    return "ok" if names in errors[0] else f"the error line does not name {names!r}"
 
 
 # ---- runs and checkpoints --------------------------------------------------------------------

@@ -18,8 +18,8 @@ from latentforge.data import shards
 from latentforge.data.cache import LatentDataset, read_manifest
 from latentforge.train import checkpoint
 
-from rel_kit import (MAX_STEPS, assert_bitwise, ckpt_steps, class_folders, losses, record, run_cli, tree_digest,
-                     weights)
+from rel_kit import (MAX_STEPS, assert_bitwise, ckpt_steps, class_folders, clear_error, losses, record, run_cli,
+                     tree_digest, weights)
 
 pytestmark = pytest.mark.slow
 
@@ -36,10 +36,6 @@ def tmpfs(folder: Path, size: int):
         yield lambda n: subprocess.run(["mount", "-o", f"remount,size={n}", str(folder)], check=True)
     finally:
         subprocess.run(["umount", "-l", str(folder)], capture_output=True)
-
-
-def is_one_clear_error(code, lines) -> bool:
-    return code == 2 and len(lines) == 1 and lines[0].startswith("error: ") and "space" in lines[0].lower()
 
 
 def enospc(path=""):
@@ -87,7 +83,7 @@ def test_disk_full_while_writing_a_checkpoint(world, tmp_path, monkeypatch, caps
     record(f"disk_full_checkpoint_{how}", how=mode, filesystem_bytes=int(ckpt_bytes * 1.5) if resize else None,
            checkpoint_bytes=ckpt_bytes, exit_code=code, stderr=lines, folders_after_failure=left,
            resumed_to_step=MAX_STEPS, tensors_bitwise_equal=n)
-    assert is_one_clear_error(code, lines), f"want exit 2 and one 'error: ... space ...' line; got {code}: {lines}"
+    assert clear_error(code, lines, "space") == "ok", f"want exit 2 and one 'error: ... space ...' line; got {code}: {lines}"
 
 
 # ---- cache shards ------------------------------------------------------------------------------
@@ -162,4 +158,4 @@ def test_disk_full_while_writing_a_cache_shard(world, tmp_path, monkeypatch, cap
     record(f"disk_full_cache_{how}", how=mode, exit_code=code, stderr=lines,
            old_cache_still_opens=still_usable, files_left_by_the_failed_run=leftovers,
            rerun=summary.splitlines()[0])
-    assert is_one_clear_error(code, lines), f"want exit 2 and one 'error: ... space ...' line; got {code}: {lines}"
+    assert clear_error(code, lines, "space") == "ok", f"want exit 2 and one 'error: ... space ...' line; got {code}: {lines}"

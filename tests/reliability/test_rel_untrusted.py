@@ -1,15 +1,17 @@
 """Reliability 6: untrusted pickle files (.ckpt / .pt / .bin / .pth) are refused at every entry point
 that reads weights, and the payload inside never runs.
 
-Each file is a real PyTorch checkpoint whose pickle, when loaded the unsafe way, calls
+Entry points: `cache --vae`, `cache --text-encoder`, `eval --inception-weights`, `train --vae`,
+`train --resume` (a checkpoint folder holding .pt files), `sample --model` (a .ckpt, and a model
+folder whose unet/ holds the pickle .bin). Each file is a real PyTorch checkpoint whose pickle, when loaded the unsafe way, calls
 `open(MARKER, "w")` (a `__reduce__` payload). Each entry point is called through
 `latentforge.cli.main` (the console script's function); afterwards the marker must be absent and the
-command must have failed with one `error:` line. The last step loads one of the files the unsafe way
+command must have failed with one `error:` line (exit 2, no traceback; `warning:` lines allowed). The last step loads one of the files the unsafe way
 and sees the marker appear — the proof that the payload is live and the test could fail.
 """
 
-import os
 import pickle
+import shutil
 from pathlib import Path
 
 import pytest
@@ -17,9 +19,9 @@ import torch
 from PIL import Image
 from transformers import BertConfig, BertTokenizer
 
-from latentforge.cli import main
+from latentforge.train import checkpoint
 
-from rel_kit import record, save_tiny_vae
+from rel_kit import SETTINGS, clear_error, record, run_cli, save_tiny_vae
 
 
 class Payload:
@@ -41,15 +43,8 @@ def evil_checkpoint(path: Path, marker: Path, legacy=False) -> Path:
     return path
 
 
-def run(argv, capsys):
-    code = main([str(a) for a in argv])
-    err = capsys.readouterr().err
-    lines = [l for l in err.splitlines() if l.strip()]
-    return code, lines
-
-
 @pytest.fixture
-def world(tmp_path):
+def files(tmp_path):
     data = tmp_path / "data"
     data.mkdir()
     for i in range(2):
@@ -58,9 +53,9 @@ def world(tmp_path):
     return {"data": data, "vae": save_tiny_vae(tmp_path / "good_model"), "marker": tmp_path / "PAYLOAD_RAN"}
 
 
-def cases(tmp_path, world):
+def cases(tmp_path, files, world):
     """(name, argv, what must appear in the error) for each entry point that could read a pickle."""
-    m, data, good_vae = world["marker"], world["data"], world["vae"]
+    m, data, good_vae = files["marker"], files["data"], files["vae"]
     ckpt = evil_checkpoint(tmp_path / "sd-v1-5.ckpt", m)
     legacy_pt = evil_checkpoint(tmp_path / "vae.pt", m, legacy=True)
     # a vae/ folder whose weights are the pickle file diffusers used to write
@@ -81,6 +76,21 @@ def cases(tmp_path, world):
     evil_checkpoint(te / "pytorch_model.bin", m)
     # FID Inception weights as a .pth
     pth = evil_checkpoint(tmp_path / "pt_inception-2015-12-05-6726825d.pth", m)
+    # a run whose newest checkpoint holds .pt files (next to a real state.json and COMPLETE marker)
+    run = tmp_path / "run"
+    step8 = run / "checkpoints" / "step-8"
+    step8.mkdir(parents=True)
+    for name in ("state.json", checkpoint.MARKER):
+        (step8 / name).write_bytes((world["ref"] / "checkpoints" / "step-8" / name).read_bytes())
+    for stem in ("model", "ema", "optimizer"):
+        evil_checkpoint(step8 / f"{stem}.pt", m)
+    # a model folder whose unet weights are the pickle .bin
+    bin_model = tmp_path / "bin_unet_model"
+    shutil.copytree(world["ref"] / "model", bin_model)
+    (bin_model / "unet" / "diffusion_pytorch_model.safetensors").unlink()
+    evil_checkpoint(bin_model / "unet" / "diffusion_pytorch_model.bin", m)
+    gen = lambda model: ["sample", "--model", model, "--out", tmp_path / "gen", "--steps", "1",  # noqa: E731
+                         "--device", "cpu"]
     cache = lambda vae, *extra: ["cache", "--data", data, "--vae", vae, "--out", tmp_path / "c", "--quiet",  # noqa
                                  "--device", "cpu", "--text-encoder", "none", *extra]
     return [
@@ -92,23 +102,25 @@ def cases(tmp_path, world):
          cache(good_vae)[:-1] + [te], str(te)),
         ("eval --fid --inception-weights X.pth",
          ["eval", "--model", good_vae, "--fid", "--reference", data, "--inception-weights", pth], str(pth)),
+        ("train --vae X.ckpt", world.train_argv(tmp_path / "run2")[:-len(SETTINGS)] + ["--vae", ckpt] + SETTINGS,
+         str(ckpt)),
+        ("train --resume with .pt checkpoint files", world.train_argv(run, "--resume"), str(step8)),
+        ("sample --model X.ckpt", gen(ckpt), str(ckpt)),
+        ("sample --model folder with unet/diffusion_pytorch_model.bin", gen(bin_model), "diffusion_pytorch_model.bin"),
     ]
 
 
-def test_pickle_payloads_are_refused_and_never_run(tmp_path, world, capsys):
-    marker, seen, problems = world["marker"], {}, []
-    for name, argv, names in cases(tmp_path, world):
-        try:
-            code, lines = run(argv, capsys)
-        except BaseException as e:  # escaped main(): the user would see a traceback
-            code, lines = "traceback", [f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"]
-            capsys.readouterr()
+def test_pickle_payloads_are_refused_and_never_run(tmp_path, files, world, capsys):
+    marker, seen, problems = files["marker"], {}, []
+    for name, argv, names in cases(tmp_path, files, world):
+        code, lines = run_cli(argv, capsys)
         if marker.exists():
             problems.append(f"{name}: THE PICKLE PAYLOAD RAN")
             marker.unlink()
-        if code != 2 or len(lines) != 1 or not lines[0].startswith("error: ") or names not in lines[0]:
-            problems.append(f"{name}: exit {code}, want 2 and one 'error:' line naming {names}; got {lines}")
-        seen[name] = lines[0] if lines else ""
+        verdict = clear_error(code, lines, names)
+        if verdict != "ok":
+            problems.append(f"{name}: {verdict}; stderr: {lines}")
+        seen[name] = next((l for l in lines if l.startswith("error: ")), lines[-1] if lines else "")
     # The payload is live: loading the same file the unsafe way runs it.
     torch.load(tmp_path / "sd-v1-5.ckpt", weights_only=False)
     assert marker.exists()
