@@ -41,8 +41,9 @@ class Ctx:
                 "--text-encoder", "none", "--quiet", "--device", "cpu", *extra]
 
     def train(self, *extra, out=None, cache=None, vae=None):
-        return ["train", "--cache", cache or self.cache, "--vae", vae or self.vae, "--out", out or str(self.tmp / "run"),
-                "--quiet", "model=tiny", "max_steps=2", "sample_every=0", *extra]
+        out = out or str(self.tmp / "run")
+        return ["train", "--cache", cache or self.cache, "--vae", vae or self.vae, "--out", out, "--quiet",
+                "model=tiny", "max_steps=2", "sample_every=0", *extra]
 
     def gen(self, cmd, *extra, model=None):
         return [cmd, "--model", model or self.model, "--out", str(self.tmp / "gen"), "--steps", "2", "--device", "cpu",
@@ -80,7 +81,8 @@ ROWS = [
     ("train: --out missing", lambda c: ["train", "--cache", c.cache, "--vae", c.vae, "model=tiny"], "--out"),
     ("train: --vae is not the cache's VAE", lambda c: c.train(vae=c.other_vae), "--vae"),
     ("train: --out already a run, no --resume", lambda c: c.train(out=c.ref), "--resume"),
-    ("train: --resume with changed math", lambda c: c.w.train_argv(c.changed, "lr=5e-4", "--resume"), "lr (0.001 -> 0.0005)"),
+    ("train: --resume with changed math",
+     lambda c: c.w.train_argv(c.changed, "lr=5e-4", "--resume"), "lr (0.001 -> 0.0005)"),
     # --- generation ---
     ("sample: --model missing", lambda c: c.gen("sample", model=c.nope), "does-not-exist"),
     ("sample: --model is a VAE folder", lambda c: c.gen("sample", model=c.model + "/vae"), "vae"),

@@ -3,11 +3,12 @@ that reads weights, and the payload inside never runs.
 
 Entry points: `cache --vae`, `cache --text-encoder`, `eval --inception-weights`, `train --vae`,
 `train --resume` (a checkpoint folder holding .pt files), `sample --model` (a .ckpt, and a model
-folder whose unet/ holds the pickle .bin). Each file is a real PyTorch checkpoint whose pickle, when loaded the unsafe way, calls
-`open(MARKER, "w")` (a `__reduce__` payload). Each entry point is called through
-`latentforge.cli.main` (the console script's function); afterwards the marker must be absent and the
-command must have failed with one `error:` line (exit 2, no traceback; `warning:` lines allowed). The last step loads one of the files the unsafe way
-and sees the marker appear — the proof that the payload is live and the test could fail.
+folder whose unet/ holds the pickle .bin). Each file is a real PyTorch checkpoint whose pickle, when
+loaded the unsafe way, calls `open(MARKER, "w")` (a `__reduce__` payload). Each entry point is called
+through `latentforge.cli.main` (the console script's function); afterwards the marker must be absent
+and the command must have failed with one `error:` line (exit 2, no traceback; `warning:` lines
+allowed). The last step loads one of the files the unsafe way and sees the marker appear — the proof
+that the payload is live and the test could fail.
 """
 
 import pickle
