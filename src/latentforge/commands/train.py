@@ -27,6 +27,26 @@ def add_arguments(p):
     p.add_argument("--print-config", action="store_true", help="print the resolved settings as TOML and exit")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="settings, e.g. model=tiny lr=3e-4 max_steps=500")
+    allow_intermixed(p)
+
+
+def allow_intermixed(parser) -> None:
+    """Let key=value settings sit anywhere between the flags (`--out R lr=1e-3 --resume max_steps=9`).
+
+    Plain argparse takes a positional list only once; this sub-parser parses "intermixed" instead.
+    """
+    plain, busy = parser.parse_known_args, []
+
+    def parse_known_args(args=None, namespace=None):
+        if busy:  # parse_known_intermixed_args calls back into parse_known_args
+            return plain(args, namespace)
+        busy.append(True)
+        try:
+            return parser.parse_known_intermixed_args(args, namespace)
+        finally:
+            busy.pop()
+
+    parser.parse_known_args = parse_known_args
 
 
 def resolve_config(args, cls=None):

@@ -1,0 +1,228 @@
+"""Training the KL autoencoder (the VAE), so a user with no pretrained VAE can run the whole flow.
+
+    loss = [ Σ_pixels |x − x̂|  (or squared)  +  β · KL(q(z|x) ‖ N(0, I))  +  λ · adv ] / (3·H·W)
+
+the LDM autoencoder objective (Rombach et al. 2022, App. G; Esser et al. 2021 for the patch
+discriminator, hinge loss) with per-image sums normalised by the pixel count so the learning rate
+does not depend on the resolution. After training the latent scaling factor is set to 1/std of the
+training latents (as SD's 0.18215 was), so the UNet sees unit-variance latents. PSNR on held-out
+images goes into report.md.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from ..config import config_hash, math_dict, to_toml
+from ..errors import UserError
+from ..models import AutoencoderKL
+from . import checkpoint, distributed
+from .lr import lr_for, set_lr
+from .nan_guard import NanGuard
+from .report import RunLog, write_report
+from .step import mix
+
+
+class PatchDiscriminator(nn.Module):
+    """PatchGAN (Isola et al. 2017): a real/fake logit per overlapping patch, (B, 1, h, w)."""
+
+    def __init__(self, channels: int = 32, layers: int = 3):
+        super().__init__()
+        mods, ch = [nn.Conv2d(3, channels, 4, 2, 1), nn.LeakyReLU(0.2)], channels
+        for _ in range(layers - 1):
+            mods += [nn.Conv2d(ch, ch * 2, 4, 2, 1), nn.GroupNorm(1, ch * 2), nn.LeakyReLU(0.2)]
+            ch *= 2
+        mods.append(nn.Conv2d(ch, 1, 3, 1, 1))
+        self.net = nn.Sequential(*mods)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)  # (B, 1, H / 2^layers, W / 2^layers)
+
+
+def load_images(data_dir, size: int, progress: bool = True) -> tuple[torch.Tensor, list[str]]:
+    """Every usable image under data_dir as uint8 (N, 3, size, size), and their ids; bad files skipped."""
+    from ..data.images import BadImage, load_image
+    from ..data.sources import scan, summary
+
+    items, skipped = scan(str(data_dir), labels="none")
+    images, ids = [], []
+    for it in tqdm(items, desc="load images", unit="img", disable=not progress):
+        try:
+            img = load_image(it.read_bytes(), size, name=it.name)
+        except BadImage as e:
+            print(f"skipped {it.id}: {e}", file=sys.stderr)
+            continue
+        images.append(torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1))  # (3, H, W)
+        ids.append(it.id)
+    if skipped:
+        print(summary(skipped), file=sys.stderr)
+    if not images:
+        raise UserError(f"--data {data_dir}: no usable images — add PNG/JPEG files")
+    return torch.stack(images), ids
+
+
+def to_float(x: torch.Tensor) -> torch.Tensor:
+    return x.float().div(127.5).sub(1.0)  # uint8 -> [-1, 1]
+
+
+def psnr(vae, images: torch.Tensor, batch: int = 16) -> float:
+    """Mean PSNR (dB, images in [0, 1]) of decode(encode(x)) with the posterior mode."""
+    vals = []
+    with torch.no_grad():
+        for i in range(0, len(images), batch):
+            x = to_float(images[i:i + batch]).to(vae.device)
+            rec = vae.decode_raw(vae.encode_posterior(x).mode()).clamp(-1, 1)
+            mse = ((rec - x) / 2).square().mean(dim=(1, 2, 3)).clamp_min(1e-10)  # (B,) on [0, 1]
+            vals += (10 * torch.log10(1 / mse)).tolist()
+    return sum(vals) / len(vals)
+
+
+def latent_std(vae, images: torch.Tensor, batch: int = 16) -> float:
+    with torch.no_grad():
+        z = torch.cat([vae.encode_posterior(to_float(images[i:i + batch]).to(vae.device)).mode()
+                       for i in range(0, len(images), batch)])
+    return z.float().std().item()
+
+
+def vae_loss(vae, x, cfg, disc=None, adv: bool = False, generator=None):
+    """(total, parts) for a batch x in [-1, 1]; see the module docstring."""
+    rec, post = vae(x, sample=True, generator=generator)  # (B, 3, H, W)
+    err = (rec - x).abs() if cfg.recon_loss == "l1" else (rec - x).square()
+    pixels = x[0].numel()
+    parts = {"rec": err.sum(dim=(1, 2, 3)).mean() / pixels, "kl": post.kl().mean() / pixels}
+    total = parts["rec"] + cfg.kl_weight * parts["kl"]
+    if adv:
+        parts["g_adv"] = -disc(rec).mean()  # hinge generator loss
+        total = total + cfg.disc_weight * parts["g_adv"]
+    return total, parts, rec
+
+
+def train_vae(cfg, data_dir, out, *, resume: bool = False, progress: bool = True) -> Path:
+    run = Path(out)
+    d = distributed.setup(cfg.device)
+    if d.enabled:
+        raise UserError("train-vae: runs on one process — start it without torchrun")
+    size = cfg.image_size
+    f = 2 ** (len(cfg.vae.channels) - 1)
+    if size % f:
+        raise UserError(f"image_size={size}: must be a multiple of the VAE's downsampling factor {f}")
+    images, ids = load_images(data_dir, size, progress)
+    g = torch.Generator().manual_seed(mix(cfg.seed, "holdout"))
+    order = torch.randperm(len(images), generator=g)
+    n_hold = min(cfg.holdout, len(images) // 5)
+    held, train_imgs = images[order[:n_hold]], images[order[n_hold:]]
+    cfg = replace(cfg, vae=replace(cfg.vae, sample_size=size))
+    ckpt_dir = run / "checkpoints"
+    latest = checkpoint.latest_complete(ckpt_dir)
+    if latest is not None and not resume:
+        raise UserError(f"--out {run}: already holds checkpoints — pass --resume to continue it, or choose a new --out")
+    run.mkdir(parents=True, exist_ok=True)
+    (run / "config.toml").write_text(to_toml(cfg))
+
+    distributed.seed_everything(cfg.seed)
+    torch.manual_seed(mix(cfg.seed, "init"))
+    vae = AutoencoderKL(cfg.vae).to(d.device)
+    disc = PatchDiscriminator(cfg.disc_channels, cfg.disc_layers).to(d.device) if cfg.discriminator else None
+    adam = dict(betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps, weight_decay=cfg.weight_decay)
+    opt = torch.optim.AdamW(vae.parameters(), lr=cfg.lr, **adam)
+    opt_d = torch.optim.AdamW(disc.parameters(), lr=cfg.lr, **adam) if disc else None
+    guard = NanGuard(run, 5)
+    psnr_before = psnr(vae, held) if n_hold else float("nan")
+    step = 0
+    if latest is not None:
+        path, tensors, state = checkpoint.load_newest_intact(ckpt_dir, lambda m: print(m, file=sys.stderr))
+        checkpoint.check_config(state, math_dict(cfg), path)
+        vae.load_state_dict(tensors["model"])
+        checkpoint.unflatten_optimizer(opt, tensors["optimizer"], state["optimizer"])
+        if disc:
+            disc.load_state_dict(tensors["disc"])
+            checkpoint.unflatten_optimizer(opt_d, tensors["disc_optimizer"], state["disc_optimizer"])
+        checkpoint.set_rng_state(state["rng"][0])
+        step, psnr_before = state["step"], state["psnr_before"]
+    log = RunLog(run, resume_step=step if latest is not None else None)
+    B, N = cfg.batch_size, len(train_imgs)
+    t0, start = time.perf_counter(), step
+    bar = tqdm(total=cfg.max_steps, initial=step, desc="train-vae", unit="step", disable=not progress)
+    while step < cfg.max_steps:
+        set_lr(opt, lr := lr_for(cfg, step))
+        idx = [int(torch.randperm(N, generator=torch.Generator().manual_seed(mix(cfg.seed, "epoch", p // N)))[p % N])
+               for p in range(step * B, (step + 1) * B)]  # every training image once per epoch
+        x = to_float(train_imgs[idx]).to(d.device)  # (B, 3, H, W)
+        gen = torch.Generator(d.device).manual_seed(mix(cfg.seed, "posterior", step))
+        adv = disc is not None and step >= cfg.disc_start
+        loss, parts, rec = vae_loss(vae, x, cfg, disc, adv, gen)
+        loss.backward()
+        gnorm = torch.nn.utils.clip_grad_norm_(vae.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else math.inf).item()
+        if guard.finite(loss.item(), gnorm):
+            opt.step()
+            guard.ok()
+        else:
+            guard.skip(step, [{"id": ids[order[n_hold + i]], "t": None} for i in idx], loss.item(), gnorm)
+        opt.zero_grad(set_to_none=True)
+        if disc is not None and step >= cfg.disc_start:  # hinge discriminator loss (Lim & Ye 2017)
+            d_loss = F.relu(1 - disc(x)).mean() + F.relu(1 + disc(rec.detach())).mean()
+            d_loss.backward()
+            opt_d.step()
+            opt_d.zero_grad(set_to_none=True)
+            parts["d_loss"] = d_loss
+        step += 1
+        if step % cfg.log_every == 0 or step == cfg.max_steps:
+            log.log({"step": step, "loss": loss.item(), "lr": lr, "grad_norm": gnorm,
+                     **{k: v.item() for k, v in parts.items()}})
+            bar.set_postfix(loss=f"{loss.item():.4f}", img_s=f"{(step - start) * B / (time.perf_counter() - t0):.1f}")
+        bar.update(1)
+        if step % cfg.checkpoint_every == 0 or step == cfg.max_steps:
+            _save(ckpt_dir, step, cfg, vae, opt, disc, opt_d, psnr_before)
+        if cfg.sample_every and n_hold and (step % cfg.sample_every == 0 or step == cfg.max_steps):
+            _recon_grid(vae, held[:8], run / "samples" / f"step-{step}.png")
+    bar.close()
+    log.close()
+    # Latent scale: 1/std of the training latents, so the UNet trains on unit-variance latents.
+    scale = 1.0 / max(latent_std(vae, train_imgs[:256]), 1e-6)
+    vae.config = replace(vae.config, scaling_factor=scale, shift_factor=None)
+    vae.eval().save_pretrained(str(run / "vae"))
+    after = psnr(vae, held) if n_hold else float("nan")
+    write_report(run, "VAE training", {
+        "steps": step, "images": f"{N} for training, {n_hold} held out, {size}x{size} px",
+        "model": f"preset {cfg.model}, {vae.num_parameters():,} parameters, {f}x downsampling, "
+                 f"{cfg.vae.latent_channels} latent channels",
+        "held-out PSNR": f"{after:.2f} dB (untrained: {psnr_before:.2f} dB)", "latent scaling factor": f"{scale:.5f}",
+        "discriminator": f"from step {cfg.disc_start}" if disc else "off", "config hash": config_hash(cfg)})
+    (run / "psnr.json").write_text(f'{{"held_out_psnr_db": {after}, "untrained_psnr_db": {psnr_before}}}\n')
+    return run / "vae"
+
+
+def _save(ckpt_dir, step, cfg, vae, opt, disc, opt_d, psnr_before) -> None:
+    flat, meta = checkpoint.flatten_optimizer(opt)
+    tensors = {"model": vae.state_dict(), "optimizer": flat}
+    state = {"step": step, "data_position": step * cfg.batch_size, "config_hash": config_hash(cfg),
+             "math": math_dict(cfg), "optimizer": meta, "rng": [checkpoint.rng_state()], "world_size": 1,
+             "psnr_before": psnr_before}
+    if disc is not None:
+        flat_d, meta_d = checkpoint.flatten_optimizer(opt_d)
+        tensors.update(disc=disc.state_dict(), disc_optimizer=flat_d)
+        state["disc_optimizer"] = meta_d
+    checkpoint.save(ckpt_dir, step, tensors, state, keep=cfg.keep_checkpoints)
+
+
+@torch.no_grad()
+def _recon_grid(vae, images, path: Path) -> None:
+    """Top row: held-out originals; bottom row: their reconstructions."""
+    from PIL import Image
+
+    x = to_float(images).to(vae.device)
+    rec = vae.decode_raw(vae.encode_posterior(x).mode()).clamp(-1, 1)
+    grid = torch.cat([torch.cat(list(x), dim=2), torch.cat(list(rec), dim=2)], dim=1)  # (3, 2H, n·W)
+    arr = ((grid + 1) * 127.5).round().clamp(0, 255).byte().permute(1, 2, 0).cpu().numpy()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(arr).save(path)

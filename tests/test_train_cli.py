@@ -1,0 +1,177 @@
+"""`latentforge train-vae` and `latentforge train` end to end on the built-in shapes data (tiny preset):
+the run folder, loss falling, model/ loadable by diffusers, errors as one line, DDP via torchrun."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from latentforge.cli import main
+from latentforge.config import TrainConfig, VAETrainConfig, load_train_config
+
+SIZE = 32
+VAE_ARGS = ["model=tiny", f"image_size={SIZE}", "max_steps=40", "batch_size=8", "lr=2e-3", "warmup_steps=5",
+            "log_every=1", "sample_every=20", "checkpoint_every=20", "holdout=6"]
+TRAIN_ARGS = ["model=tiny", "batch_size=8", "lr=1e-3", "warmup_steps=10", "log_every=1", "sample_steps=3"]
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train_cli")
+    assert main(["shapes", "--out", str(root / "data"), "--n", "32", "--size", str(SIZE), "--seed", "0"]) == 0
+    assert main(["train-vae", "--data", str(root / "data"), "--out", str(root / "vae_run"), "--quiet", *VAE_ARGS]) == 0
+    uncond = root / "uncond"  # the same images without captions
+    uncond.mkdir()
+    for p in (root / "data").glob("*.png"):
+        shutil.copy(p, uncond / p.name)
+    assert main(["cache", "--data", str(uncond), "--vae", str(root / "vae_run" / "vae"), "--out", str(root / "ucache"),
+                 "--quiet"]) == 0
+    return {"root": root, "data": root / "data", "vae": root / "vae_run" / "vae", "ucache": root / "ucache"}
+
+
+def rows(run):
+    return [json.loads(l) for l in (Path(run) / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_train_vae_writes_a_diffusers_vae_and_reports_psnr(world, tmp_path):
+    from diffusers import AutoencoderKL as DiffusersVAE
+
+    from latentforge.models import AutoencoderKL
+
+    run = world["root"] / "vae_run"
+    psnr = json.loads((run / "psnr.json").read_text())
+    assert psnr["held_out_psnr_db"] > psnr["untrained_psnr_db"] + 5, psnr  # it learned to reconstruct
+    assert "held-out PSNR" in (run / "report.md").read_text() and (run / "loss.png").stat().st_size > 0
+    assert Image.open(run / "samples" / "step-40.png").size == (6 * SIZE, 2 * SIZE)  # originals over reconstructions
+    ours, theirs = AutoencoderKL.from_pretrained(world["vae"]), DiffusersVAE.from_pretrained(world["vae"])
+    assert ours.config.scaling_factor != 0.18215 and theirs.config.scaling_factor == pytest.approx(ours.config.scaling_factor)
+    x = torch.rand(2, 3, SIZE, SIZE) * 2 - 1
+    with torch.no_grad():
+        torch.testing.assert_close(ours.decode_raw(ours.encode_posterior(x).mode()),
+                                   theirs.decode(theirs.encode(x).latent_dist.mode()).sample, atol=1e-4, rtol=1e-4)
+    assert load_train_config(run / "config.toml", cls=VAETrainConfig).max_steps == 40
+    # the patch discriminator option: adversarial terms appear once it is switched on
+    out = tmp_path / "disc"
+    assert main(["train-vae", "--data", str(world["data"]), "--out", str(out), "--quiet", *VAE_ARGS, "max_steps=3",
+                 "discriminator=true", "disc_start=1", "sample_every=0", "holdout=2"]) == 0
+    logged = rows(out)
+    assert "d_loss" not in logged[0] and {"d_loss", "g_adv"} <= set(logged[2])
+
+
+def test_train_text_end_to_end(world, tmp_path, capfd):
+    """--data builds the cache, loss falls >= 30 %, and the run folder is as DESIGN.md says."""
+    from diffusers import UNet2DConditionModel
+
+    from latentforge.pipelines import Pipeline
+
+    run = tmp_path / "run"
+    argv = ["train", "--data", str(world["data"]), "--out", str(run), "--vae", str(world["vae"]), *TRAIN_ARGS,
+            "max_steps=240", "sample_every=120", "checkpoint_every=120"]
+    assert main(argv) == 0
+    err = capfd.readouterr().err
+    assert "loss=" in err and "img_s=" in err and "<" in err  # the bar: loss, images/s, elapsed<ETA
+    losses = [r["loss"] for r in rows(run)]
+    first, last = sum(losses[:20]) / 20, sum(losses[-20:]) / 20
+    assert last <= 0.7 * first, (first, last)  # the loss falls by at least 30 %
+
+    assert {p.name for p in run.iterdir()} >= {"config.toml", "model", "checkpoints", "samples", "logs",
+                                               "metrics.jsonl", "report.md", "loss.png", "cache"}
+    cfg = load_train_config(run / "config.toml")  # re-runnable, and says what was resolved from the data
+    assert cfg.conditioning == "text" and cfg.unet.cross_attention_dim == 384 and cfg.max_steps == 240
+    assert sorted(p.name for p in (run / "samples").iterdir()) == ["step-120.png", "step-240.png"]
+    assert Image.open(run / "samples" / "step-240.png").size == (4 * SIZE, SIZE)
+    assert list((run / "logs").glob("events.out.tfevents.*"))
+    assert "loss drop" in (run / "report.md").read_text()
+
+    # model/: diffusers layout with the EMA weights (+ text encoder), loadable by diffusers and by us
+    model = run / "model"
+    assert {p.name for p in model.iterdir()} >= {"model_index.json", "unet", "vae", "scheduler", "text_encoder", "tokenizer"}
+    ema = load_file(str(run / "checkpoints" / "step-240" / "ema.safetensors"))
+    theirs = UNet2DConditionModel.from_pretrained(model / "unet").state_dict()
+    assert ema.keys() == theirs.keys() and all(torch.equal(ema[k], theirs[k]) for k in ema)
+    pipe = Pipeline.from_pretrained(model, device="cpu")
+    img = pipe.text2img("a red square at the top right on a black background", steps=2, seed=0, progress=False)[0]
+    assert img.size == (SIZE, SIZE)
+
+    # --resume with --data reuses the cache (nothing re-encoded) and has nothing left to do
+    assert main(argv + ["--resume", "--quiet"]) == 0
+    assert "0 encoded, 32 reused" in capfd.readouterr().out
+
+
+@pytest.mark.parametrize("case, words", [
+    ("lr=fast", ["lr='fast'", "a number"]),
+    ("max_step=3", ["unknown key 'max_step'", "did you mean max_steps"]),
+    ("--vae /nonexistent", ["--vae /nonexistent", "no such folder"]),
+    ("no --vae", ["--vae: required"]),
+    ("--cache /nonexistent", ["--cache /nonexistent", "no such folder"]),
+    ("another VAE", ["--vae:", "encoded with a different VAE"]),
+    ("resume with another lr", ["lr (0.001 -> 0.002)", "change the math"]),
+])
+def test_mistakes_are_one_line(world, tmp_path, capsys, case, words):
+    from latentforge.models import AutoencoderKL
+
+    cache, vae, extra = str(world["ucache"]), str(world["vae"]), []
+    if case == "another VAE":
+        torch.manual_seed(1)
+        AutoencoderKL(load_train_config(None, ["model=tiny"], cls=VAETrainConfig).vae).save_pretrained(str(tmp_path / "v"))
+        vae = str(tmp_path / "v")
+    elif case == "no --vae":
+        vae = None
+    elif case.startswith("--"):
+        flag, value = case.split()
+        cache, vae = (value, vae) if flag == "--cache" else (cache, value)
+    elif case == "resume with another lr":
+        out = ["--out", str(tmp_path / "run"), "--cache", cache, "--vae", vae, "--quiet", *TRAIN_ARGS, "max_steps=1"]
+        assert main(["train", *out, "sample_every=0"]) == 0
+        extra = ["--resume", "lr=2e-3"]
+    else:
+        extra = [case]
+    argv = ["train", "--out", str(tmp_path / "run"), "--cache", cache, "--quiet", *TRAIN_ARGS, "max_steps=1", *extra]
+    argv += ["--vae", vae] if vae else []
+    capsys.readouterr()
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and all(w in err[0] for w in words), err
+
+
+def test_torchrun_two_processes_equal_one_and_resume(world, tmp_path):
+    """`torchrun --nproc_per_node=2 -m latentforge train` (gloo, batch 4 per rank) == 1 process (batch 8)."""
+    opts = ["--cache", str(world["ucache"]), "--vae", str(world["vae"]), "--quiet", *TRAIN_ARGS, "lr=1e-4",
+            "max_steps=6", "checkpoint_every=3", "sample_every=0"]
+    one, two, resumed = tmp_path / "one", tmp_path / "two", tmp_path / "resumed"
+    assert main(["train", "--out", str(one), *opts]) == 0
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+    def torchrun(out, *extra):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "latentforge",
+               "train", "--out", str(out), *opts, *extra]
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+        assert p.returncode == 0, p.stderr[-3000:]
+
+    torchrun(two)
+    l1, l2 = [r["loss"] for r in rows(one)], [r["loss"] for r in rows(two)]
+    assert len(l1) == len(l2) == 6 and max(abs(a - b) for a, b in zip(l1, l2)) < 1e-5
+    for name in ("model", "ema"):
+        a = load_file(str(one / "checkpoints" / "step-6" / f"{name}.safetensors"))
+        b = load_file(str(two / "checkpoints" / "step-6" / f"{name}.safetensors"))
+        for k in a:
+            torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-5)
+    state = json.loads((two / "checkpoints" / "step-6" / "state.json").read_text())
+    assert state["world_size"] == 2 and state["rng"][0] != state["rng"][1]  # per-rank RNG states
+    assert (two / "model" / "unet").is_dir() and not list(two.glob("metrics.jsonl.*"))  # rank 0 wrote, once
+
+    (resumed / "checkpoints").mkdir(parents=True)  # interrupted after step 3, resumed under DDP
+    shutil.copytree(two / "checkpoints" / "step-3", resumed / "checkpoints" / "step-3")
+    shutil.copy(two / "config.toml", resumed / "config.toml")
+    torchrun(resumed, "--resume")
+    for name in ("model", "ema"):
+        a = load_file(str(two / "checkpoints" / "step-6" / f"{name}.safetensors"))
+        b = load_file(str(resumed / "checkpoints" / "step-6" / f"{name}.safetensors"))
+        assert all(torch.equal(a[k], b[k]) for k in a)
