@@ -188,9 +188,13 @@ def record(name: str, **values) -> dict:
 
 # ---- the shared world: data, VAE, cache and an uninterrupted reference run ---------------------
 
-MAX_STEPS, EVERY = 24, 4  # 8 latents, batch 4: an epoch is 2 steps; a checkpoint every 4
-SETTINGS = ["model=tiny", "batch_size=4", f"max_steps={MAX_STEPS}", "lr=1e-3", "warmup_steps=2", "log_every=1",
-            f"checkpoint_every={EVERY}", "keep_checkpoints=2", "sample_every=0"]
+# 8 latents, batch 4: an epoch is 2 steps; a checkpoint every 4. A constant LR (after warmup) makes
+# max_steps bookkeeping, so a child that is going to be killed can run "forever" (max_steps=1000) and
+# its resume still stop at MAX_STEPS — no race with a child that finishes before the kill.
+MAX_STEPS, EVERY = 24, 4
+SETTINGS = ["model=tiny", "batch_size=4", f"max_steps={MAX_STEPS}", "lr=1e-3", "lr_schedule=constant",
+            "warmup_steps=2", "log_every=1", f"checkpoint_every={EVERY}", "keep_checkpoints=2", "sample_every=0"]
+FOREVER = "max_steps=1000"
 
 
 class World(dict):

@@ -1,0 +1,176 @@
+"""Run the reliability suite and write docs/RELIABILITY.md from the figures its tests measured.
+
+    .venv/bin/python tests/reliability/make_doc.py            # runs pytest, then writes the doc
+    .venv/bin/python tests/reliability/make_doc.py --figures DIR --junit FILE   # render an earlier run
+
+Each test calls `rel_kit.record(name, ...)`; with $LATENTFORGE_FIGURES set that becomes DIR/name.json.
+The pass/fail of every test comes from pytest's JUnit XML.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parents[1]
+TMP = re.compile(r"/tmp/pytest-of-[^/]+/pytest-\d+/(popen-gw\d+/)?|/tmp/tmp[\w]+/")
+
+SECTIONS = [
+    ("1. kill -9 at three seeded-random training steps", "test_rel_train_faults.py", "test_kill_9_at_a_random",
+     "A child `python -m latentforge train` (tiny preset, 8 latents, batch 4, 24 steps, a checkpoint every 4) "
+     "is killed with SIGKILL once `metrics.jsonl` shows the target step (drawn with `random.Random(2024)`). "
+     "`train --resume` then runs to step 24; its model and EMA tensors must equal the uninterrupted run's bit "
+     "for bit, and its logged losses must equal the reference's, step for step.", "kill9_step"),
+    ("2. kill -9 while a checkpoint is being written", "test_rel_train_faults.py", "test_kill_9_while_writing",
+     "A wrapper around the real CLI SIGKILLs the process at three moments of writing checkpoint step-12: "
+     "with `model.safetensors` half on disk, after the COMPLETE marker but before the rename, and after the "
+     "rename but before old checkpoints are pruned. A spy on `checkpoint.load` records what `--resume` loads: "
+     "it must be a folder with its marker (step-8, step-8, step-12), never the temporary one, and the resumed "
+     "run must end bitwise equal to the reference. (No crash hook exists in the writer; the wrapper replaces "
+     "`checkpoint.save_file` / `_write_synced` / `prune`.)", "kill9_in_checkpoint_"),
+    ("3. Disk full while writing a checkpoint or a cache shard", "test_rel_disk_full.py", "test_disk_full",
+     "Twice each: a real tmpfs mounted just too small (1.5 checkpoints for a run that keeps 2; 3 free pages "
+     "for a 48-image cache update), and an injected `OSError(ENOSPC)` after a partial write. Required: exit 2 "
+     "with one `error:` line about space; the previous checkpoint byte-identical to the reference's step-4 "
+     "(or every cache file unchanged and every listed shard verifying); and, with space again, `--resume` "
+     "ending bitwise equal to the reference (or the cache re-run encoding only the 48 new images).",
+     "disk_full_"),
+    ("4. A fuzzed bad-data folder", "test_rel_bad_data.py", "",
+     "`latentforge cache` (child process) over a folder with 16 named kinds of broken input, 8 hard-but-valid "
+     "images and 24 seeded random mutants of a good PNG/JPEG (truncated, bits flipped, bytes spliced in, "
+     "header damaged). Required: exit 0, no traceback, every named file skipped with its exact reason in "
+     "`skipped.jsonl` (absolute path, reason, detail), every good image cached, every mutant either cached or "
+     "skipped — never both, never lost. Then mode-000 files once more without root's permission override.",
+     "bad_data"),
+    ("5. A flipped bit in a cache or checkpoint file", "test_rel_corruption.py", "",
+     "One bit is flipped where only a checksum can see it: inside a float of each checkpoint tensor file, in "
+     "the saved torch RNG state of `state.json`, inside a latent shard, and in a row number of the cache "
+     "manifest. Then `train --resume` / `train --cache`. Accepted: exit 2 with one `error:` line naming the "
+     "file, or (checkpoints) a warning naming it, a resume from an older intact checkpoint and a final state "
+     "bitwise equal to the reference.", "corrupt_"),
+    ("6. Untrusted pickle files", "test_rel_untrusted.py", "",
+     "Real PyTorch checkpoints whose pickle calls `open(MARKER, 'w')` when unpickled are handed to every "
+     "entry point that reads weights. Each must fail with one `error:` line naming the file (exit 2) and the "
+     "marker must not exist; finally the same file is unpickled unsafely and the marker appears (the payload "
+     "is live).", "untrusted"),
+    ("7. Command-line mistakes", "test_rel_cli_mistakes.py", "",
+     "A table of mistakes, each a child `python -m latentforge ...`: non-zero exit, no traceback, and stderr "
+     "exactly one line `error: ...` containing the flag / key / file at fault.", "cli_mistakes"),
+    ("8. SIGTERM (and SIGINT) during training", "test_rel_train_faults.py", "test_signal",
+     "The child training process gets SIGTERM (SIGINT) after the target step. Required: exit 0 with "
+     "`stopped by SIGTERM at step S; checkpoint saved`, a complete checkpoint at exactly that step boundary "
+     "(S within 2 steps of the last step logged before the signal), and a `--resume` ending bitwise equal to "
+     "the reference.", "signal_"),
+]
+
+
+def run_suite(figures: Path, junit: Path) -> float:
+    env = {**os.environ, "LATENTFORGE_FIGURES": str(figures)}
+    t = time.time()
+    subprocess.run([sys.executable, "-m", "pytest", "-q", "-n", "2", "--dist", "loadfile", str(HERE),
+                    f"--junitxml={junit}"], cwd=ROOT, env=env)
+    return time.time() - t
+
+
+def outcomes(junit: Path) -> dict:
+    """{(file name, test name): (status, seconds, short message)}."""
+    out = {}
+    for case in ET.parse(junit).iter("testcase"):
+        file = case.get("classname", "").split(".")[-1] + ".py"
+        status, msg = "pass", ""
+        for tag in ("failure", "error", "skipped"):
+            el = case.find(tag)
+            if el is not None:
+                status = {"failure": "FAIL", "error": "ERROR", "skipped": "SKIP"}[tag]
+                msg = (el.get("message") or "").splitlines()[0][:300] if el.get("message") else ""
+        out[(file, case.get("name"))] = (status, float(case.get("time", 0)), msg)
+    return out
+
+
+def clean(value) -> str:
+    text = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False, default=str)
+    return TMP.sub("$TMP/", text).replace("|", "\\|").replace("\n", " ")
+
+
+def table(rows: list[dict]) -> list[str]:
+    keys = list(dict.fromkeys(k for r in rows for k in r))
+    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+    lines += ["| " + " | ".join(clean(r.get(k, "")) for k in keys) + " |" for r in rows]
+    return lines
+
+
+def render(figures: Path, junit: Path, seconds: float | None) -> str:
+    results = outcomes(junit)
+    n_pass = sum(1 for s, _, _ in results.values() if s == "pass")
+    out = ["# Reliability: the faults we inject and what we measured", "",
+           "Generated by `tests/reliability/make_doc.py` from one run of `tests/reliability/` (figures: each "
+           "test's `rel_kit.record(...)`; status: pytest's JUnit XML). Paths under the test's temporary "
+           "folder are shown as `$TMP/`.", "",
+           f"**Run:** {n_pass} of {len(results)} tests passed"
+           + (f" in {seconds:.0f} s (`pytest -n 2 --dist loadfile`, 2 CPU cores)" if seconds else "") + ".", "",
+           "Run everything: `.venv/bin/python -m pytest -q -n 2 --dist loadfile tests/reliability` "
+           "(part of `make test`); regenerate this page: `.venv/bin/python tests/reliability/make_doc.py`.", ""]
+    for title, file, prefix, what, fig in SECTIONS:
+        out += [f"## {title}", "", what, "",
+                f"Run: `.venv/bin/python -m pytest -q tests/reliability/{file}" + (f" -k {prefix}`" if prefix else "`"),
+                ""]
+        tests = [(name, r) for (f, name), r in sorted(results.items()) if f == file and name.startswith(prefix or "")]
+        out += ["| test | status | seconds | failure |", "|---|---|---|---|"]
+        out += [f"| `{clean(n)}` | {s} | {t:.1f} | {clean(m)} |" for n, (s, t, m) in tests]
+        out.append("")
+        out += figures_for(figures, fig)
+    return "\n".join(out) + "\n"
+
+
+def figures_for(folder: Path, prefix: str) -> list[str]:
+    found = sorted(folder.glob(f"{prefix}*.json"))
+    if not found:
+        return ["(no figures recorded)", ""]
+    if prefix == "cli_mistakes":
+        d = json.loads(found[0].read_text())
+        rows = [{"mistake": k, "exit": v["exit"], "verdict": v["verdict"], "stderr lines": v["stderr_lines"],
+                 "stderr": " / ".join(v["stderr"]), "s": v["seconds"]} for k, v in d["table"].items()]
+        return [f"Figures: {d['one_clear_line']} of {d['rows']} mistakes gave one clear `error:` line.", ""] + \
+            table(rows) + [""]
+    if prefix == "untrusted":
+        d = json.loads(found[0].read_text())
+        rows = [{"entry point": k, "what the user sees": v} for k, v in d["errors"].items()]
+        return [f"Figures: {d['entry_points']} entry points; payload ran when unpickled unsafely: "
+                f"{d['payload_ran_when_unpickled_unsafely']}; problems: {len(d['problems'])}.", ""] + \
+            table(rows) + [""]
+    if prefix == "bad_data":
+        lines = []
+        for f in found:
+            d = json.loads(f.read_text())
+            lines += [f"Figures (`{f.stem}`):", ""] + [f"- {k}: {clean(v)}" for k, v in d.items()] + [""]
+        return lines
+    rows = [{"case": f.stem[len(prefix):] or f.stem, **json.loads(f.read_text())} for f in found]
+    return ["Figures:", ""] + table(rows) + [""]
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--figures", type=Path, help="render an earlier run's figures folder instead of running")
+    p.add_argument("--junit", type=Path, help="that run's JUnit XML")
+    p.add_argument("--out", type=Path, default=ROOT / "docs" / "RELIABILITY.md")
+    args = p.parse_args()
+    seconds = None
+    if args.figures is None:
+        tmp = Path(tempfile.mkdtemp(prefix="lf-reliability-"))
+        args.figures, args.junit = tmp / "figures", tmp / "junit.xml"
+        seconds = run_suite(args.figures, args.junit)
+    args.out.write_text(render(args.figures, args.junit, seconds))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
