@@ -180,3 +180,20 @@ def test_killed_process_resumes_bitwise(tmp_path):
         assert done.returncode == 0 and done.stdout.split()[:2] == ["done", "14"], done.stderr
         for a, b in zip(weights(out, 14), weights(ref, 14)):
             assert_bitwise(a, b)
+
+
+def test_grad_accumulation_equals_the_larger_batch(tmp_path):
+    """2 micro-batches of 2 read the same stream positions and average to the same gradient as 1 batch of 4."""
+    run(tmp_path / "accum", ["max_steps=4", "batch_size=2", "grad_accum=2", "lr=1e-4"])
+    run(tmp_path / "big", ["max_steps=4", "batch_size=4", "lr=1e-4"])
+    l1 = [json.loads(l)["loss"] for l in (tmp_path / "accum" / "metrics.jsonl").read_text().splitlines()]
+    l2 = [json.loads(l)["loss"] for l in (tmp_path / "big" / "metrics.jsonl").read_text().splitlines()]
+    assert max(abs(a - b) for a, b in zip(l1, l2)) < 1e-6
+    for a, b in zip(weights(tmp_path / "accum", 4), weights(tmp_path / "big", 4)):
+        for k in a:
+            torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-5)
+
+
+def test_fp16_needs_cuda(tmp_path):
+    with pytest.raises(UserError, match="precision=fp16: needs a CUDA device"):
+        run(tmp_path, ["max_steps=1", "precision=fp16", "device=cpu"])
