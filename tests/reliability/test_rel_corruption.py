@@ -18,8 +18,6 @@ import pytest
 
 from rel_kit import MAX_STEPS, assert_bitwise, clear_error, record, run_cli, weights
 
-pytestmark = pytest.mark.slow
-
 B64 = set(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/")
 
 

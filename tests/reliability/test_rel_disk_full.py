@@ -21,9 +21,6 @@ from latentforge.train import checkpoint
 from rel_kit import (MAX_STEPS, assert_bitwise, ckpt_steps, class_folders, clear_error, losses, record, run_cli,
                      tree_digest, weights)
 
-pytestmark = pytest.mark.slow
-
-
 @contextlib.contextmanager
 def tmpfs(folder: Path, size: int):
     """A tmpfs of `size` bytes at `folder`; yields resize(size) or None where mounting is refused."""
