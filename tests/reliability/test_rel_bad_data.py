@@ -175,7 +175,7 @@ def test_fuzzed_bad_data_folder_is_cached_without_a_crash(tmp_path):
     assert len({r for r in bad.values()}) >= 12
     details = {os.path.relpath(json.loads(l)["path"], data): json.loads(l)["detail"]
                for l in (out / "skipped.jsonl").read_text().splitlines()}
-    assert details["bomb.png"] == "9000x9000 = 81000000 pixels is over the limit of 67108864"
+    assert "9000x9000" in details["bomb.png"] and "67108864" in details["bomb.png"]  # size and the limit, named
     record("bad_data", files=len(bad) + len(good) + len(fuzz) + 2, named_bad=len(bad),
            reasons=sorted(set(bad.values())), good_cached=sorted(good), fuzz_mutants=len(fuzz),
            fuzz_cached=len(fuzz_cached), fuzz_skipped=dict(sorted(fuzz_skipped.items())),
