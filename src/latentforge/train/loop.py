@@ -63,6 +63,8 @@ def _train(cfg, dataset, run: Path, d, resume, vae, text_encoder, progress) -> T
     latest = checkpoint.latest_complete(ckpt_dir)
     if latest is not None and not resume:
         raise UserError(f"--out {run}: already holds checkpoints — pass --resume to continue it, or choose a new --out")
+    if latest is None and resume and d.is_main:
+        print(f"--resume: no complete checkpoint in {ckpt_dir} yet — starting from step 0", file=sys.stderr)
     if d.is_main:
         run.mkdir(parents=True, exist_ok=True)
         (run / "config.toml").write_text(to_toml(cfg))
