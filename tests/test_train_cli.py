@@ -14,7 +14,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from latentforge.cli import main
-from latentforge.config import TrainConfig, VAETrainConfig, load_train_config
+from latentforge.config import VAETrainConfig, load_train_config
 
 SIZE = 32
 VAE_ARGS = ["model=tiny", f"image_size={SIZE}", "max_steps=40", "batch_size=8", "lr=2e-3", "warmup_steps=5",
@@ -51,7 +51,8 @@ def test_train_vae_writes_a_diffusers_vae_and_reports_psnr(world, tmp_path):
     assert "held-out PSNR" in (run / "report.md").read_text() and (run / "loss.png").stat().st_size > 0
     assert Image.open(run / "samples" / "step-40.png").size == (6 * SIZE, 2 * SIZE)  # originals over reconstructions
     ours, theirs = AutoencoderKL.from_pretrained(world["vae"]), DiffusersVAE.from_pretrained(world["vae"])
-    assert ours.config.scaling_factor != 0.18215 and theirs.config.scaling_factor == pytest.approx(ours.config.scaling_factor)
+    assert ours.config.scaling_factor != 0.18215  # set from the latents' std
+    assert theirs.config.scaling_factor == pytest.approx(ours.config.scaling_factor)
     x = torch.rand(2, 3, SIZE, SIZE) * 2 - 1
     with torch.no_grad():
         torch.testing.assert_close(ours.decode_raw(ours.encode_posterior(x).mode()),
@@ -92,7 +93,8 @@ def test_train_text_end_to_end(world, tmp_path, capfd):
 
     # model/: diffusers layout with the EMA weights (+ text encoder), loadable by diffusers and by us
     model = run / "model"
-    assert {p.name for p in model.iterdir()} >= {"model_index.json", "unet", "vae", "scheduler", "text_encoder", "tokenizer"}
+    assert {p.name for p in model.iterdir()} >= {"model_index.json", "unet", "vae", "scheduler", "text_encoder",
+                                                 "tokenizer"}
     ema = load_file(str(run / "checkpoints" / "step-240" / "ema.safetensors"))
     theirs = UNet2DConditionModel.from_pretrained(model / "unet").state_dict()
     assert ema.keys() == theirs.keys() and all(torch.equal(ema[k], theirs[k]) for k in ema)
@@ -120,7 +122,8 @@ def test_mistakes_are_one_line(world, tmp_path, capsys, case, words):
     cache, vae, extra = str(world["ucache"]), str(world["vae"]), []
     if case == "another VAE":
         torch.manual_seed(1)
-        AutoencoderKL(load_train_config(None, ["model=tiny"], cls=VAETrainConfig).vae).save_pretrained(str(tmp_path / "v"))
+        other = AutoencoderKL(load_train_config(None, ["model=tiny"], cls=VAETrainConfig).vae)
+        other.save_pretrained(str(tmp_path / "v"))
         vae = str(tmp_path / "v")
     elif case == "no --vae":
         vae = None

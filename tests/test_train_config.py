@@ -74,6 +74,7 @@ def test_hash_covers_math_only():
         assert config_hash(load_train_config(None, ["model=tiny", math])) != h, math
     # With a constant LR, max_steps does not change the math: the run may be extended.
     const = load_train_config(None, ["model=tiny", "lr_schedule=constant"])
-    assert config_hash(const) == config_hash(load_train_config(None, ["model=tiny", "lr_schedule=constant", "max_steps=7"]))
+    longer = load_train_config(None, ["model=tiny", "lr_schedule=constant", "max_steps=7"])
+    assert config_hash(const) == config_hash(longer)
     assert "unet.channels" in math_dict(base) and "sample_every" not in math_dict(base)
     assert TrainConfig().model == "small"

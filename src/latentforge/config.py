@@ -262,7 +262,8 @@ def load_train_config(path=None, overrides=(), cls=None, base=None):
         section, _, sub = key.partition(".")
         if key not in valid:
             near = difflib.get_close_matches(key, valid, n=3)
-            hint = f"did you mean {' or '.join(near)}?" if near else f"`latentforge {_cmd(cls)} --print-config` lists every key"
+            hint = (f"did you mean {' or '.join(near)}?" if near
+                    else f"`latentforge {_cmd(cls)} --print-config` lists every key")
             raise UserError(f"{src}: unknown key {key!r} — {hint}")
         name_ = sub or key
         fields = _field_types(type(getattr(cfg, section) if sub else cfg))

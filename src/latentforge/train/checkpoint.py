@@ -113,11 +113,13 @@ def verify(ckpt_dir) -> None:
     try:
         sums = json.loads((ckpt_dir / MARKER).read_text())["sha256"]
     except (ValueError, KeyError, TypeError):
-        raise CheckpointCorrupt(f"{ckpt_dir / MARKER}: unreadable checksum record — the checkpoint is damaged") from None
+        raise CheckpointCorrupt(f"{ckpt_dir / MARKER}: unreadable checksum record — the checkpoint is damaged; "
+                                "resume from another one") from None
     for name, digest in sums.items():
         path = ckpt_dir / name
         if not path.is_file() or _sha256(path) != digest:
-            raise CheckpointCorrupt(f"{path}: checksum mismatch — the file is damaged; resume from another checkpoint")
+            raise CheckpointCorrupt(f"{path}: checksum mismatch — the file is damaged; "
+                                    "resume from another checkpoint")
 
 
 def load(ckpt_dir) -> tuple[dict[str, dict[str, torch.Tensor]], dict]:

@@ -44,7 +44,8 @@ class TrainResult:
     skipped: int = 0  # non-finite steps skipped
 
 
-def train(cfg, dataset, out, *, resume: bool = False, vae=None, text_encoder=None, progress: bool = True) -> TrainResult:
+def train(cfg, dataset, out, *, resume: bool = False, vae=None, text_encoder=None,
+          progress: bool = True) -> TrainResult:
     """Train a UNet on `dataset` (items like data.cache.LatentDataset) into the run folder `out`."""
     d = distributed.setup(cfg.device)
     try:
@@ -57,12 +58,14 @@ def _train(cfg, dataset, run: Path, d, resume, vae, text_encoder, progress) -> T
     cfg = resolve_for_data(cfg, dataset)
     B, A, W = cfg.batch_size, cfg.grad_accum, d.world_size
     if B % W:
-        raise UserError(f"batch_size={B}: must be divisible by the {W} processes — change batch_size or --nproc_per_node")
+        raise UserError(f"batch_size={B}: must be divisible by the {W} processes — "
+                        "change batch_size or --nproc_per_node")
     check_precision(cfg.precision, d.device)
     ckpt_dir = run / "checkpoints"
     latest = checkpoint.latest_complete(ckpt_dir)
     if latest is not None and not resume:
-        raise UserError(f"--out {run}: already holds checkpoints — pass --resume to continue it, or choose a new --out")
+        raise UserError(f"--out {run}: already holds checkpoints — pass --resume to continue it, "
+                        "or choose a new --out")
     if latest is None and resume and d.is_main:
         print(f"--resume: no complete checkpoint in {ckpt_dir} yet — starting from step 0", file=sys.stderr)
     if d.is_main:

@@ -42,7 +42,8 @@ class NanGuard:
         if self.max_consecutive > 0 and self.consecutive >= self.max_consecutive:
             raise TrainingDiverged(
                 f"training: {self.consecutive} non-finite steps in a row (last at step {step}, loss {loss}, "
-                f"grad norm {grad_norm}); batches in {self.dir} — lower lr, use precision=fp32, or check those samples")
+                f"grad norm {grad_norm}); batches in {self.dir} — lower lr, use precision=fp32, "
+                "or check those samples")
 
     def state_dict(self) -> dict:
         return {"skipped": self.skipped, "consecutive": self.consecutive}

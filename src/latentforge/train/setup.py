@@ -27,9 +27,11 @@ def resolve_for_data(cfg, dataset):
     if cond == "auto":
         cond = "text" if has_text else "class" if has_label else "none"
     if cond == "text" and not has_text:
-        raise UserError("conditioning=text: the cache holds no text embeddings — cache captioned data, or use conditioning=none")
+        raise UserError("conditioning=text: the cache holds no text embeddings — cache captioned data, "
+                        "or use conditioning=none")
     if cond == "class" and not has_label:
-        raise UserError("conditioning=class: the cache holds no class labels — use one sub-folder per class, or conditioning=none")
+        raise UserError("conditioning=class: the cache holds no class labels — use one sub-folder per class, "
+                        "or conditioning=none")
     unet = dataclasses.replace(cfg.unet, in_channels=C, out_channels=C, sample_size=h)
     if cond == "text":
         unet = dataclasses.replace(unet, cross_attention_dim=int(torch.as_tensor(item["context"]).shape[-1]),

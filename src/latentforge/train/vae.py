@@ -125,7 +125,8 @@ def train_vae(cfg, data_dir, out, *, resume: bool = False, progress: bool = True
     ckpt_dir = run / "checkpoints"
     latest = checkpoint.latest_complete(ckpt_dir)
     if latest is not None and not resume:
-        raise UserError(f"--out {run}: already holds checkpoints — pass --resume to continue it, or choose a new --out")
+        raise UserError(f"--out {run}: already holds checkpoints — pass --resume to continue it, "
+                        "or choose a new --out")
     run.mkdir(parents=True, exist_ok=True)
     (run / "config.toml").write_text(to_toml(cfg))
 
@@ -162,7 +163,8 @@ def train_vae(cfg, data_dir, out, *, resume: bool = False, progress: bool = True
         adv = disc is not None and step >= cfg.disc_start
         loss, parts, rec = vae_loss(vae, x, cfg, disc, adv, gen)
         loss.backward()
-        gnorm = torch.nn.utils.clip_grad_norm_(vae.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else math.inf).item()
+        clip = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
+        gnorm = torch.nn.utils.clip_grad_norm_(vae.parameters(), clip).item()
         if guard.finite(loss.item(), gnorm):
             opt.step()
             guard.ok()
