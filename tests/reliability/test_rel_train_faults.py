@@ -125,7 +125,7 @@ def test_kill_9_while_writing_a_checkpoint_resumes_from_a_complete_one(world, tm
 
 # ---- 8. SIGTERM / SIGINT: checkpoint at the next step boundary, exit, resume bitwise -------------
 
-@pytest.mark.parametrize("sig, step", [(signal.SIGTERM, 9), (signal.SIGINT, 14)])
+@pytest.mark.parametrize("sig, step", [(signal.SIGTERM, 9), (signal.SIGINT, 14)], ids=["SIGTERM", "SIGINT"])
 def test_signal_checkpoints_at_the_next_step_and_resumes_bitwise(world, tmp_path, monkeypatch, sig, step):
     out = tmp_path / "run"
     proc = spawn(*world.train_argv(out, FOREVER))
