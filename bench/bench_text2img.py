@@ -1,0 +1,145 @@
+"""Text→image at 20 steps: latentforge `Pipeline` vs diffusers `StableDiffusionPipeline`, same folder.
+
+The model folder is written by latentforge (`formats.save_model_folder`): a random UNet and VAE of
+a preset plus a small random CLIP text encoder with a character-level BPE vocabulary (nothing is
+downloaded), and both pipelines load that same folder. Both run DPM++ 2M (diffusers:
+`DPMSolverMultistepScheduler.from_config` of the folder's scheduler config) with classifier-free
+guidance and decode to PIL images. Before timing, one call of each from the same starting noise is
+compared (max |Δ| of the images in [0, 1]).
+
+    .venv/bin/python bench/bench_text2img.py [--preset small] [--steps 20] [--batch 4]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import string
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+
+from latentforge.config import PRESETS, ScheduleConfig  # noqa: E402
+from latentforge.formats import save_model_folder  # noqa: E402
+from latentforge.models import AutoencoderKL, UNet  # noqa: E402
+from latentforge.pipelines import Pipeline  # noqa: E402
+from latentforge.text import TextEncoder  # noqa: E402
+
+PROMPT = "a red circle on a white background"
+NEGATIVE = ""
+
+
+def write_clip(folder: Path, dim: int, layers: int = 2, seed: int = 0) -> TextEncoder:
+    """A random CLIP text model of width `dim` and a character-level CLIP BPE tokenizer (no merges)."""
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    folder.mkdir(parents=True, exist_ok=True)
+    vocab = list(string.ascii_lowercase) + [c + "</w>" for c in string.ascii_lowercase] + \
+        ["<unk>", "<|startoftext|>", "<|endoftext|>"]
+    (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}))
+    (folder / "merges.txt").write_text("#version: 0.2\n")
+    CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), unk_token="<unk>",
+                  pad_token="<|endoftext|>", model_max_length=77).save_pretrained(folder)
+    torch.manual_seed(seed)
+    cfg = CLIPTextConfig(vocab_size=len(vocab), hidden_size=dim, intermediate_size=4 * dim, num_hidden_layers=layers,
+                         num_attention_heads=max(1, dim // 64), max_position_embeddings=77,
+                         bos_token_id=len(vocab) - 2, eos_token_id=len(vocab) - 1, pad_token_id=len(vocab) - 1)
+    CLIPTextModel(cfg).save_pretrained(folder)
+    return TextEncoder.from_pretrained(str(folder))
+
+
+def write_model(folder: Path, preset: str = "small", seed: int = 0) -> Path:
+    """A latentforge model folder with random weights (perturbed off the init) and a CLIP encoder."""
+    p = PRESETS[preset]
+    torch.manual_seed(seed)
+    unet, vae = UNet(p.unet), AutoencoderKL(p.vae)
+    with torch.no_grad():
+        for m in (unet, vae):
+            for w in m.parameters():
+                w.add_(torch.randn_like(w) * 0.02)
+    text = write_clip(folder.parent / f"{folder.name}-clip", p.unet.cross_attention_dim)
+    return save_model_folder(folder, unet, vae, ScheduleConfig(), text_encoder=text)
+
+
+def load_pair(folder: Path, device: torch.device):
+    import diffusers
+
+    ours = Pipeline.from_pretrained(folder, device=device)
+    theirs = diffusers.StableDiffusionPipeline.from_pretrained(folder, safety_checker=None, feature_extractor=None,
+                                                               requires_safety_checker=False).to(device)
+    theirs.scheduler = diffusers.DPMSolverMultistepScheduler.from_config(theirs.scheduler.config)
+    theirs.set_progress_bar_config(disable=True)
+    return ours, theirs
+
+
+def run(preset: str = "small", steps: int = 20, batch: int = 4, cfg: float = 7.5, repeats: int = 5, warmup: int = 1,
+        device: str = "cpu", progress: bool = True) -> dict:
+    dev = torch.device(device)
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = write_model(Path(tmp) / "model", preset)
+        ours, theirs = load_pair(folder, dev)
+    side = ours.default_size[0]
+    latents = torch.randn(batch, ours.unet.config.in_channels, side // ours.vae.downsample_factor,
+                          side // ours.vae.downsample_factor, generator=torch.Generator().manual_seed(0))
+    common_kw = dict(steps=steps, cfg=cfg, n=batch, size=(side, side), progress=False)
+    a = ours.text2img(PROMPT, negative_prompt=NEGATIVE, latents=latents, output="pt", **common_kw)
+    b = theirs([PROMPT] * batch, negative_prompt=[NEGATIVE] * batch, num_inference_steps=steps, guidance_scale=cfg,
+               height=side, width=side, latents=latents.to(dev), output_type="pt").images
+    diff = float((a.cpu() - b.cpu()).abs().max())
+
+    arms = {
+        "latentforge": lambda: ours.text2img(PROMPT, negative_prompt=NEGATIVE, seed=0, **common_kw),
+        "diffusers": lambda: theirs([PROMPT] * batch, negative_prompt=[NEGATIVE] * batch, num_inference_steps=steps,
+                                    guidance_scale=cfg, height=side, width=side,
+                                    generator=[torch.Generator().manual_seed(i) for i in range(batch)]).images,
+    }
+    samples = common.interleaved(arms, batch, repeats, warmup, dev, progress)
+    la, di = samples["latentforge"], samples["diffusers"]
+    return {"preset": preset, "steps": steps, "batch": batch, "cfg": cfg, "size": side, "sampler": "DPM++ 2M",
+            "repeats": repeats, "warmup": warmup, "max_abs_diff": diff,
+            "latentforge": {"images_per_s": la.rate("wall"), "images_per_cpu_s": la.rate("cpu"), "wall": la.wall, "cpu": la.cpu},
+            "diffusers": {"images_per_s": di.rate("wall"), "images_per_cpu_s": di.rate("cpu"), "wall": di.wall, "cpu": di.cpu},
+            "ratio_wall": la.rate("wall") / di.rate("wall"), "ratio_cpu": la.rate("cpu") / di.rate("cpu"),
+            "paired_ratio_wall": common.paired_ratio(la, di, "wall"),
+            "paired_ratio_cpu": common.paired_ratio(la, di, "cpu")}
+
+
+def markdown(r: dict) -> str:
+    a, b = r["latentforge"], r["diffusers"]
+    return common.table(
+        ["model", "latentforge img/s (wall)", "diffusers img/s (wall)", "ratio (wall)", "latentforge img/s (CPU time)",
+         "diffusers img/s (CPU time)", "ratio (CPU time)", "paired ratio wall / CPU", "max |Δ| image"],
+        [[f"`{r['preset']}`, {r['size']}×{r['size']} px, {r['steps']} steps {r['sampler']}, CFG {r['cfg']}, "
+          f"{r['batch']} images per call", common.fmt(a["images_per_s"]), common.fmt(b["images_per_s"]),
+          f"**{r['ratio_wall']:.2f}×**", common.fmt(a["images_per_cpu_s"]), common.fmt(b["images_per_cpu_s"]),
+          f"**{r['ratio_cpu']:.2f}×**", f"{r['paired_ratio_wall']:.2f}× / {r['paired_ratio_cpu']:.2f}×",
+          f"{r['max_abs_diff']:.1e}"]])
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--preset", default="small", choices=[k for k in PRESETS if k != "sd15"])
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--batch", type=int, default=4, help="images per call")
+    p.add_argument("--cfg", type=float, default=7.5)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--json", default=None)
+    args = p.parse_args(argv)
+    common.set_threads(args.threads)
+    r = run(args.preset, args.steps, args.batch, args.cfg, args.repeats, args.warmup, args.device)
+    if args.json:
+        Path(args.json).write_text(json.dumps(r, indent=1))
+    print(markdown(r))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
