@@ -135,4 +135,6 @@ def verdict(r) -> str:
 @pytest.mark.parametrize("name", [row[0] for row in ROWS])
 def test_mistake_gives_one_error_line(results, name):
     r = results[name]
-    assert verdict(r) == "ok", f"{' '.join(map(str, r['argv']))}\n -> exit {r['code']}:\n" + "\n".join(r["lines"][-8:])
+    v = verdict(r)
+    assert v == "ok", f"{v}: latentforge {' '.join(map(str, r['argv']))} -> exit {r['code']}: " + " / ".join(
+        r["lines"][-3:])

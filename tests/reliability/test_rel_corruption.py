@@ -111,6 +111,6 @@ def test_a_flipped_bit_in_the_cache_is_detected_before_training(world, tmp_path,
     argv[argv.index("--cache") + 1] = str(cache)
     code, lines = run_cli(argv, capsys)
     ok = clear_error(code, lines, flipped["file"]) == "ok"
-    record(f"corrupt_cache_{what.replace(' ', '_')}", flipped=flipped, exit_code=code, stderr=lines,
-           outcome="refused" if ok else ("SILENTLY USED" if code == 0 else f"failed badly (exit {code})"))
-    assert names in flipped["file"] and ok, (code, lines)
+    outcome = "refused" if ok else ("SILENTLY USED" if code == 0 else f"failed badly (exit {code})")
+    record(f"corrupt_cache_{what.replace(' ', '_')}", flipped=flipped, exit_code=code, stderr=lines, outcome=outcome)
+    assert names in flipped["file"] and ok, f"{outcome}: {flipped}, exit {code}, stderr {lines}"

@@ -80,7 +80,8 @@ def test_disk_full_while_writing_a_checkpoint(world, tmp_path, monkeypatch, caps
     record(f"disk_full_checkpoint_{how}", how=mode, filesystem_bytes=int(ckpt_bytes * 1.5) if resize else None,
            checkpoint_bytes=ckpt_bytes, exit_code=code, stderr=lines, folders_after_failure=left,
            resumed_to_step=MAX_STEPS, tensors_bitwise_equal=n)
-    assert clear_error(code, lines, "space") == "ok", (code, lines)  # exit 2, one "error: ... space ..." line
+    v = clear_error(code, lines, "space")  # exit 2, one "error: ... space ..." line
+    assert v == "ok", f"{v}; stderr {lines}"
 
 
 # ---- cache shards ------------------------------------------------------------------------------
@@ -155,4 +156,5 @@ def test_disk_full_while_writing_a_cache_shard(world, tmp_path, monkeypatch, cap
     record(f"disk_full_cache_{how}", how=mode, exit_code=code, stderr=lines,
            old_cache_still_opens=still_usable, files_left_by_the_failed_run=leftovers,
            rerun=summary.splitlines()[0])
-    assert clear_error(code, lines, "space") == "ok", (code, lines)  # exit 2, one "error: ... space ..." line
+    v = clear_error(code, lines, "space")  # exit 2, one "error: ... space ..." line
+    assert v == "ok", f"{v}; stderr {lines}"
