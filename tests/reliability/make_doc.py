@@ -62,7 +62,7 @@ SECTIONS = [
      "Real PyTorch checkpoints whose pickle calls `open(MARKER, 'w')` when unpickled are handed to every "
      "entry point that reads weights. Each must fail with one `error:` line naming the file (exit 2) and the "
      "marker must not exist; finally the same file is unpickled unsafely and the marker appears (the payload "
-     "is live).", "untrusted"),
+     "is live). A static check covers the load paths no entry point reaches.", "untrusted"),
     ("7. Command-line mistakes", "test_rel_cli_mistakes.py", "",
      "A table of mistakes, each a child `python -m latentforge ...`: non-zero exit, no traceback, and stderr "
      "exactly one line `error: ...` containing the flag / key / file at fault.", "cli_mistakes"),
@@ -148,11 +148,19 @@ def figures_for(folder: Path, prefix: str) -> list[str]:
         return [f"Figures: {d['one_clear_line']} of {d['rows']} mistakes gave one clear `error:` line.", ""] + \
             table(rows) + [""]
     if prefix == "untrusted":
-        d = json.loads(found[0].read_text())
-        rows = [{"entry point": k, "what the user sees": v} for k, v in d["errors"].items()]
-        return [f"Figures: {d['entry_points']} entry points; payload ran when unpickled unsafely: "
-                f"{d['payload_ran_when_unpickled_unsafely']}; problems: {len(d['problems'])}.", ""] + \
-            table(rows) + [""]
+        lines = []
+        if (folder / "untrusted.json").is_file():
+            d = json.loads((folder / "untrusted.json").read_text())
+            rows = [{"entry point": k, "what the user sees": v} for k, v in d["errors"].items()]
+            lines += [f"Figures: {d['entry_points']} entry points; payload ran when unpickled unsafely: "
+                      f"{d['payload_ran_when_unpickled_unsafely']}; problems: {len(d['problems'])}.", ""]
+            lines += table(rows) + [""]
+        if (folder / "untrusted_static.json").is_file():
+            d = json.loads((folder / "untrusted_static.json").read_text())
+            lines += [f"Static check of src/latentforge: `torch.load` calls {clean(d['torch_load_calls'])} "
+                      f"(each must pass weights_only=True), no pickle/marshal loads, no np.load(allow_pickle=True);"
+                      f" problems: {clean(d['problems'])}.", ""]
+        return lines
     if prefix == "bad_data":
         lines = []
         for f in found:

@@ -128,3 +128,30 @@ def test_pickle_payloads_are_refused_and_never_run(tmp_path, files, world, capsy
     record("untrusted", entry_points=len(seen), errors=seen, problems=problems,
            payload_ran_when_unpickled_unsafely=True)
     assert not problems, "\n".join(problems)
+
+
+def test_no_load_path_in_the_package_can_unpickle():
+    """Static guard for the paths the test above cannot reach: every `torch.load` in src/latentforge passes
+    weights_only=True, nothing calls pickle/marshal/dill loads, and no `np.load` allows pickles."""
+    import ast
+
+    src = Path(__file__).resolve().parents[2] / "src" / "latentforge"
+    found, bad = [], []
+    for path in sorted(src.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if not isinstance(node, ast.Call):
+                continue
+            name = ast.unparse(node.func)
+            kw = {k.arg: ast.unparse(k.value) for k in node.keywords}
+            where = f"{path.relative_to(src)}:{node.lineno} {name}"
+            if name.endswith("torch.load") or name == "torch.serialization.load":
+                found.append(where)
+                if kw.get("weights_only") != "True":
+                    bad.append(f"{where} without weights_only=True")
+            elif name.split(".")[-1] in ("load", "loads", "Unpickler") and name.split(".")[0] in (
+                    "pickle", "cPickle", "marshal", "dill", "joblib", "_pickle"):
+                bad.append(f"{where}: unpickles")
+            elif name in ("np.load", "numpy.load") and kw.get("allow_pickle") not in (None, "False"):
+                bad.append(f"{where} with allow_pickle={kw['allow_pickle']}")
+    record("untrusted_static", torch_load_calls=found, problems=bad)
+    assert not bad, bad
