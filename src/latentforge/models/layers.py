@@ -194,10 +194,16 @@ class GEGLU(nn.Module):
 
     def __init__(self, dim_in: int, dim_out: int):
         super().__init__()
+        self.dim_out = dim_out
         self.proj = nn.Linear(dim_in, dim_out * 2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h, gate = self.proj(x).chunk(2, dim=-1)  # 2 × (B, N, dim_out)
+        # One GEMM per half of the weight, not one GEMM then .chunk(2): the halves come out contiguous
+        # (no strided elementwise ops) and backward needs no concatenation of their gradients.
+        # Same FLOPs; fwd+bwd of the 64-channel feed-forward is ~25 % faster on CPU (docs/BENCHMARKS.md).
+        w, b, n = self.proj.weight, self.proj.bias, self.dim_out
+        h = F.linear(x, w[:n], b[:n])  # (B, N, dim_out)
+        gate = F.linear(x, w[n:], b[n:])  # (B, N, dim_out)
         return h * F.gelu(gate)
 
 
