@@ -27,9 +27,10 @@ ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 SECTIONS = [
     ("1. kill -9 at three seeded-random training steps", "test_rel_train_faults.py", "test_kill_9_at_a_random",
-     "A child `python -m latentforge train` (tiny preset, 8 latents, batch 4, 24 steps, a checkpoint every 4) "
-     "is killed with SIGKILL once `metrics.jsonl` shows the target step (drawn with `random.Random(2024)`). "
-     "`train --resume` then runs to step 24; its model and EMA tensors must equal the uninterrupted run's bit "
+     "A child `python -m latentforge train` (tiny preset, class-conditional, 8 latents, batch 4, constant LR "
+     "after 2 warmup steps, a checkpoint every 4; `max_steps=1000`, which a constant LR makes bookkeeping, so the "
+     "child cannot finish before the kill) is killed with SIGKILL once `metrics.jsonl` shows the target step "
+     "(drawn with `random.Random(2024)`). `train --resume` with `max_steps=24` then runs to step 24; its model and EMA tensors must equal the uninterrupted run's bit "
      "for bit, and its logged losses must equal the reference's, step for step.", "kill9_step"),
     ("2. kill -9 while a checkpoint is being written", "test_rel_train_faults.py", "test_kill_9_while_writing",
      "A wrapper around the real CLI SIGKILLs the process at three moments of writing checkpoint step-12: "
