@@ -260,7 +260,7 @@ def test_bad_files_go_to_skipped_jsonl_and_strict_fails(tmp_path):
 
 def test_bad_arguments_are_user_errors(tmp_path):
     d = data(tmp_path, 1)
-    with pytest.raises(UserError, match="--size 30: must be a multiple"):
+    with pytest.raises(UserError, match="--size 30: must be a positive multiple"):
         build_cache(d, tiny_vae(), None, str(tmp_path / "c"), size=30, progress=False)
     os.makedirs(tmp_path / "other")
     (tmp_path / "other" / "thesis.tex").write_text("important")

@@ -88,7 +88,20 @@ def read_manifest(cache_dir: str) -> Optional[dict]:
         raise CacheCorruptError(f"{path}: not valid JSON ({e}) — delete the cache folder and rebuild it") from None
     if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
         raise UserError(f"{path}: not a latentforge latent cache (version {VERSION}) — pick another --out folder")
+    if manifest.pop("sha256", None) != _manifest_hash(manifest):
+        raise CacheCorruptError(f"{path}: checksum mismatch, the manifest is corrupt — delete the cache folder "
+                                "and rebuild it")
     return manifest
+
+
+def _manifest_hash(manifest: dict) -> str:
+    """sha256 of the manifest's canonical JSON (without its own checksum field)."""
+    body = json.dumps(manifest, sort_keys=True, separators=(",", ":")).encode("utf-8")
+    return hashlib.sha256(body).hexdigest()
+
+
+def _write_manifest(path: str, manifest: dict) -> None:
+    write_json(path, {**manifest, "sha256": _manifest_hash(manifest)})
 
 
 def _check_out_folder(out: str) -> Optional[dict]:
@@ -123,7 +136,8 @@ def build_cache(data_dir: str, vae, text_encoder: Union[str, object, None] = "de
     """
     size = int(size or vae.config.sample_size)
     if size % vae.downsample_factor or size < vae.downsample_factor:
-        raise UserError(f"--size {size}: must be a multiple of the VAE's downsampling factor {vae.downsample_factor}")
+        raise UserError(f"--size {size}: must be a positive multiple of the VAE's downsampling factor "
+                        f"{vae.downsample_factor}")
     if batch_size < 1 or shard_size < 1:
         raise UserError(f"--batch-size {batch_size} / --shard-size {shard_size}: must be at least 1")
     old = _check_out_folder(out)
@@ -149,7 +163,7 @@ def build_cache(data_dir: str, vae, text_encoder: Union[str, object, None] = "de
     manifest_path = os.path.join(out, MANIFEST)
 
     def save_manifest():
-        write_json(manifest_path, {**state, "latents": latents.state(), "text": texts.state()})
+        _write_manifest(manifest_path, {**state, "latents": latents.state(), "text": texts.state()})
 
     latents = ShardStore(out, "latent", (old or {}).get("latents"), shard_size, save_manifest)
     texts = ShardStore(out, "text", (old or {}).get("text"), shard_size, save_manifest)

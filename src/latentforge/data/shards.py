@@ -41,11 +41,17 @@ def fsync_dir(folder: str) -> None:
 def atomic_write(path: str, write: Callable) -> None:
     """write(f) into `path.tmp-<pid>`, fsync, then rename onto `path` (atomic on POSIX)."""
     tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "wb") as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:  # disk full, quota, read-only: the old file (if any) is untouched
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise UserError(f"{path}: cannot write ({e.strerror or e}) — free disk space (or fix permissions) "
+                        "and re-run; finished shards are kept") from None
     fsync_dir(os.path.dirname(os.path.abspath(path)))
 
 

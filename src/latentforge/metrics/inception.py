@@ -18,6 +18,7 @@ or the environment variable LATENTFORGE_INCEPTION_WEIGHTS.
 from __future__ import annotations
 
 import os
+import pickle
 from pathlib import Path
 
 import torch
@@ -217,8 +218,12 @@ def _read_state_dict(path: Path) -> dict:
         return load_file(str(path))
     try:
         sd = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:  # weights_only refused a code-running pickle; it never ran
+        raise UserError(f"{path}: refused — the file's pickle holds more than tensors (weights_only=True) — "
+                        f"use {WEIGHTS_NAME} or a .safetensors copy of it") from None
     except Exception as e:  # a corrupt or non-tensor file: the user's to fix
-        raise UserError(f"{path}: cannot read Inception weights ({type(e).__name__}: {e}) — "
+        first_line = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise UserError(f"{path}: cannot read Inception weights ({type(e).__name__}: {first_line}) — "
                         f"expected {WEIGHTS_NAME} or a .safetensors copy of it") from None
     if not isinstance(sd, dict):
         raise UserError(f"{path}: not a state dict — expected {WEIGHTS_NAME}")
