@@ -30,7 +30,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_cache  # noqa: E402  (the data engineer's epoch functions)
-import common  # noqa: E402
+import bench_common as common  # noqa: E402
 
 from latentforge.config import PRESETS, TrainConfig, replace  # noqa: E402
 from latentforge.data import shapes, sources  # noqa: E402

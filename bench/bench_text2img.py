@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common  # noqa: E402
+import bench_common as common  # noqa: E402
 
 from latentforge.config import PRESETS, ScheduleConfig  # noqa: E402
 from latentforge.formats import save_model_folder  # noqa: E402

@@ -28,19 +28,20 @@ the device (only known for GPUs; `--peak-tflops` sets it).
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import re
 import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Dict, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common  # noqa: E402
+import bench_common as common  # noqa: E402
 
 from latentforge.config import PRESETS, ScheduleConfig, TrainConfig, UNetConfig  # noqa: E402
 from latentforge.models import UNet  # noqa: E402
@@ -131,10 +132,14 @@ def train_flops_per_image(cfg: BenchConfig) -> float:
 # ---- the two training steps -----------------------------------------------------------------
 
 
-def ours_step(model, cfg: BenchConfig, device: torch.device, dtype):
+def ours_step(model, cfg: BenchConfig, device: torch.device, dtype, optimizer=None, channels_last: bool = False):
+    """latentforge's step. `optimizer`/`channels_last` are for the ablation arms only (see ABLATIONS)."""
     x0, noise, t, ctx = make_batch(cfg, device)
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+        x0, noise = x0.to(memory_format=torch.channels_last), noise.to(memory_format=torch.channels_last)
     ac = NoiseSchedule.from_config(ScheduleConfig()).alphas_cumprod.to(device)
-    opt = make_optimizer(model, TrainConfig(lr=1e-4), device)
+    opt = optimizer(model) if optimizer else make_optimizer(model, TrainConfig(lr=1e-4), device)
     batch, draws = Batch(latent=x0, context=ctx), Draws(t=t, noise=noise, drop=torch.zeros_like(t, dtype=torch.bool))
 
     def step():
@@ -168,6 +173,47 @@ def diffusers_step(model, cfg: BenchConfig, device: torch.device, dtype):
 
 
 ARMS = {"latentforge": ("ours", ours_step), "diffusers": ("theirs", diffusers_step)}
+
+# What one more optimisation would buy, each on top of latentforge as `latentforge train` runs it
+# (extra arms in the same interleaved rounds, on a copy of the same weights).
+ABLATIONS = {
+    "latentforge + fused AdamW": dict(optimizer=lambda m: torch.optim.AdamW(m.parameters(), lr=1e-4, weight_decay=0.01,
+                                                                            fused=True)),
+    "latentforge + channels_last": dict(channels_last=True),
+}
+
+
+# ---- where the time goes --------------------------------------------------------------------
+
+CATEGORIES = {  # aten op name fragments -> category (first match wins)
+    "convolution": ("convolution",),
+    "GEMM (linear, matmul)": ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm"),
+    "attention (SDPA kernel)": ("scaled_dot_product", "flash_attention"),
+    "optimizer": ("adam", "_foreach", "lerp", "addcdiv", "addcmul", "sqrt"),
+    "normalisation": ("group_norm", "layer_norm"),
+    "copies (copy/cat/pad)": ("copy_", "aten::cat", "pad", "clone", "contiguous"),
+}
+
+
+def profile_breakdown(steps: Dict[str, object], n: int = 2) -> Dict[str, Dict[str, float]]:
+    """ms per step by op category (torch.profiler self CPU time of aten ops), for each arm."""
+    from torch.profiler import ProfilerActivity, profile
+
+    out = {}
+    for name, step in steps.items():
+        step()
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in range(n):
+                step()
+        cats = {c: 0.0 for c in [*CATEGORIES, "other (elementwise, reductions, …)"]}
+        for e in prof.key_averages():
+            if not e.key.startswith("aten::"):
+                continue
+            cat = next((c for c, keys in CATEGORIES.items() if any(k in e.key for k in keys)),
+                       "other (elementwise, reductions, …)")
+            cats[cat] += e.self_cpu_time_total / 1e3 / n
+        out[name] = cats
+    return out
 
 
 # ---- memory (one arm per subprocess) --------------------------------------------------------
@@ -228,7 +274,9 @@ def run_memory_subprocess(arm: str, config: str, device: str, dtype: str) -> dic
 
 def run(configs=("small", "issue7"), device: str = "cpu", dtype: str = "fp32", repeats: int = 7, warmup: int = 2,
         steps_per_sample: int = 1, memory: bool = True, batch: Optional[int] = None,
-        peak_tflops: Optional[float] = None, progress: bool = True) -> dict:
+        peak_tflops: Optional[float] = None, progress: bool = True, ablations: Sequence[str] = (),
+        profile: Sequence[str] = ()) -> dict:
+    """Both arms on each config; `ablations`/`profile`: the configs that also get ABLATIONS arms / a profile."""
     dev = torch.device(device)
     results = []
     for name in configs:
@@ -240,21 +288,32 @@ def run(configs=("small", "issue7"), device: str = "cpu", dtype: str = "fp32", r
         diff = max_difference(ours, theirs, cfg, dev)
         steps = {"latentforge": ours_step(ours, cfg, dev, DTYPES[dtype]),
                  "diffusers": diffusers_step(theirs, cfg, dev, DTYPES[dtype])}
+        if name in ablations:
+            for arm, kw in ABLATIONS.items():
+                steps[arm] = ours_step(copy.deepcopy(ours), cfg, dev, DTYPES[dtype], **kw)
+        breakdown = profile_breakdown({k: steps[k] for k in ARMS}) if name in profile else None
         arms = {k: (lambda f=f: [f() for _ in range(steps_per_sample)]) for k, f in steps.items()}
         samples = common.interleaved(arms, cfg.batch * steps_per_sample, repeats, warmup, dev, progress)
         del ours, theirs, steps, arms
         flops = train_flops_per_image(cfg)
         row = {"config": name, "note": cfg.note, "batch": cfg.batch, "latent": cfg.latent, "max_abs_diff": diff,
+               "profile": breakdown,
                "flops_per_image": flops, "params": sum(p.numel() for p in UNet(cfg.unet).parameters())
                if name != "sd15" else None}
-        for arm, s in samples.items():
+        for arm in ARMS:
+            s = samples[arm]
             row[arm] = {"images_per_s": s.rate("wall"), "images_per_cpu_s": s.rate("cpu"), "wall": s.wall, "cpu": s.cpu,
-                        "gflops_per_s": flops * s.rate("wall") / 1e9}
+                        "gflops_per_s": flops * s.rate("wall") / 1e9, "gflops_per_cpu_s": flops * s.rate("cpu") / 1e9}
         a, b = samples["latentforge"], samples["diffusers"]
         row["ratio_wall"] = a.rate("wall") / b.rate("wall")
         row["ratio_cpu"] = a.rate("cpu") / b.rate("cpu")
         row["paired_ratio_wall"] = common.paired_ratio(a, b, "wall")
         row["paired_ratio_cpu"] = common.paired_ratio(a, b, "cpu")
+        row["ablations"] = {arm: {"images_per_s": s.rate("wall"), "images_per_cpu_s": s.rate("cpu"),
+                                  "vs_latentforge_cpu": common.paired_ratio(s, a, "cpu"),
+                                  "vs_diffusers_cpu": common.paired_ratio(s, b, "cpu"),
+                                  "vs_diffusers_wall": common.paired_ratio(s, b, "wall"), "wall": s.wall, "cpu": s.cpu}
+                            for arm, s in samples.items() if arm not in ARMS}
         peak = peak_tflops or gpu_peak_tflops(dev, dtype)
         if peak:
             for arm in ARMS:
@@ -275,12 +334,19 @@ def gpu_peak_tflops(device: torch.device, dtype: str) -> Optional[float]:
     return next((v for k, v in GPU_PEAK_BF16_TFLOPS.items() if k in name), None)
 
 
+def sd15_parameters() -> int:
+    with torch.device("meta"):
+        return sum(p.numel() for p in UNet(CONFIGS["sd15"].unet).parameters())
+
+
 def sd15_flops_per_image() -> float:
     """Training FLOPs (forward + backward) of the SD 1.5 UNet on one 64×64 latent, 77-token context."""
     return train_flops_per_image(CONFIGS["sd15"])
 
 
 def markdown(res: dict) -> str:
+    # CPU: FLOP/s per second of process CPU time (what one core does); GPU: per second of wall time.
+    gf, gf_name = ("gflops_per_s", "wall") if res["device"].startswith("cuda") else ("gflops_per_cpu_s", "CPU time")
     rows = []
     for r in res["rows"]:
         a, b = r["latentforge"], r["diffusers"]
@@ -289,17 +355,40 @@ def markdown(res: dict) -> str:
                      common.fmt(b["images_per_s"]), f"**{r['ratio_wall']:.2f}×**", common.fmt(a["images_per_cpu_s"]),
                      common.fmt(b["images_per_cpu_s"]), f"**{r['ratio_cpu']:.2f}×**",
                      f"{r['paired_ratio_wall']:.2f}× / {r['paired_ratio_cpu']:.2f}×", mem(a), mem(b),
-                     f"{a['gflops_per_s']:.1f} / {b['gflops_per_s']:.1f}", f"{r['max_abs_diff']:.1e}"])
+                     f"{a[gf]:.1f} / {b[gf]:.1f}", f"{r['max_abs_diff']:.1e}"])
     header = ["config", "latentforge img/s (wall)", "diffusers img/s (wall)", "ratio (wall)",
               "latentforge img/s (CPU time)", "diffusers img/s (CPU time)", "ratio (CPU time)",
               "paired ratio wall / CPU", "step peak MiB latentforge", "step peak MiB diffusers",
-              "GFLOP/s latentforge / diffusers", "max |Δ| fwd"]
+              f"GFLOP/s ({gf_name}) latentforge / diffusers", "max |Δ| fwd"]
     out = [common.table(header, rows)]
     if any("mfu" in r["latentforge"] for r in res["rows"]):
         out.append("")
         out.append(common.table(["config", "MFU latentforge", "MFU diffusers", "peak TFLOP/s"],
                                 [[r["config"], f"{r['latentforge'].get('mfu', 0):.1%}", f"{r['diffusers'].get('mfu', 0):.1%}",
                                   res["peak_tflops"]] for r in res["rows"]]))
+    return "\n".join(out)
+
+
+def markdown_ablations(res: dict) -> str:
+    rows = [[f"`{r['config']}`", arm, common.fmt(a["images_per_cpu_s"]), f"{a['vs_latentforge_cpu']:.3f}×",
+             f"**{a['vs_diffusers_cpu']:.2f}×**", f"{a['vs_diffusers_wall']:.2f}×"]
+            for r in res["rows"] for arm, a in r["ablations"].items()]
+    return common.table(["config", "arm", "img/s (CPU time)", "vs latentforge as trained (paired, CPU)",
+                         "vs diffusers (paired, CPU)", "vs diffusers (paired, wall)"], rows) if rows else ""
+
+
+def markdown_profile(res: dict) -> str:
+    rows, out = [], []
+    for r in res["rows"]:
+        if not r.get("profile"):
+            continue
+        p = r["profile"]
+        cats = list(p["latentforge"])
+        tot = {arm: sum(p[arm].values()) for arm in p}
+        for c in cats + ["total"]:
+            vals = {arm: tot[arm] if c == "total" else p[arm][c] for arm in p}
+            rows.append([f"`{r['config']}`", c] + [f"{vals[arm]:.0f} ({100 * vals[arm] / tot[arm]:.0f} %)" for arm in p])
+        out.append(common.table(["config", "op category", "latentforge ms/step (share)", "diffusers ms/step (share)"], rows))
     return "\n".join(out)
 
 
@@ -315,6 +404,8 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=1, help="torch threads (0 = torch's default)")
     p.add_argument("--no-memory", action="store_true")
     p.add_argument("--peak-tflops", type=float, default=None, help="device peak for MFU (default: known GPUs, bf16)")
+    p.add_argument("--ablations", default="", help="configs that also get the ABLATIONS arms (e.g. issue7)")
+    p.add_argument("--profile", default="", help="configs whose step is also profiled by op category")
     p.add_argument("--json", default=None, help="also write the raw results here")
     p.add_argument("--memory-arm", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -323,12 +414,16 @@ def main(argv=None) -> int:
     if args.memory_arm:
         print(json.dumps(measure_memory(args.memory_arm, configs[0], args.device, args.dtype)))
         return 0
+    split = lambda v: [c for c in v.split(",") if c]  # noqa: E731
     res = run(configs, args.device, args.dtype, args.repeats, args.warmup, args.steps_per_sample, not args.no_memory,
-              args.batch or None, args.peak_tflops)
+              args.batch or None, args.peak_tflops, ablations=split(args.ablations), profile=split(args.profile))
     res["flops_sd15_64"] = sd15_flops_per_image()
     if args.json:
         Path(args.json).write_text(json.dumps(res, indent=1))
     print(markdown(res))
+    for extra in (markdown_ablations(res), markdown_profile(res)):
+        if extra:
+            print("\n" + extra)
     print(f"\nSD 1.5 UNet, 64×64 latent: {res['flops_sd15_64'] / 1e12:.2f} TFLOP per image per training step")
     return 0
 
