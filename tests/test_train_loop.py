@@ -47,10 +47,10 @@ def weights(run_dir, step):
     return load_file(str(d / "model.safetensors")), load_file(str(d / "ema.safetensors"))
 
 
-def assert_bitwise(a, b):
+def assert_bitwise(a, b, what=""):
     assert a.keys() == b.keys()
     for k in a:
-        assert torch.equal(a[k], b[k]), k
+        assert torch.equal(a[k], b[k]), f"{what} {k}: max |diff| {(a[k] - b[k]).abs().max().item():.3g}"
 
 
 def test_stream_is_every_latent_once_per_epoch():
@@ -74,7 +74,7 @@ def test_resume_mid_epoch_and_at_epoch_boundary_is_bitwise(tmp_path):
         res = run(part, ["max_steps=10"], resume=True)
         assert res.step == 10
         for a, b in zip(weights(part, 10), final):
-            assert_bitwise(a, b)
+            assert_bitwise(a, b, f"resumed at {k}:")
         losses = [json.loads(l)["loss"] for l in (part / "metrics.jsonl").read_text().splitlines()]
         full_losses = [json.loads(l)["loss"] for l in (full / "metrics.jsonl").read_text().splitlines()]
         assert losses == full_losses[k:]
@@ -179,7 +179,7 @@ def test_killed_process_resumes_bitwise(tmp_path):
         assert 4 <= k < 14, k
         assert run(out, opts + ["max_steps=14"], resume=True).step == 14  # resumed here, in-process
         for a, b in zip(weights(out, 14), weights(ref, 14)):
-            assert_bitwise(a, b)
+            assert_bitwise(a, b, f"{how} at step {k}:")
 
 
 def test_grad_accumulation_equals_the_larger_batch(tmp_path):

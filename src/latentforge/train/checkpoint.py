@@ -102,7 +102,10 @@ def prune(ckpt_root, keep: int) -> None:
     if keep <= 0:
         return
     for step in complete_steps(ckpt_root)[:-keep]:
-        shutil.rmtree(Path(ckpt_root) / f"step-{step}", ignore_errors=True)
+        # Rename first (atomic), then delete: a kill mid-delete never leaves a `step-N` missing files.
+        doomed = Path(ckpt_root) / f".tmp-step-{step}-pruned-{os.getpid()}"
+        (Path(ckpt_root) / f"step-{step}").rename(doomed)
+        shutil.rmtree(doomed, ignore_errors=True)
 
 
 def verify(ckpt_dir) -> None:
