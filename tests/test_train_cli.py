@@ -80,6 +80,7 @@ def test_train_text_end_to_end(world, tmp_path, capfd):
     assert "loss=" in err and "img_s=" in err and "<" in err  # the bar: loss, images/s, elapsed<ETA
     losses = [r["loss"] for r in rows(run)]
     first, last = sum(losses[:20]) / 20, sum(losses[-20:]) / 20
+    print(f"loss (mean of 20 steps) {first:.4f} -> {last:.4f}: -{1 - last / first:.0%}")
     assert last <= 0.7 * first, (first, last)  # the loss falls by at least 30 %
 
     assert {p.name for p in run.iterdir()} >= {"config.toml", "model", "checkpoints", "samples", "logs",
