@@ -27,7 +27,7 @@ def test_demo_tiny_writes_everything(tmp_path, capsys):
     for stage, seconds in summary["seconds"].items():
         assert re.search(rf"\| {stage} \| {seconds:.1f} \|", report), stage
     grid = Image.open(out / "grid.png")
-    assert grid.size == (8 * (96 + 8), 3 * (96 + 8 + 34))  # 24 prompts, 8 per row
+    assert grid.size == (8 * (96 + 8), 3 * (96 + 8 + 58))  # 24 prompts, 8 per row
     assert "all-attribute accuracy: seen" in capsys.readouterr().out
     # A second run into the same folder replaces the old demo; a foreign folder is refused.
     foreign = tmp_path / "mine"

@@ -119,7 +119,7 @@ def caption_grid(images: Sequence[Image.Image], labels: Sequence[str], marked: S
     border and `mark_label` in red."""
     marked = marked or [False] * len(images)
     font = ImageFont.load_default()
-    text_h, pad = 34, 4
+    text_h, pad = 58, 4
     rows = (len(images) + cols - 1) // cols
     w, h = cell + 2 * pad, cell + 2 * pad + text_h
     grid = Image.new("RGB", (cols * w, rows * h), (255, 255, 255))
@@ -129,7 +129,7 @@ def caption_grid(images: Sequence[Image.Image], labels: Sequence[str], marked: S
         if mark:
             draw.rectangle((x, y, x + w - 1, y + cell + 2 * pad - 1), fill=(220, 0, 0))
         grid.paste(img.convert("RGB").resize((cell, cell), Image.Resampling.NEAREST), (x + pad, y + pad))
-        lines = _wrap(label, chars=max(8, cell // 6))[:2 if mark else 3]
+        lines = _wrap(label, chars=max(8, cell // 6))[:4]
         if mark:
             lines = [mark_label] + lines
         for j, line in enumerate(lines):
