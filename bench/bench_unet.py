@@ -33,7 +33,7 @@ import json
 import re
 import sys
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Dict, Optional, Sequence
 
@@ -225,7 +225,7 @@ def _status_mib(key: str) -> float:
     return int(re.search(rf"{key}:\s+(\d+) kB", text).group(1)) / 1024
 
 
-def measure_memory(arm: str, config: str, device: str, dtype: str, steps: int = 2) -> dict:
+def measure_memory(arm: str, config: str, device: str, dtype: str, batch: int = 0, steps: int = 2) -> dict:
     """In a fresh process: build one arm, warm it up, then the peak memory of `steps` training steps
     above what stays resident between steps (weights, AdamW state, allocator caches).
 
@@ -234,7 +234,7 @@ def measure_memory(arm: str, config: str, device: str, dtype: str, steps: int = 
     returns every freed tensor to the OS at once (RSS then follows the live tensors, not the heap).
     CUDA: `max_memory_allocated` after `reset_peak_memory_stats`.
     """
-    dev, cfg = torch.device(device), CONFIGS[config]
+    dev, cfg = torch.device(device), CONFIGS[config] if not batch else replace(CONFIGS[config], batch=batch)
     torch.manual_seed(0)
     if arm == "latentforge":
         model = UNet(cfg.unet).to(dev).train()
@@ -263,10 +263,10 @@ def measure_memory(arm: str, config: str, device: str, dtype: str, steps: int = 
     return {"arm": arm, "step_peak_mib": _status_mib("VmHWM") - before, "resident_mib": before, "method": "rss"}
 
 
-def run_memory_subprocess(arm: str, config: str, device: str, dtype: str) -> dict:
+def run_memory_subprocess(arm: str, config: str, device: str, dtype: str, batch: int) -> dict:
     env = {"MALLOC_MMAP_THRESHOLD_": "65536"}
-    return common.run_json_subprocess([str(Path(__file__)), "--memory-arm", arm, "--configs", config,
-                                       "--device", device, "--dtype", dtype], env=env)
+    return common.run_json_subprocess([str(Path(__file__)), "--memory-arm", arm, "--configs", config, "--batch",
+                                       str(batch), "--device", device, "--dtype", dtype], env=env)
 
 
 # ---- the benchmark --------------------------------------------------------------------------
@@ -278,53 +278,56 @@ def run(configs=("small", "issue7"), device: str = "cpu", dtype: str = "fp32", r
         profile: Sequence[str] = ()) -> dict:
     """Both arms on each config; `ablations`/`profile`: the configs that also get ABLATIONS arms / a profile."""
     dev = torch.device(device)
-    results = []
+    peak = peak_tflops or gpu_peak_tflops(dev, dtype)
+    rows = []
     for name in configs:
-        cfg = CONFIGS[name]
-        if batch:
-            cfg = BenchConfig(cfg.unet, batch, cfg.latent, cfg.context_len, cfg.note)
-        with tempfile.TemporaryDirectory() as tmp:
-            ours, theirs = make_pair(cfg, Path(tmp) / "unet", dev)
-        diff = max_difference(ours, theirs, cfg, dev)
-        steps = {"latentforge": ours_step(ours, cfg, dev, DTYPES[dtype]),
-                 "diffusers": diffusers_step(theirs, cfg, dev, DTYPES[dtype])}
-        if name in ablations:
-            for arm, kw in ABLATIONS.items():
-                steps[arm] = ours_step(copy.deepcopy(ours), cfg, dev, DTYPES[dtype], **kw)
-        breakdown = profile_breakdown({k: steps[k] for k in ARMS}) if name in profile else None
-        arms = {k: (lambda f=f: [f() for _ in range(steps_per_sample)]) for k, f in steps.items()}
-        samples = common.interleaved(arms, cfg.batch * steps_per_sample, repeats, warmup, dev, progress)
-        del ours, theirs, steps, arms
-        flops = train_flops_per_image(cfg)
-        row = {"config": name, "note": cfg.note, "batch": cfg.batch, "latent": cfg.latent, "max_abs_diff": diff,
-               "profile": breakdown,
-               "flops_per_image": flops, "params": sum(p.numel() for p in UNet(cfg.unet).parameters())
-               if name != "sd15" else None}
+        cfg = CONFIGS[name] if not batch else replace(CONFIGS[name], batch=batch)
+        row = compare(name, cfg, dev, DTYPES[dtype], repeats, warmup, steps_per_sample, progress,
+                      with_ablations=name in ablations, with_profile=name in profile)
         for arm in ARMS:
-            s = samples[arm]
-            row[arm] = {"images_per_s": s.rate("wall"), "images_per_cpu_s": s.rate("cpu"), "wall": s.wall, "cpu": s.cpu,
-                        "gflops_per_s": flops * s.rate("wall") / 1e9, "gflops_per_cpu_s": flops * s.rate("cpu") / 1e9}
-        a, b = samples["latentforge"], samples["diffusers"]
-        row["ratio_wall"] = a.rate("wall") / b.rate("wall")
-        row["ratio_cpu"] = a.rate("cpu") / b.rate("cpu")
-        row["paired_ratio_wall"] = common.paired_ratio(a, b, "wall")
-        row["paired_ratio_cpu"] = common.paired_ratio(a, b, "cpu")
-        row["ablations"] = {arm: {"images_per_s": s.rate("wall"), "images_per_cpu_s": s.rate("cpu"),
-                                  "vs_latentforge_cpu": common.paired_ratio(s, a, "cpu"),
-                                  "vs_diffusers_cpu": common.paired_ratio(s, b, "cpu"),
-                                  "vs_diffusers_wall": common.paired_ratio(s, b, "wall"), "wall": s.wall, "cpu": s.cpu}
-                            for arm, s in samples.items() if arm not in ARMS}
-        peak = peak_tflops or gpu_peak_tflops(dev, dtype)
-        if peak:
-            for arm in ARMS:
+            if peak:
                 row[arm]["mfu"] = row[arm]["gflops_per_s"] / (peak * 1e3)
-        if memory:
-            for arm in ARMS:
-                row[arm]["memory"] = run_memory_subprocess(arm, name, device, dtype)
-        results.append(row)
+            if memory:
+                row[arm]["memory"] = run_memory_subprocess(arm, name, device, dtype, cfg.batch)
+        rows.append(row)
     return {"device": device, "dtype": dtype, "repeats": repeats, "warmup": warmup,
-            "steps_per_sample": steps_per_sample, "peak_tflops": peak_tflops or gpu_peak_tflops(dev, dtype),
-            "rows": results}
+            "steps_per_sample": steps_per_sample, "peak_tflops": peak, "rows": rows}
+
+
+def compare(name: str, cfg: BenchConfig, dev: torch.device, dtype, repeats: int, warmup: int, steps_per_sample: int,
+            progress: bool, with_ablations: bool, with_profile: bool) -> dict:
+    """One config: equality check, optional profile, interleaved timing of both arms (+ ablation arms)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        ours, theirs = make_pair(cfg, Path(tmp) / "unet", dev)
+    diff = max_difference(ours, theirs, cfg, dev)
+    steps = {"latentforge": ours_step(ours, cfg, dev, dtype), "diffusers": diffusers_step(theirs, cfg, dev, dtype)}
+    if with_ablations:
+        for arm, kw in ABLATIONS.items():
+            steps[arm] = ours_step(copy.deepcopy(ours), cfg, dev, dtype, **kw)
+    breakdown = profile_breakdown({k: steps[k] for k in ARMS}) if with_profile else None
+    arms = {k: (lambda f=f: [f() for _ in range(steps_per_sample)]) for k, f in steps.items()}
+    samples = common.interleaved(arms, cfg.batch * steps_per_sample, repeats, warmup, dev, progress)
+    flops = train_flops_per_image(cfg)
+    row = {"config": name, "note": cfg.note, "batch": cfg.batch, "latent": cfg.latent, "max_abs_diff": diff,
+           "profile": breakdown, "flops_per_image": flops, "params": count_parameters(cfg.unet)}
+    for arm in ARMS:
+        s = samples[arm]
+        row[arm] = {"images_per_s": s.rate("wall"), "images_per_cpu_s": s.rate("cpu"), "wall": s.wall, "cpu": s.cpu,
+                    "gflops_per_s": flops * s.rate("wall") / 1e9, "gflops_per_cpu_s": flops * s.rate("cpu") / 1e9}
+    a, b = samples["latentforge"], samples["diffusers"]
+    row.update(ratio_wall=a.rate("wall") / b.rate("wall"), ratio_cpu=a.rate("cpu") / b.rate("cpu"),
+               paired_ratio_wall=common.paired_ratio(a, b, "wall"), paired_ratio_cpu=common.paired_ratio(a, b, "cpu"))
+    row["ablations"] = {arm: {"images_per_s": s.rate("wall"), "images_per_cpu_s": s.rate("cpu"),
+                              "vs_latentforge_cpu": common.paired_ratio(s, a, "cpu"),
+                              "vs_diffusers_cpu": common.paired_ratio(s, b, "cpu"),
+                              "vs_diffusers_wall": common.paired_ratio(s, b, "wall"), "wall": s.wall, "cpu": s.cpu}
+                        for arm, s in samples.items() if arm not in ARMS}
+    return row
+
+
+def count_parameters(cfg: UNetConfig) -> int:
+    with torch.device("meta"):
+        return sum(p.numel() for p in UNet(cfg).parameters())
 
 
 def gpu_peak_tflops(device: torch.device, dtype: str) -> Optional[float]:
@@ -335,8 +338,7 @@ def gpu_peak_tflops(device: torch.device, dtype: str) -> Optional[float]:
 
 
 def sd15_parameters() -> int:
-    with torch.device("meta"):
-        return sum(p.numel() for p in UNet(CONFIGS["sd15"].unet).parameters())
+    return count_parameters(CONFIGS["sd15"].unet)
 
 
 def sd15_flops_per_image() -> float:
@@ -412,7 +414,7 @@ def main(argv=None) -> int:
     common.set_threads(args.threads)
     configs = [c for c in args.configs.split(",") if c]
     if args.memory_arm:
-        print(json.dumps(measure_memory(args.memory_arm, configs[0], args.device, args.dtype)))
+        print(json.dumps(measure_memory(args.memory_arm, configs[0], args.device, args.dtype, args.batch)))
         return 0
     split = lambda v: [c for c in v.split(",") if c]  # noqa: E731
     res = run(configs, args.device, args.dtype, args.repeats, args.warmup, args.steps_per_sample, not args.no_memory,
