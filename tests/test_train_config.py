@@ -78,3 +78,15 @@ def test_hash_covers_math_only():
     assert config_hash(const) == config_hash(longer)
     assert "unet.channels" in math_dict(base) and "sample_every" not in math_dict(base)
     assert TrainConfig().model == "small"
+
+
+@pytest.mark.parametrize("override, words", [
+    ("batch_size=0", ["batch_size=0 is out of range", "at least 1"]),
+    ("max_steps=-5", ["max_steps=-5", "at least 1"]),
+    ("caption_dropout=1.5", ["caption_dropout=1.5", "between 0.0 and 1.0"]),
+    ("lr=-1e-4", ["lr=-0.0001", "at least 0.0"]),
+])
+def test_out_of_range_values_are_refused(override, words):
+    with pytest.raises(UserError) as e:
+        load_train_config(None, [override])
+    assert all(w in str(e.value) for w in words), str(e.value)

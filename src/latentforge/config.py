@@ -220,6 +220,19 @@ _CHOICES = {
 }
 
 
+# Allowed ranges (inclusive) of numeric settings; a value outside is refused naming the key.
+_RANGES = {
+    "batch_size": (1, None), "grad_accum": (1, None), "max_steps": (1, None), "lr": (0.0, None),
+    "warmup_steps": (0, None), "min_lr": (0.0, None), "weight_decay": (0.0, None), "adam_beta1": (0.0, 1.0),
+    "adam_beta2": (0.0, 1.0), "adam_eps": (0.0, None), "grad_clip": (0.0, None), "ema_decay": (0.0, 1.0),
+    "logit_std": (0.0, None), "min_snr_gamma": (0.0, None), "offset_noise": (0.0, None),
+    "caption_dropout": (0.0, 1.0), "checkpoint_every": (1, None), "keep_checkpoints": (0, None),
+    "sample_every": (0, None), "sample_steps": (1, None), "sample_guidance": (0.0, None), "log_every": (1, None),
+    "nan_max_consecutive": (0, None), "image_size": (0, None), "kl_weight": (0.0, None), "disc_start": (0, None),
+    "disc_weight": (0.0, None), "disc_channels": (1, None), "disc_layers": (1, None), "holdout": (0, None),
+}
+
+
 def load_train_config(path=None, overrides=(), cls=None, base=None):
     """Resolve a training config: defaults <- `base` <- TOML file <- `key=value` overrides.
 
@@ -270,6 +283,10 @@ def load_train_config(path=None, overrides=(), cls=None, base=None):
         value = _coerce(value, fields[name_], key, src)
         if key in _CHOICES and value not in _CHOICES[key]:
             raise UserError(f"{src}: {key}={value!r} — choose one of {', '.join(_CHOICES[key])}")
+        low, high = _RANGES.get(key, (None, None))
+        if (low is not None and value < low) or (high is not None and value > high):
+            want = f"at least {low}" if high is None else f"between {low} and {high}"
+            raise UserError(f"{src}: {key}={value!r} is out of range — use a value {want}")
         (nested.setdefault(section, {}) if sub else top)[name_] = value
     for section, changes in nested.items():
         top[section] = dataclasses.replace(getattr(cfg, section), **changes)

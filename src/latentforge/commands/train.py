@@ -7,6 +7,8 @@ Several processes: `torchrun --nproc_per_node=N -m latentforge train ...`.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
 from pathlib import Path
 
@@ -107,8 +109,9 @@ def run(args):
         distributed.barrier(d)
     dataset, text_encoder = open_cache(cache, vae, cfg.text_encoder, d.device)
     torch.set_grad_enabled(True)
-    result = train(cfg, dataset, args.out, resume=args.resume, vae=vae, text_encoder=text_encoder,
-                   progress=not args.quiet)
+    with disk_full_is_one_line(args.out):
+        result = train(cfg, dataset, args.out, resume=args.resume, vae=vae, text_encoder=text_encoder,
+                       progress=not args.quiet)
     if d.is_main:
         if result.stopped:
             print(f"stopped by {result.stopped} at step {result.step}; checkpoint saved — continue with the same "
@@ -117,6 +120,18 @@ def run(args):
             print(f"done: {result.step} steps; model in {os.path.join(args.out, 'model')}, report in "
                   f"{os.path.join(args.out, 'report.md')}")
     return 0
+
+
+@contextlib.contextmanager
+def disk_full_is_one_line(out):
+    """A full disk while writing logs, samples or the model: one line, not a traceback."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        raise UserError(f"{e.filename or out}: no space left on the device — free some space, then run the same "
+                        "command with --resume") from None
 
 
 def load_vae(path: str, device):

@@ -35,6 +35,9 @@ def run(args):
         raise UserError("--data and --out: both required — e.g. latentforge train-vae --data shapes/ --out runs/vae")
     from ..train.vae import train_vae
 
-    vae_dir = train_vae(cfg, args.data, args.out, resume=args.resume, progress=not args.quiet)
+    from .train import disk_full_is_one_line
+
+    with disk_full_is_one_line(args.out):
+        vae_dir = train_vae(cfg, args.data, args.out, resume=args.resume, progress=not args.quiet)
     print(f"done: VAE in {vae_dir} (use it with --vae {vae_dir}); report in {args.out}/report.md")
     return 0

@@ -29,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from ..errors import UserError
@@ -59,9 +60,9 @@ def save(ckpt_root, step: int, tensors: dict[str, dict[str, torch.Tensor]], stat
         _write_synced(tmp / "state.json", json.dumps(state, indent=1))
         sums = {p.name: _sha256(p) for p in sorted(tmp.iterdir())}
         _write_synced(tmp / MARKER, json.dumps({"step": step, "sha256": sums}, indent=1))
-    except OSError as e:
+    except (OSError, SafetensorError) as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        if getattr(e, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or "os error 28" in str(e):  # 28 = ENOSPC
             previous = latest_complete(root)
             raise UserError(f"{root}: no space left on the device while writing checkpoint step-{step} — free some "
                             f"space and run again with --resume (it continues from "
