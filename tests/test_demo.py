@@ -29,6 +29,14 @@ def test_demo_tiny_writes_everything(tmp_path, capsys):
     grid = Image.open(out / "grid.png")
     assert grid.size == (8 * (96 + 8), 3 * (96 + 8 + 58))  # 24 prompts, 8 per row
     assert "all-attribute accuracy: seen" in capsys.readouterr().out
+    # `latentforge eval` on the demo's model folder: the same benchmark from the command line.
+    ev = tmp_path / "eval"
+    assert main(["eval", "--model", str(out / "unet" / "model"), "--benchmark", "shapes", "--n", "1",
+                 "--steps", "2", "--sampler", "euler", "--cfg", "3", "--seed", "5", "--out", str(ev)]) == 0
+    printed = capsys.readouterr().out
+    result = json.loads((ev / "eval.json").read_text())
+    assert result["settings"]["sampler"] == "euler" and result["seed"] == 5
+    assert result["scores"]["seen"]["all"]["n"] == 88 and "**all attributes**" in printed
     # A second run into the same folder replaces the old demo; a foreign folder is refused.
     foreign = tmp_path / "mine"
     foreign.mkdir()
