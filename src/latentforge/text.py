@@ -67,6 +67,15 @@ def _check_safetensors(model_dir: str) -> None:
     raise UserError(f"{model_dir}: no .safetensors weights — pass a transformers model folder saved with safetensors")
 
 
+def _quiet_transformers() -> None:
+    """transformers' own "Loading weights"/"Writing model shards" bars and info logs would interleave with
+    ours; its warnings and errors still show."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_warning()
+
+
 class TextEncoder:
     """A frozen transformers text model + its tokenizer. Not an nn.Module: it is never trained."""
 
@@ -82,6 +91,7 @@ class TextEncoder:
                         device: str | torch.device = "cpu") -> "TextEncoder":
         from transformers import AutoConfig, AutoModel, AutoTokenizer, CLIPTextModel
 
+        _quiet_transformers()
         model_dir, tok_dir = _resolve(name_or_dir)
         _check_safetensors(model_dir)
         load = dict(local_files_only=True, use_safetensors=True)
@@ -138,6 +148,7 @@ class TextEncoder:
 
     def save_pretrained(self, model_root: str) -> None:
         """Write `text_encoder/` + `tokenizer/` under a model root (diffusers layout)."""
+        _quiet_transformers()
         self.tokenizer.model_max_length = self.max_length  # the pipeline pads to this
         if not self.is_clip:
             self.model.config.use_attention_mask = True  # diffusers passes the mask when this is set
