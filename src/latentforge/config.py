@@ -185,8 +185,10 @@ class VAETrainConfig:
     warmup_steps: int = 50
     min_lr: float = 0.0
     weight_decay: float = 0.0
-    adam_beta1: float = 0.5
-    adam_beta2: float = 0.9
+    # Adam's defaults: the GAN-style (0.5, 0.9) of LDM's autoencoder runs decoded red as yellow on the
+    # shapes data without the discriminator (seen in the demo's tuning); set them with discriminator=true.
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
     adam_eps: float = 1e-8
     grad_clip: float = 1.0
     recon_loss: str = "l1"  # l1 | l2
