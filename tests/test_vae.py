@@ -119,3 +119,18 @@ def test_scaling_factor_lives_only_in_the_vae():
     offenders = [str(p.relative_to(src)) for p in sorted(src.rglob("*.py")) if p not in allowed
                  and any(s in p.read_text() for s in ("scaling_factor", "shift_factor", "0.18215"))]
     assert offenders == []
+
+
+def test_calibrated_scale_gives_unit_variance_latents():
+    """calibrate_latent_scale picks 1/std of the posterior modes: the scaled latents then have std 1."""
+    from latentforge.config import preset
+    from latentforge.models import AutoencoderKL
+
+    vae = AutoencoderKL(preset("tiny").vae).eval()
+    images = torch.rand(6, 3, 32, 32) * 2 - 1
+    scale = vae.calibrate_latent_scale(images, batch=4)
+    with torch.no_grad():
+        latents = vae.encode(images)  # mode, scaled
+    assert vae.config.shift_factor is None
+    assert abs(latents.std().item() - 1.0) < 1e-4
+    assert scale == vae.config.scaling_factor

@@ -13,6 +13,7 @@ This file is the only place that knows the latent scaling: `encode` returns (z -
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Optional, Tuple
 
 import torch
@@ -151,6 +152,16 @@ class AutoencoderKL(nn.Module):
     def _unscale(self, latents: torch.Tensor) -> torch.Tensor:
         shift = self.config.shift_factor or 0.0
         return latents / self.config.scaling_factor + shift
+
+    @torch.no_grad()
+    def calibrate_latent_scale(self, images: torch.Tensor, batch: int = 16) -> float:
+        """Set the scale to 1/std of the posterior modes of `images` (no shift), so a UNet trains on
+        unit-variance latents — how SD's 0.18215 was chosen (Rombach et al. 2022, Sec. 4.3.2). -> the scale."""
+        z = torch.cat([self.encode_posterior(images[i:i + batch].to(self.device, self.dtype)).mode()
+                       for i in range(0, len(images), batch)])  # (N, C, h, w)
+        scale = 1.0 / max(z.float().std().item(), 1e-6)
+        self.config = dataclasses.replace(self.config, scaling_factor=scale, shift_factor=None)
+        return scale
 
     # ------------------------------------------------------------------ encode / decode
 

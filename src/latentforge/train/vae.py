@@ -4,9 +4,9 @@
 
 the LDM autoencoder objective (Rombach et al. 2022, App. G; Esser et al. 2021 for the patch
 discriminator, hinge loss) with per-image sums normalised by the pixel count so the learning rate
-does not depend on the resolution. After training the latent scaling factor is set to 1/std of the
-training latents (as SD's 0.18215 was), so the UNet sees unit-variance latents. PSNR on held-out
-images goes into report.md.
+does not depend on the resolution. After training the VAE calibrates its latent scale on the
+training images (`AutoencoderKL.calibrate_latent_scale`), so the UNet sees unit-variance latents.
+PSNR on held-out images goes into report.md.
 """
 
 from __future__ import annotations
@@ -85,13 +85,6 @@ def psnr(vae, images: torch.Tensor, batch: int = 16) -> float:
             mse = ((rec - x) / 2).square().mean(dim=(1, 2, 3)).clamp_min(1e-10)  # (B,) on [0, 1]
             vals += (10 * torch.log10(1 / mse)).tolist()
     return sum(vals) / len(vals)
-
-
-def latent_std(vae, images: torch.Tensor, batch: int = 16) -> float:
-    with torch.no_grad():
-        z = torch.cat([vae.encode_posterior(to_float(images[i:i + batch]).to(vae.device)).mode()
-                       for i in range(0, len(images), batch)])
-    return z.float().std().item()
 
 
 def vae_loss(vae, x, cfg, disc=None, adv: bool = False, generator=None):
@@ -189,16 +182,14 @@ def train_vae(cfg, data_dir, out, *, resume: bool = False, progress: bool = True
             _recon_grid(vae, held[:8], run / "samples" / f"step-{step}.png")
     bar.close()
     log.close()
-    # Latent scale: 1/std of the training latents, so the UNet trains on unit-variance latents.
-    scale = 1.0 / max(latent_std(vae, train_imgs[:256]), 1e-6)
-    vae.config = replace(vae.config, scaling_factor=scale, shift_factor=None)
+    scale = vae.calibrate_latent_scale(to_float(train_imgs[:256]))  # unit-variance latents for the UNet
     vae.eval().save_pretrained(str(run / "vae"))
     after = psnr(vae, held) if n_hold else float("nan")
     write_report(run, "VAE training", {
         "steps": step, "images": f"{N} for training, {n_hold} held out, {size}x{size} px",
         "model": f"preset {cfg.model}, {vae.num_parameters():,} parameters, {f}x downsampling, "
                  f"{cfg.vae.latent_channels} latent channels",
-        "held-out PSNR": f"{after:.2f} dB (untrained: {psnr_before:.2f} dB)", "latent scaling factor": f"{scale:.5f}",
+        "held-out PSNR": f"{after:.2f} dB (untrained: {psnr_before:.2f} dB)", "latent scale": f"{scale:.5f}",
         "discriminator": f"from step {cfg.disc_start}" if disc else "off", "config hash": config_hash(cfg)})
     (run / "psnr.json").write_text(f'{{"held_out_psnr_db": {after}, "untrained_psnr_db": {psnr_before}}}\n')
     return run / "vae"
