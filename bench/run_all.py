@@ -47,13 +47,14 @@ def find_model(requested: str | None) -> tuple[str | None, str]:
     """The model for steps-vs-quality and a sentence saying where it came from."""
     if requested:
         return requested, f"`{requested}` (given with --model)"
-    demo = Path("runs/demo/model")
-    if (demo / "model_index.json").is_file():
-        return str(demo), "`runs/demo/model`, written by `latentforge demo`"
-    others = sorted(p.parent for p in Path("runs").glob("*/model/model_index.json")) if Path("runs").is_dir() else []
-    if others:
-        return str(others[-1]), (f"`{others[-1]}` — no `runs/demo/model` existed when this ran, so the newest "
-                                 "trained model folder under runs/ was used")
+    for demo in (Path("runs/demo/model"), Path("runs/demo/unet/model")):  # `latentforge demo` writes the latter
+        if (demo / "model_index.json").is_file():
+            return str(demo), f"`{demo}`, written by `latentforge demo`"
+    found = sorted(Path("runs").glob("**/model_index.json"), key=lambda p: p.stat().st_mtime) \
+        if Path("runs").is_dir() else []
+    if found:
+        return str(found[-1].parent), (f"`{found[-1].parent}` — no demo model existed when this ran, so the newest "
+                                       "trained model folder under runs/ was used")
     return None, ""
 
 
@@ -174,6 +175,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default="docs/BENCHMARKS.md")
     ap.add_argument("--model", default=None, help="trained text-to-image model for steps vs quality "
                                                   "(default: runs/demo/model, else the newest runs/*/model)")
+    ap.add_argument("--model-note", default="", help="where the --model folder came from (written into the document)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="fp32", choices=list(bench_unet.DTYPES))
     ap.add_argument("--threads", type=int, default=1, help="torch threads for the timed sections (0 = torch's default)")
@@ -208,6 +210,7 @@ def main(argv=None) -> int:
     if "quality" in wanted:
         # --quick never picks up a trained model from runs/ (the smoke test stays hermetic)
         model, origin = find_model(args.model) if (args.model or not args.quick) else (None, "")
+        origin += f" — {args.model_note}" if args.model_note and model else ""
         if args.reference_steps is not None:
             sizes["quality"] = dict(sizes["quality"], reference=args.reference_steps or None)
         timed("quality", lambda: section_quality(sizes["quality"], model, origin, out.parent, args.quick, args.device))
