@@ -113,7 +113,7 @@ def markdown(r: dict) -> str:
     a, b = r["latentforge"], r["diffusers"]
     return common.table(
         ["model", "latentforge img/s (wall)", "diffusers img/s (wall)", "ratio (wall)", "latentforge img/s (CPU time)",
-         "diffusers img/s (CPU time)", "ratio (CPU time)", "paired ratio wall / CPU", "max |Δ| image"],
+         "diffusers img/s (CPU time)", "ratio (CPU time)", "paired ratio wall / CPU", "max abs Δ image"],
         [[f"`{r['preset']}`, {r['size']}×{r['size']} px, {r['steps']} steps {r['sampler']}, CFG {r['cfg']}, "
           f"{r['batch']} images per call", common.fmt(a["images_per_s"]), common.fmt(b["images_per_s"]),
           f"**{r['ratio_wall']:.2f}×**", common.fmt(a["images_per_cpu_s"]), common.fmt(b["images_per_cpu_s"]),

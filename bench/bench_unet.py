@@ -361,7 +361,7 @@ def markdown(res: dict) -> str:
     header = ["config", "latentforge img/s (wall)", "diffusers img/s (wall)", "ratio (wall)",
               "latentforge img/s (CPU time)", "diffusers img/s (CPU time)", "ratio (CPU time)",
               "paired ratio wall / CPU", "step peak MiB latentforge", "step peak MiB diffusers",
-              f"GFLOP/s ({gf_name}) latentforge / diffusers", "max |Δ| fwd"]
+              f"GFLOP/s ({gf_name}) latentforge / diffusers", "max abs Δ fwd"]
     out = [common.table(header, rows)]
     if any("mfu" in r["latentforge"] for r in res["rows"]):
         out.append("")

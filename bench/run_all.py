@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import sys
 import tempfile
 import time
@@ -150,10 +151,52 @@ def section_quality(p: dict, model: str | None, origin: str, out_dir: Path, quic
         tmp.cleanup()
     text = (f"Model: {origin} (UNet sha256 `{r['fingerprint']}`). {r['prompts']} shapes prompts "
             f"({r['held_out_prompts']} held out) × {r['n']} image, CFG {r['cfg']}, the same starting noise for every "
-            "point. Points marked *cached* were computed by an earlier run on the same weights and settings and read "
-            f"from `{Path(cache).name if cache else '-'}`.\n\n" + bench_steps_quality.markdown(r) +
-            f"\n\n![steps vs quality]({plot.name})")
+            "point. The sampler sweep is computed in every run; the DDPM reference, where marked *cached*, was computed "
+            "by an earlier run on the same weights and settings and read from "
+            f"`{Path(cache).name if cache else '-'}`.\n\n" + bench_steps_quality.markdown(r)
+            + _ddim_euler_note(r) + f"\n\n![steps vs quality]({plot.name})")
     return r, text
+
+
+def _ddim_euler_note(r: dict) -> str:
+    acc = lambda s: {p["steps"]: p["correct"] for p in r["points"] if p["sampler"] == s}  # noqa: E731
+    ddim, euler = acc("ddim"), acc("euler")
+    if ddim and ddim == euler:
+        return ("\n\nDDIM (η = 0) and Euler get every image right or wrong alike at every step count: deterministic "
+                "DDIM is Euler's method on the probability-flow ODE (Karras et al. 2022, Table 1).")
+    return ""
+
+
+def summary(raw: dict, device: str = "cpu") -> str:
+    """One line per goal of issue 7, from this run's results."""
+    rows = []
+    for r in raw.get("unet", {}).get("rows", []):
+        rows.append([f"training step vs diffusers, `{r['config']}`", f"{r['ratio_cpu']:.2f}× (CPU time), "
+                     f"{r['ratio_wall']:.2f}× (wall)", "≥ 1.2× (floor 1.0×)",
+                     "goal met" if r["ratio_cpu"] >= 1.2 else "floor met, goal not" if r["ratio_cpu"] >= 1.0
+                     else "BELOW floor"])
+    if "text2img" in raw:
+        t = raw["text2img"]
+        rows.append([f"text→image {t['steps']} steps vs StableDiffusionPipeline", f"{t['ratio_cpu']:.2f}× (CPU time), "
+                     f"{t['ratio_wall']:.2f}× (wall)", "–", f"same images (max abs Δ {t['max_abs_diff']:.0e})"])
+    if "data" in raw:
+        d = raw["data"]
+        worst = max(a["ratio_cpu"] for k, a in d["steps"].items() if k != "model only")
+        rows.append(["loader step / model-only step", f"{worst:.3f}×", "≤ 1.05×", "met" if worst <= 1.05 else "NOT met"])
+        rows.append(["epoch on the fly / cached", f"{d['epoch']['ratio']:.0f}×", "≥ 5×",
+                     "met" if d["epoch"]["ratio"] >= 5 else "NOT met"])
+    if "quality" in raw:
+        q = raw["quality"]
+        ref = next((p for p in q["points"] if p["sampler"] == "ddpm"), None)
+        dpm = next((p for p in q["points"] if p["sampler"] == "dpmpp-2m" and p["steps"] == 20), None)
+        if ref and dpm:
+            d = 100 * (dpm["scores"]["seen"]["all"]["accuracy"] - ref["scores"]["seen"]["all"]["accuracy"])
+            rows.append([f"DPM++ 2M 20 steps vs DDPM {ref['steps']} steps (seen accuracy)", f"{d:+.1f} points",
+                         "within 2 points", "met" if d >= -2 else "NOT met"])
+    on_gpu = device.startswith("cuda")
+    rows.append(["GPU bf16 step + MFU (SD 1.5 UNet)", "see §1" if on_gpu else "not measured", "MFU ≥ 45 %",
+                 "" if on_gpu else "no GPU lent to this task"])
+    return common.table(["", "this run", "goal", "verdict"], rows)
 
 
 def section_gpu(device: str) -> str:
@@ -217,15 +260,15 @@ def main(argv=None) -> int:
     if "gpu" in wanted:
         timed("gpu", lambda: (None, section_gpu(args.device)))
     minutes = (time.perf_counter() - t_start) / 60
-    out.write_text(document(info, parts, minutes, args, argv))
+    out.write_text(document(info, parts, minutes, args, argv, summary(raw, args.device)))
     if args.json:
         Path(args.json).write_text(json.dumps(raw, indent=1, default=str))
     print(f"wrote {out} ({minutes:.1f} min)", file=sys.stderr)
     return 0
 
 
-def document(info: dict, parts: dict, minutes: float, args, argv) -> str:
-    cmd = ".venv/bin/python bench/run_all.py " + " ".join(argv if argv is not None else sys.argv[1:])
+def document(info: dict, parts: dict, minutes: float, args, argv, at_a_glance: str) -> str:
+    cmd = ".venv/bin/python bench/run_all.py " + shlex.join(argv if argv is not None else sys.argv[1:])
     load = os.getloadavg()[0]
     head = [
         "# Benchmarks: latentforge side by side with diffusers",
@@ -236,13 +279,18 @@ def document(info: dict, parts: dict, minutes: float, args, argv) -> str:
         f"- Command: `{cmd.strip()}`",
         f"- Date: {info['date']}; whole run: {minutes:.1f} min",
         "",
+        "## At a glance",
+        "",
+        at_a_glance,
+        "",
         "## Machine",
         "",
         common.table(["", ""], [[k, v] for k, v in info.items() if k != "date"] +
                      [["load average (1 min) at the end", f"{load:.1f}"]]),
         "",
-        "**Caveat: a shared machine.** Several engineers ran test suites on these 2 cores while this ran (see the "
-        "load averages), so wall-clock times are inflated and noisy. That is why every comparison runs its arms "
+        "**Caveat: a shared machine.** Several engineers work on this box and their test runs share these 2 cores "
+        "with the benchmark at random moments (the load averages above are a sample), so wall-clock times can be "
+        "inflated and noisy. That is why every comparison runs its arms "
         "interleaved in one process, and why each table also gives throughput by *process CPU time* (user + system "
         "time of this process; a core taken by someone else does not count) — with one torch thread that is the "
         "steadier measure of the work each library does. Ratios, not absolute times, are the result.",
@@ -255,7 +303,7 @@ def document(info: dict, parts: dict, minutes: float, args, argv) -> str:
         f"- **Threads**: torch runs {info['torch threads']} intra-op thread(s) (`--threads`), so a stolen core shows "
         "up as wall time, not as CPU time.",
         "- **Same weights, same inputs**: latentforge writes the weights (diffusers layout) and diffusers loads them; "
-        "the forward outputs (or images) are compared before timing (`max |Δ|`).",
+        "the forward outputs (or images) are compared before timing (`max abs Δ`).",
         "- **Peak memory** (training step): each arm alone in a fresh subprocess, started with "
         "`MALLOC_MMAP_THRESHOLD_=65536` so glibc hands freed tensors back to the OS at once (RSS then tracks live "
         "tensors); after one warm-up step the kernel's peak-RSS mark is reset (`echo 5 > /proc/self/clear_refs`) and "

@@ -41,7 +41,7 @@ def _rows(doc: str, first_cell: str):
 
 def test_document_has_every_section_and_the_machine(quick):
     _, doc, _ = quick
-    for heading in ("## Machine", "## How it is measured", "## 1. UNet training step", "## 2. Text→image",
+    for heading in ("## At a glance", "## Machine", "## How it is measured", "## 1. UNet training step", "## 2. Text→image",
                     "## 3. The data path", "## 4. Steps vs quality", "## 5. GPU"):
         assert heading in doc
     assert "bench/run_all.py --quick --out" in doc  # the exact command
@@ -49,6 +49,7 @@ def test_document_has_every_section_and_the_machine(quick):
     for key in ("| cpu |", "| cores |", "| torch |", "| diffusers (oracle) |"):
         assert key in doc
     assert "No GPU was lent" in doc  # this machine has no CUDA
+    assert len(_rows(doc, "training step vs diffusers, `tiny`")) == 1 and len(_rows(doc, "epoch on the fly")) == 1
 
 
 def test_unet_step_same_weights_ratio_memory_and_flops(quick):
@@ -91,12 +92,14 @@ def test_steps_vs_quality_table_and_plot(quick):
         assert im.format == "PNG" and im.size[0] <= 800
 
 
-def test_steps_vs_quality_cache_reuses_points(tmp_path):
+def test_steps_vs_quality_cache_reuses_the_reference_only(tmp_path):
     text2img, quality = _module("bench_text2img"), _module("bench_steps_quality")
     model = str(text2img.write_model(tmp_path / "model", "tiny"))
-    cache = tmp_path / "points.json"
-    a = quality.run(model, samplers=("euler",), steps=(1,), reference=None, prompts=2, batch=2, cache=str(cache))
-    b = quality.run(model, samplers=("euler",), steps=(1,), reference=None, prompts=2, batch=2, cache=str(cache))
-    assert not a["points"][0]["from_cache"] and b["points"][0]["from_cache"]
-    assert a["points"][0]["correct"] == b["points"][0]["correct"]
+    cache = tmp_path / "reference.json"
+    a = quality.run(model, samplers=("euler",), steps=(1,), reference=2, prompts=2, batch=2, cache=str(cache))
+    b = quality.run(model, samplers=("euler",), steps=(1,), reference=2, prompts=2, batch=2, cache=str(cache))
+    assert [p["from_cache"] for p in a["points"]] == [False, False]
+    assert [p["from_cache"] for p in b["points"]] == [False, True]  # the sweep is recomputed, DDPM is read back
+    assert a["points"][1]["correct"] == b["points"][1]["correct"]
+    assert len(json.loads(cache.read_text())) == 1
     assert quality.main(["--model", str(tmp_path / "nothing")]) == 2  # one-line error, not a traceback
