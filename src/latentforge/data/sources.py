@@ -36,6 +36,7 @@ REASONS = {
     "truncated": "the image data ends early",
     "decode_error": "the image data cannot be decoded",
     "too_small": "the shorter side is under the minimum size",
+    "below_bucket": "smaller than its aspect-ratio bucket by more than the upscale limit",
     "decompression_bomb": "width x height is over the pixel limit",
     "caption_not_utf8": "the caption file is not UTF-8 text",
     "caption_bad_json": "a webdataset .json caption is not a JSON object with a caption",
