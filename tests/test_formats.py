@@ -120,6 +120,9 @@ def test_wrong_component_folder(model_dir):
     ("class_embed_type", "timestep"),
     ("resnet_time_scale_shift", "scale_shift"),
     ("layers_per_block", [1, 2]),
+    ("addition_embed_type", "text_image"),
+    ("transformer_layers_per_block", [[1, 2], [1, 1]]),
+    ("reverse_transformer_layers_per_block", [3, 1]),
 ])
 def test_unsupported_unet_config(model_dir, key, value):
     path = model_dir / "unet" / "config.json"

@@ -22,6 +22,24 @@ def test_sd15_parameter_counts_on_meta():
     assert vae.downsample_factor == 8
 
 
+def test_sdxl_parameter_count_and_config_on_meta():
+    """SDXL-base's UNet (stabilityai/stable-diffusion-xl-base-1.0 unet/): 2,567,463,684 parameters, and our
+    translated config builds the same tree in diffusers' UNet2DConditionModel."""
+    from diffusers import UNet2DConditionModel
+
+    p = preset("sdxl")
+    d = unet_to_diffusers(p.unet)
+    assert d["down_block_types"] == ["DownBlock2D"] + ["CrossAttnDownBlock2D"] * 2
+    assert (d["attention_head_dim"], d["transformer_layers_per_block"]) == ([5, 10, 20], [1, 2, 10])
+    assert (d["addition_embed_type"], d["addition_time_embed_dim"], d["projection_class_embeddings_input_dim"],
+            d["cross_attention_dim"]) == ("text_time", 256, 2816, 2048)
+    with torch.device("meta"):
+        theirs, ours = UNet2DConditionModel(**d), UNet(p.unet)
+    assert _count(ours) == _count(theirs) == 2_567_463_684
+    assert {k: v.shape for k, v in theirs.state_dict().items()} == {k: v.shape for k, v in ours.state_dict().items()}
+    assert vae_to_diffusers(p.vae)["scaling_factor"] == 0.13025
+
+
 def test_sd15_config_is_the_diffusers_sd15_config():
     """The translated config builds the same tree in diffusers: same keys, same shapes (meta device)."""
     from diffusers import AutoencoderKL as DiffusersVAE, UNet2DConditionModel
@@ -49,17 +67,21 @@ def test_tiny_is_small_and_consistent():
     assert p.vae.latent_channels == p.unet.in_channels == p.unet.out_channels
 
 
-@pytest.mark.parametrize("name", ["tiny", "small"])
+@pytest.mark.parametrize("name", ["tiny", "small", "sdxl-tiny"])
 def test_preset_runs_end_to_end(name):
     """image -> latents -> UNet prediction of the latent's shape -> image, at the preset's sizes."""
     p = preset(name)
     unet, vae = UNet(p.unet).eval(), AutoencoderKL(p.vae).eval()
     images = torch.rand(1, 3, p.vae.sample_size, p.vae.sample_size) * 2 - 1
     context = torch.randn(1, 7, p.unet.cross_attention_dim)
+    added = {}
+    if p.unet.addition_input_dim:  # SDXL: pooled text + 6 size/crop ids
+        added = {"text_embeds": torch.randn(1, p.unet.addition_input_dim - 6 * p.unet.addition_time_embed_dim),
+                 "time_ids": torch.tensor([[32.0, 32, 0, 0, 32, 32]])}
     with torch.no_grad():
         latents = vae.encode(images)
         assert latents.shape == (1, p.unet.in_channels, p.unet.sample_size, p.unet.sample_size)
-        pred = unet(latents, torch.tensor([500]), context)
+        pred = unet(latents, torch.tensor([500]), context, **added)
         assert pred.shape == latents.shape and torch.isfinite(pred).all()
         assert vae.decode(pred).shape == images.shape
 
@@ -67,4 +89,4 @@ def test_preset_runs_end_to_end(name):
 def test_unknown_preset_is_a_user_error():
     with pytest.raises(UserError, match="tiny"):
         preset("huge")
-    assert set(PRESETS) >= {"tiny", "small", "sd15"}
+    assert set(PRESETS) >= {"tiny", "small", "sd15", "sdxl", "sdxl-tiny"}

@@ -46,6 +46,39 @@ DIFFUSERS_CONFIGS = {
 }
 
 
+# SDXL-style: per-level transformer depth, attention-free levels and the `text_time` micro-conditioning
+# (sinusoidal size/crop ids + pooled text -> added to the timestep embedding).
+_SDXL = dict(addition_embed_type="text_time", use_linear_projection=True, norm_num_groups=4)
+SDXL_CONFIGS = {
+    # SDXL-base's shape, shrunk: no attention on the first level, depth 1/2/3, heads of 4 channels.
+    "xl_base_like": dict(_SDXL, block_out_channels=(8, 16, 32), layers_per_block=2, cross_attention_dim=12,
+                         attention_head_dim=(2, 4, 8), transformer_layers_per_block=(1, 2, 3),
+                         addition_time_embed_dim=4, projection_class_embeddings_input_dim=6 + 6 * 4,
+                         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                         up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D")),
+    # Attention-free middle level, uniform depth 2 as an int, one head per level, odd time width.
+    "xl_attn_free_middle": dict(_SDXL, block_out_channels=(8, 16, 16), layers_per_block=1, cross_attention_dim=10,
+                                attention_head_dim=1, transformer_layers_per_block=2, addition_time_embed_dim=5,
+                                projection_class_embeddings_input_dim=4 + 6 * 5, upcast_attention=True,
+                                down_block_types=("CrossAttnDownBlock2D", "DownBlock2D", "CrossAttnDownBlock2D"),
+                                up_block_types=("CrossAttnUpBlock2D", "UpBlock2D", "CrossAttnUpBlock2D")),
+    # Refiner-like: attention on the first levels only, 5 time ids (sizes, crop, aesthetic score), conv projection,
+    # 16-channel heads (the unpadded CPU attention path), depth 3 then 1.
+    "xl_refiner_like": dict(_SDXL, block_out_channels=(16, 32), layers_per_block=1, cross_attention_dim=8,
+                            attention_head_dim=(1, 2), transformer_layers_per_block=(3, 1), use_linear_projection=False,
+                            addition_time_embed_dim=8, projection_class_embeddings_input_dim=8 + 5 * 8,
+                            mid_block_type="UNetMidBlock2D",
+                            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D")),
+    # Two attention-free levels before a deep last level; other time-embedding options.
+    "xl_deep_last": dict(_SDXL, block_out_channels=(8, 8, 16), layers_per_block=1, cross_attention_dim=6,
+                         attention_head_dim=(2, 2, 4), transformer_layers_per_block=[1, 1, 4], addition_time_embed_dim=6,
+                         projection_class_embeddings_input_dim=3 + 6 * 6, flip_sin_to_cos=False, freq_shift=1,
+                         down_block_types=("DownBlock2D", "DownBlock2D", "CrossAttnDownBlock2D"),
+                         up_block_types=("CrossAttnUpBlock2D", "UpBlock2D", "UpBlock2D")),
+}
+
+
 def _random_diffusers(cfg: dict) -> UNet2DConditionModel:
     model = UNet2DConditionModel(**cfg).eval()
     with torch.no_grad():
@@ -80,6 +113,50 @@ def test_diffusers_to_ours_and_back(name, tmp_path):
     back = UNet2DConditionModel.from_pretrained(tmp_path / "ours").eval()
     with torch.no_grad():
         torch.testing.assert_close(back(x, t, ctx, class_labels=labels).sample, expected, atol=1e-4, rtol=0)
+
+
+def _added_cond(name: str, b: int = 2) -> dict:
+    """diffusers' `added_cond_kwargs`: pooled text (B, P) and size/crop ids (B, K) as SDXL's pipeline builds."""
+    cfg = SDXL_CONFIGS[name]
+    k = 5 if name == "xl_refiner_like" else 6  # the refiner's ids: original size, crop, aesthetic score
+    pooled = cfg["projection_class_embeddings_input_dim"] - k * cfg["addition_time_embed_dim"]
+    ids = torch.tensor([[1024.0, 768, 0, 16, 1024, 1024, 6.0][:k], [512.0, 512, 64, 0, 768, 1024, 2.5][:k]])
+    return {"text_embeds": torch.randn(b, pooled), "time_ids": ids[:b]}
+
+
+@pytest.mark.parametrize("name", sorted(SDXL_CONFIGS))
+def test_sdxl_configs_match_diffusers_both_ways(name, tmp_path):
+    cfg = SDXL_CONFIGS[name]
+    theirs = _random_diffusers(cfg)
+    theirs.save_pretrained(tmp_path / "theirs")
+    ours = UNet.from_pretrained(tmp_path / "theirs").eval()
+    x, t, ctx, _ = _inputs(cfg)
+    added = _added_cond(name)
+    with torch.no_grad():
+        expected = theirs(x, t, ctx, added_cond_kwargs=added).sample
+        got = ours(x, t, ctx, **added)
+        other = ours(x, t, ctx, text_embeds=added["text_embeds"], time_ids=added["time_ids"].flip(0))
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)
+    assert not torch.allclose(other, got, atol=1e-3)  # the size/crop ids change the prediction
+
+    ours.save_pretrained(tmp_path / "ours")
+    back = UNet2DConditionModel.from_pretrained(tmp_path / "ours").eval()
+    assert back.config.addition_embed_type == "text_time"
+    with torch.no_grad():
+        torch.testing.assert_close(back(x, t, ctx, added_cond_kwargs=added).sample, expected, atol=1e-4, rtol=0)
+
+
+def test_sdxl_per_level_depth_and_missing_micro_conditioning():
+    from latentforge.formats.diffusers import unet_from_diffusers
+
+    model = UNet(unet_from_diffusers(SDXL_CONFIGS["xl_base_like"], "config.json"))
+    assert not model.down_blocks[0].attentions  # the attention-free first level
+    assert [len(lv.attentions[0].transformer_blocks) for lv in model.down_blocks[1:]] == [2, 3]
+    assert [len(lv.attentions[0].transformer_blocks) for lv in model.up_blocks[:2]] == [3, 2]  # mirrored
+    assert len(model.mid_block.attentions[0].transformer_blocks) == 3  # the last level's depth
+    x, t, ctx, _ = _inputs(SDXL_CONFIGS["xl_base_like"])
+    with pytest.raises(ValueError, match="time_ids"):
+        model(x, t, ctx)
 
 
 def test_odd_sizes_and_scalar_timestep_match_diffusers():

@@ -1,7 +1,8 @@
 """Configuration as plain data: frozen dataclasses, named presets, TOML loading, key=value overrides.
 
 Each concept owns one dataclass. Presets are plain values: `tiny` (tests, < 1 M parameters),
-`small` (trainable on a 2-core CPU), `sd15` (Stable Diffusion 1.5 shapes).
+`small` (trainable on a 2-core CPU), `sd15` (Stable Diffusion 1.5 shapes), `sdxl` (SDXL-base shapes),
+`sdxl-tiny` (SDXL-shaped, tiny).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ class UNetConfig:
     attention: Tuple[bool, ...] = (True, True, True, False)  # per level: transformer blocks or not
     num_heads: Optional[IntOrTuple] = 8  # heads per level (int or per level); SD 1.x style
     head_dim: Optional[IntOrTuple] = None  # alternatively channels per head (SD 2.x style); wins if set
-    transformer_layers: int = 1
+    transformer_layers: IntOrTuple = 1  # transformer blocks per attention (int or per level; mid = last level's)
     cross_attention_dim: Optional[int] = 768  # None -> no cross-attention (unconditional / class-only)
     use_linear_projection: bool = False  # Linear (SD 2.x) or 1x1 conv (SD 1.x) proj_in/proj_out
     upcast_attention: bool = False  # compute attention in float32 under half precision (SD 2.1)
@@ -36,6 +37,11 @@ class UNetConfig:
     freq_shift: int = 0
     mid_attention: bool = True  # needs cross_attention_dim (diffusers has no self-attention-only mid block)
     sample_size: int = 64  # latent side, recorded for the diffusers config
+    # SDXL micro-conditioning (diffusers' addition_embed_type="text_time"): each size/crop number gets a
+    # sinusoidal embedding of this width; they are concatenated with the pooled text embedding, projected
+    # to the timestep-embedding width and added to it. None = off.
+    addition_time_embed_dim: Optional[int] = None
+    addition_input_dim: Optional[int] = None  # pooled text width + number of time ids × addition_time_embed_dim
 
 
 @dataclass(frozen=True)
@@ -94,6 +100,27 @@ PRESETS = {
     ),
     # Stable Diffusion 1.5 shapes: UNet 859,520,964 parameters, VAE 83,653,863.
     "sd15": ModelPreset(unet=UNetConfig(), vae=VAEConfig()),
+    # SDXL-base shapes (Podell et al. 2023, "SDXL", §2.1): no attention on the first level, transformer depth
+    # 1/2/10 per level, 64-channel heads, context 768 + 1280 = 2048 from two text encoders, micro-conditioning
+    # on 6 size/crop numbers (256 each) + the 1280-wide pooled text embedding. UNet 2,567,463,684 parameters.
+    "sdxl": ModelPreset(
+        unet=UNetConfig(
+            channels=(320, 640, 1280), attention=(False, True, True), num_heads=None, head_dim=64,
+            transformer_layers=(1, 2, 10), cross_attention_dim=2048, use_linear_projection=True, sample_size=128,
+            addition_time_embed_dim=256, addition_input_dim=1280 + 6 * 256,
+        ),
+        vae=VAEConfig(scaling_factor=0.13025, sample_size=1024),
+    ),
+    # SDXL-shaped and trainable on a 2-core CPU: per-level depth, attention-free first level, micro-conditioning;
+    # context 64 = two 32-wide text encoders, pooled width 32.
+    "sdxl-tiny": ModelPreset(
+        unet=UNetConfig(
+            channels=(32, 64), layers_per_level=1, attention=(False, True), num_heads=None, head_dim=16,
+            transformer_layers=(1, 2), cross_attention_dim=64, use_linear_projection=True, norm_groups=8,
+            sample_size=8, addition_time_embed_dim=8, addition_input_dim=32 + 6 * 8,
+        ),
+        vae=VAEConfig(channels=(16, 32, 32), layers_per_level=1, norm_groups=8, sample_size=32, scaling_factor=0.13025),
+    ),
 }
 
 

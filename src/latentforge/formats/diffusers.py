@@ -42,13 +42,12 @@ _UNET_FIXED = {
     "center_input_sample": False, "only_cross_attention": False, "downsample_padding": 1,
     "mid_block_scale_factor": 1, "dropout": 0.0, "act_fn": "silu", "encoder_hid_dim": None,
     "encoder_hid_dim_type": None, "num_attention_heads": None, "dual_cross_attention": False,
-    "class_embed_type": None, "addition_embed_type": None, "addition_time_embed_dim": None,
+    "class_embed_type": None,
     "resnet_time_scale_shift": "default", "resnet_skip_time_act": False, "resnet_out_scale_factor": 1.0,
     "time_embedding_type": "positional", "time_embedding_dim": None, "time_embedding_act_fn": None,
     "timestep_post_act": None, "time_cond_proj_dim": None, "conv_in_kernel": 3, "conv_out_kernel": 3,
-    "projection_class_embeddings_input_dim": None, "attention_type": "default", "class_embeddings_concat": False,
+    "attention_type": "default", "class_embeddings_concat": False,
     "mid_block_only_cross_attention": None, "cross_attention_norm": None,
-    "reverse_transformer_layers_per_block": None,
 }
 _VAE_FIXED = {"act_fn": "silu", "latents_mean": None, "latents_std": None}
 _SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
@@ -115,9 +114,10 @@ def _check_class(path: Path, d: Dict[str, Any], expected: str) -> None:
 
 def unet_to_diffusers(cfg: UNetConfig) -> Dict[str, Any]:
     """Our UNetConfig -> diffusers UNet2DConditionModel config.json contents."""
-    from ..models.unet import level_heads
+    from ..models.unet import level_depths, level_heads
 
     cross = cfg.cross_attention_dim is not None
+    depths = level_depths(cfg)
     kinds = [("cross" if cross else "self") if a else None for a in cfg.attention]
     heads = level_heads(cfg)
     # diffusers' `attention_head_dim` is the number of heads for transformer (CrossAttn) blocks, a
@@ -136,7 +136,8 @@ def unet_to_diffusers(cfg: UNetConfig) -> Dict[str, Any]:
         "up_block_types": [_UP[k] for k in reversed(kinds)],
         "block_out_channels": list(cfg.channels),
         "layers_per_block": cfg.layers_per_level,
-        "transformer_layers_per_block": cfg.transformer_layers,
+        "transformer_layers_per_block": list(depths) if len(set(depths)) > 1 else depths[0],
+        "reverse_transformer_layers_per_block": None,  # the up path mirrors the down path
         "attention_head_dim": per_level[0] if len(set(per_level)) == 1 else per_level,
         # diffusers needs an int here even without cross-attention blocks; it is unused then.
         "cross_attention_dim": cfg.cross_attention_dim if cross else cfg.channels[-1],
@@ -145,6 +146,10 @@ def unet_to_diffusers(cfg: UNetConfig) -> Dict[str, Any]:
         "num_class_embeds": cfg.num_class_embeds,
         "norm_num_groups": cfg.norm_groups,
         "norm_eps": cfg.norm_eps,
+        # SDXL micro-conditioning; projection_class_embeddings_input_dim = pooled + K·addition_time_embed_dim.
+        "addition_embed_type": "text_time" if cfg.addition_time_embed_dim else None,
+        "addition_time_embed_dim": cfg.addition_time_embed_dim,
+        "projection_class_embeddings_input_dim": cfg.addition_input_dim,
         **_UNET_FIXED,
     }
 
@@ -196,7 +201,7 @@ def unet_from_diffusers(d: Dict[str, Any], path: Path) -> UNetConfig:
         attention=tuple(k is not None for k in kinds),
         num_heads=heads[0] if len(set(heads)) == 1 else heads,
         head_dim=None,
-        transformer_layers=_uniform(path, d, "transformer_layers_per_block", 1),
+        transformer_layers=_transformer_layers(path, d, len(channels)),
         cross_attention_dim=_uniform(path, d, "cross_attention_dim", 1280) if cross else None,
         use_linear_projection=bool(d.get("use_linear_projection", False)),
         upcast_attention=bool(d.get("upcast_attention", False)),
@@ -207,8 +212,44 @@ def unet_from_diffusers(d: Dict[str, Any], path: Path) -> UNetConfig:
         freq_shift=d.get("freq_shift", 0),
         mid_attention=mid_attention,
         sample_size=_sample_size(d.get("sample_size"), 64),
+        **_addition_embedding(path, d),
     )
     return cfg
+
+
+def _transformer_layers(path: Path, d: Dict[str, Any], n: int):
+    """`transformer_layers_per_block`: one int, or one int per level (SDXL: [1, 2, 10]). The up path must
+    mirror it (diffusers' default for `reverse_transformer_layers_per_block`: None)."""
+    value = d.get("transformer_layers_per_block", 1)
+    if isinstance(value, (list, tuple)):
+        if len(value) != n or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value):
+            raise _unsupported(path, "transformer_layers_per_block", value, f"one positive int per level ({n})")
+        value = tuple(value) if len(set(value)) > 1 else value[0]
+    elif not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise _unsupported(path, "transformer_layers_per_block", value, "a positive int or one per level")
+    reverse = d.get("reverse_transformer_layers_per_block")
+    mirrored = list(reversed(value)) if isinstance(value, tuple) else [value] * n
+    if reverse is not None:  # per up block: an int, or one int per layer
+        given = [set(r) if isinstance(r, (list, tuple)) else {r} for r in reverse]
+        if len(given) != n or any(g != {m} for g, m in zip(given, mirrored)):
+            raise _unsupported(path, "reverse_transformer_layers_per_block", reverse,
+                               "the up path must mirror transformer_layers_per_block")
+    return value
+
+
+def _addition_embedding(path: Path, d: Dict[str, Any]) -> Dict[str, Any]:
+    """`addition_embed_type`: none, or SDXL's "text_time" with its two widths."""
+    kind = d.get("addition_embed_type")
+    if kind is None:
+        return {}
+    if kind != "text_time":
+        raise _unsupported(path, "addition_embed_type", kind, 'only "text_time" (SDXL) is supported')
+    dims = {k: d.get(k) for k in ("addition_time_embed_dim", "projection_class_embeddings_input_dim")}
+    for k, v in dims.items():
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            raise _unsupported(path, k, v, 'addition_embed_type "text_time" needs a positive int')
+    return {"addition_time_embed_dim": dims["addition_time_embed_dim"],
+            "addition_input_dim": dims["projection_class_embeddings_input_dim"]}
 
 
 def _sample_size(value, default: int) -> int:

@@ -51,24 +51,43 @@ def level_heads(config: UNetConfig) -> Tuple[int, ...]:
     return heads
 
 
-def _attention(config: UNetConfig, channels: int, heads: int) -> nn.Module:
-    """A cross-attention SpatialTransformer, or plain spatial self-attention without a context."""
+def level_depths(config: UNetConfig) -> Tuple[int, ...]:
+    """Transformer blocks per attention, per level (SDXL: 1, 2, 10); the mid block uses the last level's."""
+    depths = _per_level(config.transformer_layers, len(config.channels), "transformer_layers")
+    if any(d < 1 for d in depths):
+        raise ValueError(f"UNetConfig.transformer_layers: {list(depths)} — every level needs at least 1")
+    return depths
+
+
+def _attention(config: UNetConfig, channels: int, heads: int, depth: int) -> nn.Module:
+    """A cross-attention SpatialTransformer of `depth` blocks, or plain spatial self-attention without a context."""
     if config.cross_attention_dim is None:
         return SpatialSelfAttention(channels, channels // heads, config.norm_groups, config.norm_eps)
-    return SpatialTransformer(channels, heads, channels // heads, config.transformer_layers, config.cross_attention_dim,
+    return SpatialTransformer(channels, heads, channels // heads, depth, config.cross_attention_dim,
                               config.norm_groups, config.use_linear_projection, config.upcast_attention)
+
+
+def micro_conditioning(text_embeds: torch.Tensor, time_ids: torch.Tensor, config: UNetConfig) -> torch.Tensor:
+    """SDXL micro-conditioning input (Podell et al. 2023, §2.2): a sinusoidal embedding of each size/crop
+    number (B, K), concatenated after the pooled text embedding (B, P) -> (B, P + K·dim).
+
+    diffusers' `addition_embed_type="text_time"` (`add_time_proj`; the `add_embedding` MLP follows).
+    """
+    B, dim = text_embeds.shape[0], config.addition_time_embed_dim
+    emb = timestep_embedding(time_ids.flatten(), dim, config.flip_sin_to_cos, config.freq_shift)  # (B·K, dim)
+    return torch.cat([text_embeds, emb.reshape(B, -1).to(text_embeds.dtype)], dim=-1)  # (B, P + K·dim)
 
 
 class DownLevel(nn.Module):
     """`layers` ResnetBlocks (each followed by attention if enabled), then a stride-2 downsample."""
 
-    def __init__(self, config: UNetConfig, in_ch: int, out_ch: int, temb_ch: int, heads: int, attention: bool,
-                 downsample: bool):
+    def __init__(self, config: UNetConfig, in_ch: int, out_ch: int, temb_ch: int, heads: int, depth: int,
+                 attention: bool, downsample: bool):
         super().__init__()
         g, eps = config.norm_groups, config.norm_eps
         n = config.layers_per_level
         self.resnets = nn.ModuleList([ResnetBlock(in_ch if i == 0 else out_ch, out_ch, temb_ch, g, eps) for i in range(n)])
-        self.attentions = nn.ModuleList([_attention(config, out_ch, heads) for _ in range(n)] if attention else [])
+        self.attentions = nn.ModuleList([_attention(config, out_ch, heads, depth) for _ in range(n)] if attention else [])
         self.downsamplers = nn.ModuleList([Downsample(out_ch)]) if downsample else None
         self.gradient_checkpointing = False
 
@@ -89,12 +108,12 @@ class UpLevel(nn.Module):
     """`layers + 1` ResnetBlocks on [x, skip] (each followed by attention if enabled), then upsample ×2."""
 
     def __init__(self, config: UNetConfig, prev_ch: int, out_ch: int, skip_chs: List[int], temb_ch: int, heads: int,
-                 attention: bool, upsample: bool):
+                 depth: int, attention: bool, upsample: bool):
         super().__init__()
         g, eps = config.norm_groups, config.norm_eps
         ins = [prev_ch] + [out_ch] * (len(skip_chs) - 1)
         self.resnets = nn.ModuleList([ResnetBlock(i + s, out_ch, temb_ch, g, eps) for i, s in zip(ins, skip_chs)])
-        self.attentions = nn.ModuleList([_attention(config, out_ch, heads) for _ in skip_chs] if attention else [])
+        self.attentions = nn.ModuleList([_attention(config, out_ch, heads, depth) for _ in skip_chs] if attention else [])
         self.upsamplers = nn.ModuleList([Upsample(out_ch)]) if upsample else None
         self.gradient_checkpointing = False
 
@@ -119,19 +138,22 @@ class UNet(nn.Module):
         ch, n = config.channels, len(config.channels)
         if len(config.attention) != n:
             raise ValueError(f"UNetConfig.attention: {len(config.attention)} entries for {n} levels")
-        heads = level_heads(config)
+        heads, depths = level_heads(config), level_depths(config)
         temb_ch = ch[0] * 4
 
         self.conv_in = nn.Conv2d(config.in_channels, ch[0], 3, padding=1)
         self.time_embedding = TimestepEmbedding(ch[0], temb_ch)
         self.class_embedding = nn.Embedding(config.num_class_embeds, temb_ch) if config.num_class_embeds else None
+        if (config.addition_time_embed_dim is None) != (config.addition_input_dim is None):
+            raise ValueError("UNetConfig: set both addition_time_embed_dim and addition_input_dim (text_time), or neither")
+        self.add_embedding = TimestepEmbedding(config.addition_input_dim, temb_ch) if config.addition_input_dim else None
 
         self.down_blocks = nn.ModuleList()
         skip_chs = [ch[0]]  # channels of every skip tensor, in push order
         for i in range(n):
             last = i == n - 1
             self.down_blocks.append(
-                DownLevel(config, ch[max(i - 1, 0)], ch[i], temb_ch, heads[i], config.attention[i], not last))
+                DownLevel(config, ch[max(i - 1, 0)], ch[i], temb_ch, heads[i], depths[i], config.attention[i], not last))
             skip_chs += [ch[i]] * (config.layers_per_level + (0 if last else 1))
 
         mid_attn = None
@@ -139,7 +161,7 @@ class UNet(nn.Module):
             if config.cross_attention_dim is None:
                 raise ValueError("UNetConfig.mid_attention needs cross_attention_dim (diffusers' UNet2DConditionModel "
                                  "has no self-attention-only mid block); set mid_attention=False")
-            mid_attn = _attention(config, ch[-1], heads[-1])
+            mid_attn = _attention(config, ch[-1], heads[-1], depths[-1])
         self.mid_block = MidBlock(ch[-1], temb_ch, mid_attn, config.norm_groups, config.norm_eps, num_resnets=1)
 
         self.up_blocks = nn.ModuleList()
@@ -148,7 +170,8 @@ class UNet(nn.Module):
             k = config.layers_per_level + 1
             level_skips = [skip_chs.pop() for _ in range(k)]
             self.up_blocks.append(
-                UpLevel(config, prev, ch[i], level_skips, temb_ch, heads[i], config.attention[i], upsample=i > 0))
+                UpLevel(config, prev, ch[i], level_skips, temb_ch, heads[i], depths[i], config.attention[i],
+                        upsample=i > 0))
             prev = ch[i]
 
         self.conv_norm_out = nn.GroupNorm(config.norm_groups, ch[0], eps=config.norm_eps)
@@ -157,7 +180,9 @@ class UNet(nn.Module):
     # ------------------------------------------------------------------ forward
 
     def forward(self, x: torch.Tensor, t, context: Optional[torch.Tensor] = None,
-                class_labels: Optional[torch.Tensor] = None, context_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+                class_labels: Optional[torch.Tensor] = None, context_mask: Optional[torch.Tensor] = None,
+                text_embeds: Optional[torch.Tensor] = None, time_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """text_embeds (B, P) pooled text and time_ids (B, K) size/crop numbers: SDXL models only."""
         cfg = self.config
         t = torch.as_tensor(t, device=x.device)
         t = t.expand(x.shape[0]) if t.ndim == 0 else t  # (B,)
@@ -167,6 +192,10 @@ class UNet(nn.Module):
             if class_labels is None:
                 raise ValueError("this UNet is class-conditional: pass class_labels (B,) long")
             temb = temb + self.class_embedding(class_labels).to(temb.dtype)  # (B, 4·C0)
+        if self.add_embedding is not None:
+            if text_embeds is None or time_ids is None:
+                raise ValueError("this UNet is micro-conditioned (SDXL): pass text_embeds (B, P) and time_ids (B, K)")
+            temb = temb + self.add_embedding(micro_conditioning(text_embeds, time_ids, cfg)).to(temb.dtype)  # (B, 4·C0)
 
         h = self.conv_in(x)  # (B, C0, H, W)
         skips = [h]
