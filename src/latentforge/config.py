@@ -195,6 +195,10 @@ class TrainConfig:
     vae_path: str = ""  # VAE folder (a diffusers `vae/` or a model folder with one); same as --vae
     text_encoder: str = "default"  # the one the cache was built with; same as --text-encoder
     image_size: int = 0  # pixels; 0 = the VAE's sample_size
+    buckets: bool = False  # aspect-ratio buckets at the area image_size² (see data/buckets.py)
+    bucket_step: int = 0  # bucket sides are multiples of this; 0 = the VAE factor x 8
+    # --- bucketed caches: a bucket's last images that do not fill a batch ---
+    bucket_leftovers: str = "carry"  # carry (into the next epoch) | drop (reported)
 
 
 @dataclass(frozen=True)
@@ -239,11 +243,12 @@ NON_MATH_KEYS = frozenset({
     "checkpoint_every", "keep_checkpoints", "sample_every", "sample_prompts", "sample_steps",
     "sample_guidance", "sample_seed", "log_every", "nan_max_consecutive", "device",
     "gradient_checkpointing", "vae_path", "text_encoder", "image_size", "holdout",
+    "buckets", "bucket_step",
 })
 _CHOICES = {
     "lr_schedule": ("cosine", "constant"), "timestep_sampling": ("uniform", "logit_normal"),
     "conditioning": ("auto", "text", "class", "none"), "precision": ("fp32", "bf16", "fp16"),
-    "device": ("auto", "cpu", "cuda"), "recon_loss": ("l1", "l2"),
+    "device": ("auto", "cpu", "cuda"), "recon_loss": ("l1", "l2"), "bucket_leftovers": ("carry", "drop"),
     "schedule.prediction_type": ("epsilon", "v_prediction", "sample"),
     "schedule.beta_schedule": ("linear", "scaled_linear", "squaredcos_cap_v2", "cosine"),
 }
@@ -259,6 +264,7 @@ _RANGES = {
     "sample_every": (0, None), "sample_steps": (1, None), "sample_guidance": (0.0, None), "log_every": (1, None),
     "nan_max_consecutive": (0, None), "image_size": (0, None), "kl_weight": (0.0, None), "disc_start": (0, None),
     "disc_weight": (0.0, None), "disc_channels": (1, None), "disc_layers": (1, None), "holdout": (0, None),
+    "bucket_step": (0, None),
 }
 
 

@@ -102,10 +102,11 @@ def run(args):
     cache = args.cache or str(Path(args.out) / "cache")
     if args.data:
         if d.is_main:
-            from ..data.cache import build_cache
+            from ..data.cache import BucketSpec, build_cache
 
+            spec = BucketSpec(step=cfg.bucket_step) if cfg.buckets else None
             print(build_cache(args.data, vae, cfg.text_encoder, cache, size=cfg.image_size or None,
-                              progress=not args.quiet))
+                              progress=not args.quiet, buckets=spec))
         distributed.barrier(d)
     dataset, text_encoder = open_cache(cache, vae, cfg.text_encoder, d.device)
     torch.set_grad_enabled(True)

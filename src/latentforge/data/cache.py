@@ -2,7 +2,8 @@
 
     CACHE/
       manifest.json                    settings, shard checksums, key -> (shard, row), entries
-      latent-<h>.latent.npy            (n, C, h, w) float32 scaled latents
+      latent-<h>.latent.npy            (n, C, h, w) float32 scaled latents (square cache)
+      latent-<W>x<H>-<h>.latent.npy    (n, C, H/f, W/f) one store per aspect-ratio bucket (--buckets)
       text-<h>.context.npy, .mask.npy  (k, L, D) float32, (k, L) bool — one row per distinct caption
       skipped.jsonl                    every file that could not be used, with its reason
 
@@ -13,6 +14,10 @@ trusts: a killed run leaves a consistent manifest (`complete: false`) that the n
 
     build_cache("data/", vae, "default", "cache/", size=32)
     ds = LatentDataset("cache/")   # dict(latent, context, mask, label, id), never touches images
+
+With `buckets=BucketSpec()` every image goes to its aspect-ratio bucket at the area size² (see
+data/buckets.py) instead of a size x size square; each entry then records `bucket`, and SDXL's
+`original_size` (H, W), `crop_top_left` (top, left) and `target_size` (H, W).
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import glob
 import hashlib
 import json
 import os
+import random
 import sys
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Union
@@ -33,13 +39,15 @@ from tqdm import tqdm
 
 from ..errors import UserError
 from . import sources
-from .images import MAX_PIXELS, MIN_SIZE, BadImage, load_image, to_tensor
+from . import buckets as bk
+from .images import MAX_PIXELS, MIN_SIZE, BadImage, load_image, open_checked, oriented_size, to_rgb, to_tensor
 from .shards import CacheCorruptError, ShardStore, fsync_dir, write_json
 
-__all__ = ["build_cache", "LatentDataset", "CacheReport", "CacheCorruptError", "module_fingerprint"]
+__all__ = ["build_cache", "BucketSpec", "LatentDataset", "CacheReport", "CacheCorruptError", "module_fingerprint"]
 
 FORMAT, VERSION = "latentforge-latent-cache", 1
 PREPROCESS = "rgb-white-alpha/lanczos-shorter-side/center-crop/v1"  # bump when image handling changes
+BUCKET_PREPROCESS = "rgb-white-alpha/nearest-log-aspect-bucket/lanczos-cover/crop/v1"
 MANIFEST = "manifest.json"
 
 
@@ -58,6 +66,17 @@ def _digest(*parts: str) -> str:
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()
 
 
+@dataclass(frozen=True)
+class BucketSpec:
+    """Aspect-ratio buckets at the area size x size: sides multiples of `step` (0 = the VAE factor x 8,
+    64 px for SD), ratios within 1:max_ratio..max_ratio:1, at most `max_upscale` x enlargement."""
+
+    step: int = 0
+    max_ratio: float = bk.MAX_RATIO
+    max_upscale: float = bk.MAX_UPSCALE
+    crop: str = "center"  # center | random (seeded by the file's hash; the offset is recorded)
+
+
 @dataclass
 class CacheReport:
     out: str
@@ -67,10 +86,12 @@ class CacheReport:
     removed: int = 0  # latents of files that are gone or changed
     texts_encoded: int = 0
     skipped: List[sources.Skip] = field(default_factory=list)
+    buckets: List[tuple] = field(default_factory=list)  # (bucket name, latents), bucketed caches only
 
     def __str__(self) -> str:
+        hist = "; buckets " + ", ".join(f"{n}: {c}" for n, c in self.buckets) if self.buckets else ""
         return (f"cache {self.out}: {self.entries} latents ({self.encoded} encoded, {self.reused} reused, "
-                f"{self.removed} dropped), {self.texts_encoded} captions encoded; "
+                f"{self.removed} dropped), {self.texts_encoded} captions encoded{hist}; "
                 + sources.summary(self.skipped))
 
 
@@ -125,7 +146,7 @@ def build_cache(data_dir: str, vae, text_encoder: Union[str, object, None] = "de
                 size: Optional[int] = None, batch_size: int = 16, flip: bool = False, shard_size: int = 1024,
                 caption_column: str = "text", labels: str = "auto", min_size: int = MIN_SIZE,
                 max_pixels: int = MAX_PIXELS, strict: bool = False, progress: bool = True,
-                text_max_length: Optional[int] = None) -> CacheReport:
+                text_max_length: Optional[int] = None, buckets: Optional[BucketSpec] = None) -> CacheReport:
     """Encode every usable image under `data_dir` into the cache folder `out` (incremental).
 
     vae: an AutoencoderKL (encode() gives scaled latents). text_encoder: a TextEncoder, a name or
@@ -133,6 +154,7 @@ def build_cache(data_dir: str, vae, text_encoder: Union[str, object, None] = "de
     if the data has captions), or None (captions are then ignored).
     size defaults to the VAE's `sample_size`; flip also caches each image's mirror twin.
     strict: any skipped file raises UserError (after writing skipped.jsonl).
+    buckets: a BucketSpec caches each image in its aspect-ratio bucket at the area size x size.
     """
     size = int(size or vae.config.sample_size)
     if size % vae.downsample_factor or size < vae.downsample_factor:
@@ -151,7 +173,8 @@ def build_cache(data_dir: str, vae, text_encoder: Union[str, object, None] = "de
 
         text_encoder = TextEncoder.from_pretrained(text_encoder, max_length=text_max_length, device=vae.device)
     text_encoder = text_encoder if captioned else None
-    settings = {"size": size, "flip": flip, "preprocess": PREPROCESS,
+    settings = {"size": size, "flip": flip, "preprocess": BUCKET_PREPROCESS if buckets else PREPROCESS,
+                "buckets": _bucket_settings(buckets, size, vae.downsample_factor),
                 "vae": module_fingerprint(vae, getattr(vae, "config", None)),
                 "text_encoder": text_encoder.fingerprint() if text_encoder else None,
                 "max_length": text_encoder.max_length if text_encoder else None,
@@ -163,14 +186,14 @@ def build_cache(data_dir: str, vae, text_encoder: Union[str, object, None] = "de
     manifest_path = os.path.join(out, MANIFEST)
 
     def save_manifest():
-        _write_manifest(manifest_path, {**state, "latents": latents.state(), "text": texts.state()})
+        _write_manifest(manifest_path, {**state, **latents.state(), "text": texts.state()})
 
-    latents = ShardStore(out, "latent", (old or {}).get("latents"), shard_size, save_manifest)
+    latents = LatentStores(out, old or {}, shard_size, save_manifest)
     texts = ShardStore(out, "text", (old or {}).get("text"), shard_size, save_manifest)
-    for store in (latents, texts):
+    for store in (*latents.stores(), texts):
         for problem in store.drop_bad_shards():
             print(f"warning: {problem}; re-encoding its rows", file=sys.stderr)
-    before = set(latents.index)
+    before = latents.keys()
 
     text_keys = _encode_texts(items, text_encoder, texts, settings, report, progress)
     entries = _encode_images(items, vae, latents, settings, size, batch_size, flip, report, progress, strict)
@@ -182,7 +205,8 @@ def build_cache(data_dir: str, vae, text_encoder: Union[str, object, None] = "de
     latents.keep_only(live)
     texts.keep_only(set(text_keys.values()))
     state.update(complete=True, entries=entries, null_text=text_keys.get("") if text_encoder else None,
-                 latent_shape=_latent_shape(latents))
+                 latent_shape=_latent_shape(latents.square), bucket_shapes=latents.shapes() if buckets else None)
+    report.buckets = bk.histogram([e["bucket"] for e in entries]) if buckets else []
     save_manifest()  # the manifest last: it now names only finished shards
     _collect_garbage(out, latents.files() | texts.files())
     sources.write_skipped(os.path.join(out, "skipped.jsonl"), report.skipped)
@@ -195,6 +219,67 @@ def _fail_if_strict(strict: bool, out: str, skipped: List[sources.Skip]) -> None
         s = skipped[0]
         raise UserError(f"--strict: {sources.summary(skipped)}; first: {s.path} ({s.reason}: {s.detail}); "
                         f"all listed in {os.path.join(out, 'skipped.jsonl')}")
+
+
+def _bucket_settings(spec: Optional[BucketSpec], size: int, f: int) -> Optional[dict]:
+    """The bucket settings a cache key depends on (None: square images)."""
+    if spec is None:
+        return None
+    step = spec.step or f * 8
+    if step % f or step < f:
+        raise UserError(f"--bucket-step {step}: must be a positive multiple of the VAE's downsampling factor {f}")
+    if size < step:
+        raise UserError(f"--size {size}: the bucket area {size}x{size} is below one {step}x{step} bucket — "
+                        f"use --size {step} or more, or a smaller --bucket-step")
+    if spec.crop not in bk.CROPS or spec.max_upscale < 1 or spec.max_ratio < 1:
+        raise UserError(f"buckets: crop={spec.crop!r}, max_upscale={spec.max_upscale}, max_ratio={spec.max_ratio} — "
+                        f"crop is one of {', '.join(bk.CROPS)}, the others at least 1")
+    return {"area": size * size, "step": step, "max_ratio": spec.max_ratio, "max_upscale": spec.max_upscale,
+            "crop": spec.crop}
+
+
+class LatentStores:
+    """The square cache's store (`latent-*`) and one store per bucket (`latent-<W>x<H>-*`)."""
+
+    def __init__(self, out: str, manifest: dict, shard_size: int, on_flush=None):
+        self.out, self.shard_size, self.on_flush = out, shard_size, on_flush
+        self.square = ShardStore(out, "latent", manifest.get("latents"), shard_size, on_flush)
+        self.buckets = {n: ShardStore(out, f"latent-{n}", st, shard_size, on_flush)
+                        for n, st in (manifest.get("bucket_latents") or {}).items()}
+
+    def store(self, bucket: Optional[str]) -> ShardStore:
+        if not bucket:
+            return self.square
+        if bucket not in self.buckets:
+            self.buckets[bucket] = ShardStore(self.out, f"latent-{bucket}", None, self.shard_size, self.on_flush)
+        return self.buckets[bucket]
+
+    def stores(self) -> List[ShardStore]:
+        return [self.square, *self.buckets.values()]
+
+    def state(self) -> dict:
+        return {"latents": self.square.state(),
+                "bucket_latents": {n: s.state() for n, s in sorted(self.buckets.items()) if s.shards}}
+
+    def keys(self) -> set:
+        return {k for s in self.stores() for k in s.index}
+
+    def __contains__(self, key: str) -> bool:
+        return any(key in s for s in self.stores())
+
+    def shapes(self) -> Dict[str, List[int]]:
+        return {n: _latent_shape(s) for n, s in sorted(self.buckets.items()) if s.shards}
+
+    def flush(self) -> None:
+        for s in self.stores():
+            s.flush()
+
+    def keep_only(self, live: set) -> None:
+        for s in self.stores():
+            s.keep_only(live)
+
+    def files(self) -> set:
+        return set().union(*(s.files() for s in self.stores()))
 
 
 def _latent_shape(latents: ShardStore) -> Optional[List[int]]:
@@ -220,20 +305,23 @@ def _encode_texts(items, text_encoder, texts: ShardStore, settings, report, prog
     return keys
 
 
-def _encode_images(items, vae, latents: ShardStore, settings, size, batch_size, flip, report, progress, strict):
-    """Hash every file; encode (in batches) those whose key is not cached; -> manifest entries."""
-    base = json.dumps({k: settings[k] for k in ("size", "preprocess", "vae")}, sort_keys=True)
-    entries, batch, queued = [], [], set()  # batch: [(key, (3, H, W) image)]
+def _encode_images(items, vae, latents: LatentStores, settings, size, batch_size, flip, report, progress, strict):
+    """Hash every file; encode (in batches, one per bucket) those whose key is not cached; -> manifest entries."""
+    spec = settings["buckets"]
+    base = json.dumps({k: settings[k] for k in ("size", "preprocess", "vae") + (("buckets",) if spec else ())},
+                      sort_keys=True)
+    blist = bk.bucket_list(spec["area"], spec["step"], spec["max_ratio"]) if spec else None
+    entries, batches, queued = [], {}, set()  # batches: bucket ("" = square) -> [(key, (3, H, W) image)]
 
-    def run_batch():
+    def run_batch(bucket):
+        batch = batches.pop(bucket, [])
         if batch:
             x = torch.stack([t for _, t in batch]).to(vae.device, vae.dtype)  # (B, 3, H, W)
             with torch.no_grad():
                 z = vae.encode(x).float().cpu().numpy()  # (B, C, h, w)
             for (key, _), row in zip(batch, z):
-                latents.add(key, latent=row)
+                latents.store(bucket).add(key, latent=row)
             report.encoded += len(batch)
-            batch.clear()
 
     for item in tqdm(items, desc="encode", unit="img", disable=not progress):
         where = item.path if item.offset < 0 else f"{item.path}/{item.name}"
@@ -242,23 +330,38 @@ def _encode_images(items, vae, latents: ShardStore, settings, size, batch_size, 
             file_hash = hashlib.sha256(data).hexdigest()
             twins = [(f, _digest(base, file_hash, "flip" if f else "plain")) for f in ((False, True) if flip else (False,))]
             todo = [(f, k) for f, k in twins if k not in latents and k not in queued]
-            img = load_image(data, size, name=item.name) if todo else None
+            img, placed = _prepare(data, item.name, size, spec, blist, file_hash, bool(todo))
         except (OSError, BadImage) as e:
             reason, detail = (e.reason, e.detail) if isinstance(e, BadImage) else ("unreadable", e.strerror or str(e))
             report.skipped.append(sources.Skip(where, reason, detail))
             _fail_if_strict(strict, report.out, report.skipped)
             continue
+        bucket = placed.bucket.name if placed else ""
         for flipped, key in todo:
             queued.add(key)
-            batch.append((key, to_tensor(img.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if flipped else img)))
-            if len(batch) >= batch_size:
-                run_batch()
+            batches.setdefault(bucket, []).append(
+                (key, to_tensor(img.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if flipped else img)))
+            if len(batches[bucket]) >= batch_size:
+                run_batch(bucket)
         report.reused += len(twins) - len(todo)
         entries += [{"id": item.id + ("#flip" if f else ""), "key": k, "flip": f, "caption": item.caption,
-                     "label": item.label} for f, k in twins]
-    run_batch()
+                     "label": item.label, **((placed.flipped() if f else placed).record() if placed else {})}
+                    for f, k in twins]
+    for bucket in sorted(batches):
+        run_batch(bucket)
     latents.flush()
     return entries
+
+
+def _prepare(data: bytes, name: str, size: int, spec, blist, file_hash: str, pixels: bool):
+    """(the image to encode or None if not `pixels`, its bucket Placement or None for square caches)."""
+    if spec is None:
+        return (load_image(data, size, name=name) if pixels else None), None
+    img = open_checked(data, name)
+    w, h = oriented_size(img)  # from the header: a reused latent needs no pixel decode
+    rng = random.Random(int(file_hash[:16], 16)) if spec["crop"] == "random" else None
+    placed = bk.place(w, h, blist, spec["crop"], rng, spec["max_upscale"])
+    return (bk.fit(to_rgb(img), placed) if pixels else None), placed
 
 
 def _collect_garbage(out: str, keep: set) -> None:
@@ -274,7 +377,8 @@ def _collect_garbage(out: str, keep: set) -> None:
 
 class LatentDataset(torch.utils.data.Dataset):
     """Items from a finished cache: dict(latent (C, h, w), id) plus context (L, D) + mask (L,)
-    for captioned data and label (int) for class folders. Shards are memory-mapped and verified
+    for captioned data and label (int) for class folders; `buckets` names each item's bucket
+    (None for a square cache). Shards are memory-mapped and verified
     against their checksums on open (`verify=False` skips that)."""
 
     def __init__(self, cache_dir: str, verify: bool = True):
@@ -284,17 +388,22 @@ class LatentDataset(torch.utils.data.Dataset):
         if not manifest["complete"]:
             raise UserError(f"{cache_dir}: the cache was interrupted while building — re-run latentforge cache to finish it")
         self.root, self.manifest = cache_dir, manifest
-        self.latents = ShardStore(cache_dir, "latent", manifest["latents"], 1)
+        self.latent_stores = LatentStores(cache_dir, manifest, 1)
+        self.latents = self.latent_stores.square  # the square cache's store (empty when bucketed)
         self.texts = ShardStore(cache_dir, "text", manifest["text"], 1)
         if verify:
-            for store in (self.latents, self.texts):
+            for store in (*self.latent_stores.stores(), self.texts):
                 for name in store.shards:
                     store.verify(name)
         self.entries = manifest["entries"]
         self.classes: Optional[List[str]] = manifest["classes"]
         self.num_classes = len(self.classes) if self.classes else None
         self.conditioning: str = manifest["conditioning"]
-        self.latent_shape = tuple(manifest["latent_shape"] or ())
+        self.latent_shape = tuple(manifest["latent_shape"] or ())  # () for a bucketed cache
+        # bucketed caches: each item's bucket name ("WxH" in pixels) and each bucket's latent (C, h, w)
+        self.buckets: Optional[List[str]] = [e["bucket"] for e in self.entries] if manifest["settings"].get(
+            "buckets") else None
+        self.bucket_shapes = {n: tuple(s) for n, s in (manifest.get("bucket_shapes") or {}).items()}
         null = manifest.get("null_text")
         row = self.texts.row(null) if null else None
         self.null_context = torch.from_numpy(row["context"].copy()) if row else None  # (L, D)
@@ -305,7 +414,8 @@ class LatentDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> dict:
         e = self.entries[i]
-        item = {"latent": torch.from_numpy(self.latents.row(e["key"])["latent"].copy()), "id": e["id"]}  # (C, h, w)
+        row = self.latent_stores.store(e.get("bucket")).row(e["key"])
+        item = {"latent": torch.from_numpy(row["latent"].copy()), "id": e["id"]}  # (C, h, w)
         if e.get("text"):
             row = self.texts.row(e["text"])
             item["context"] = torch.from_numpy(row["context"].copy())  # (L, D)

@@ -69,6 +69,16 @@ def open_checked(src: Source, name: str = "", max_pixels: int = MAX_PIXELS,
     return img
 
 
+def oriented_size(img: Image.Image) -> tuple:
+    """(width, height) after the EXIF rotation `to_rgb` applies, read from the header alone."""
+    w, h = img.size
+    try:
+        orientation = img.getexif().get(0x0112, 1)
+    except (OSError, SyntaxError, ValueError):
+        orientation = 1
+    return (h, w) if orientation in (5, 6, 7, 8) else (w, h)  # 5-8: transposed or rotated by 90 degrees
+
+
 def _decode_error(e: Exception) -> BadImage:
     msg = str(e) or type(e).__name__
     return BadImage("truncated" if "truncat" in msg.lower() else "decode_error", msg)
