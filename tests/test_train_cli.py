@@ -88,7 +88,11 @@ def test_train_text_end_to_end(world, tmp_path, capfd):
     cfg = load_train_config(run / "config.toml")  # re-runnable, and says what was resolved from the data
     assert cfg.conditioning == "text" and cfg.unet.cross_attention_dim == 384 and cfg.max_steps == 240
     assert sorted(p.name for p in (run / "samples").iterdir()) == ["step-120.png", "step-240.png"]
-    assert Image.open(run / "samples" / "step-240.png").size == (4 * SIZE, SIZE)
+    grid = Image.open(run / "samples" / "step-240.png")
+    cells = json.loads(grid.info["latentforge:cells"])  # 4 captions of the data set, each beside its image
+    assert len(cells) == 4 and all((world["data"] / c["source_id"]).with_suffix(".txt").read_text().strip()
+                                   == c["prompt"] for c in cells)
+    assert grid.size == (8 * 104, 96 + 8 + 58)  # 8 cells of 96 px + padding, over their labels
     assert list((run / "logs").glob("events.out.tfevents.*"))
     assert "loss drop" in (run / "report.md").read_text()
 

@@ -69,7 +69,7 @@ def test_hash_covers_math_only():
     for bookkeeping in ["checkpoint_every=7", "sample_every=3", "log_every=1", "device=cpu",
                         "nan_max_consecutive=2", "gradient_checkpointing=true"]:
         assert config_hash(load_train_config(None, ["model=tiny", bookkeeping])) == h, bookkeeping
-    for math in ["lr=1e-3", "seed=1", "batch_size=3", "unet.channels=[16,32]", "min_snr_gamma=5.0",
+    for math in ["lr=2e-3", "seed=1", "batch_size=3", "unet.channels=[16,32]", "min_snr_gamma=3.0",
                  "schedule.prediction_type=sample", "caption_dropout=0.0", "precision=bf16", "max_steps=7"]:
         assert config_hash(load_train_config(None, ["model=tiny", math])) != h, math
     # With a constant LR, max_steps does not change the math: the run may be extended.

@@ -1,7 +1,7 @@
-"""The `latentforge` command: parse -> call one function. Thin by design.
+"""latentforge: train latent-diffusion (Stable Diffusion) models on your own images and generate with them.
 
-Each sub-command lives in `latentforge/commands/<name>.py` and defines
-`add_arguments(parser)` and `run(args) -> int | None`. Import is lazy so `--help` is instant.
+Each sub-command lives in `latentforge/commands/<name>.py` and defines `add_arguments(parser)` and
+`run(args) -> int | None`; this module only parses and calls it. Import is lazy so `--help` is instant.
 A `UserError` (or a user-fixable OSError) becomes one line on stderr and exit status 2.
 """
 
@@ -14,18 +14,33 @@ import sys
 
 from .errors import UserError
 
-# name -> (module under latentforge.commands, one-line help)
+# name -> (module under latentforge.commands, one-line help, one example)
 COMMANDS = {
-    "shapes": ("shapes", "write the built-in captioned shapes data set"),
-    "cache": ("cache", "encode a data folder once into a latent cache"),
-    "train-vae": ("train_vae", "train a KL autoencoder (VAE) on a data folder"),
-    "train": ("train", "train the UNet on a data folder or latent cache"),
-    "sample": ("sample", "text -> image"),
-    "img2img": ("img2img", "image + text -> image"),
-    "inpaint": ("inpaint", "image + mask + text -> image"),
-    "eval": ("eval", "prompt-adherence benchmark, FID/KID"),
-    "demo": ("demo", "the one-command demo: data, VAE, cache, UNet, samples, evaluation"),
+    "shapes": ("shapes", "write the built-in captioned shapes data set",
+               "latentforge shapes --out data/shapes --n 2000"),
+    "cache": ("cache", "encode a data folder once into a latent cache",
+              "latentforge cache --data my_images/ --vae runs/vae --out cache/mine --size 64"),
+    "train-vae": ("train_vae", "train a KL autoencoder (VAE) on a data folder",
+                  "latentforge train-vae --data my_images/ --out runs/vae model=small image_size=64"),
+    "train": ("train", "train the UNet on a data folder or latent cache",
+              "latentforge train --cache cache/mine --vae runs/vae --out runs/mine model=small max_steps=5000"),
+    "sample": ("sample", "text -> image",
+               'latentforge sample --model runs/mine/model --prompt "a red circle" --steps 25 --out out/'),
+    "img2img": ("img2img", "image + text -> image",
+                'latentforge img2img --model runs/mine/model --image in.png --prompt "a blue square" --out out/'),
+    "inpaint": ("inpaint", "image + mask + text -> image",
+                'latentforge inpaint --model runs/mine/model --image in.png --mask mask.png --prompt "a green '
+                'triangle" --out out/'),
+    "eval": ("eval", "prompt-adherence benchmark, FID/KID",
+             "latentforge eval --model runs/demo/unet/model --benchmark shapes --n 8"),
+    "demo": ("demo", "the one-command demo: data, VAE, cache, UNet, samples, evaluation",
+             "latentforge demo --out runs/demo"),
 }
+
+_EPILOG = """start here:
+  latentforge demo --out runs/demo                       # the whole flow on built-in data (CPU, minutes)
+  latentforge COMMAND --help                             # each command's flags, with an example
+your own images: cache -> train -> sample (README: "Your own images, step by step")"""
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -36,10 +51,12 @@ class OneLineParser(argparse.ArgumentParser):
 
 
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
-    parser = OneLineParser(prog="latentforge", description=__doc__.splitlines()[0])
+    parser = OneLineParser(prog="latentforge", description=__doc__.splitlines()[0], epilog=_EPILOG,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=OneLineParser)
-    for name, (module, help_text) in COMMANDS.items():
-        p = sub.add_parser(name, help=help_text, description=help_text)
+    for name, (module, help_text, *example) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text, epilog="example:\n  " + "".join(example),
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
         if only is None or only == name:
             _module(module).add_arguments(p)
     return parser

@@ -64,6 +64,9 @@ def resolve_config(args, cls=None):
         overrides.append(f"vae_path={args.vae}")
     if getattr(args, "text_encoder", None):
         overrides.append(f"text_encoder={args.text_encoder}")
+    init = bool(getattr(args, "init", None))
+    if cls is TrainConfig:
+        return load_train_config(path, [_quote(o) for o in overrides], cls=cls, init=init)
     return load_train_config(path, [_quote(o) for o in overrides], cls=cls)
 
 
@@ -80,11 +83,11 @@ def _toml_str(s: str) -> str:
 
 
 def run(args):
-    from ..config import to_toml
+    from ..config import situation_notes, to_toml
 
     cfg = resolve_config(args)
     if args.print_config:
-        print(to_toml(cfg), end="")
+        print(to_toml(cfg, situation_notes(cfg, bool(getattr(args, "init", None)))), end="")
         return 0
     if not args.out:
         raise UserError("--out: required — name the run folder, e.g. --out runs/first")

@@ -134,13 +134,14 @@ def _train(cfg, dataset, run: Path, d, resume, vae, text_encoder, progress) -> T
                 t_last, seen_last = now, step * A * B
                 log.log({"step": step, "loss": loss, "lr": lr, "grad_norm": gnorm, "img_per_s": ips,
                          "epoch": step * A * B / len(dataset), "skipped": guard.skipped})
-                bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{ips:.1f}")
+                bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{ips:.1f}", seen=step * A * B,
+                                epoch=f"{step * A * B / len(dataset):.2f}")
             bar.update(1)
             stopped = stop.name if distributed.any_true(stop.requested, d) else ""
             if stopped or step % cfg.checkpoint_every == 0 or step == cfg.max_steps:
                 _save(ckpt_dir, step, cfg, d, unet, ema, opt, guard, scaler)
             if d.is_main and cfg.sample_every and (step % cfg.sample_every == 0 or step == cfg.max_steps):
-                maybe_sample(run, step, cfg, unet, ema, vae, text_encoder)
+                maybe_sample(run, step, cfg, unet, ema, vae, text_encoder, dataset)
             if stopped:
                 break
     bar.close()

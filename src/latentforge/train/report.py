@@ -66,6 +66,37 @@ def loss_drop(rows: list[dict], window: int = 20) -> tuple[float, float, float]:
     return first, last, (first - last) / first if first else float("nan")
 
 
+def _finite(rows: list[dict], key: str) -> list[tuple[int, float]]:
+    return [(r["step"], r[key]) for r in rows if isinstance(r.get(key), (int, float)) and math.isfinite(r[key])]
+
+
+def progress_verdict(rows: list[dict], val_key: str = "val_loss", tolerance: float = 0.02) -> str:
+    """One line on whether more training would help: from the held-out loss when there are ≥ 3 evaluations
+    (rising past the best by more than `tolerance` = overfitting; no new best in the last half = stopped
+    improving), else from the training loss over the last fifth of the run (still falling by more than
+    `tolerance` = more steps would help)."""
+    val = _finite(rows, val_key)
+    if len(val) >= 3:
+        best_step, best = min(val, key=lambda sv: sv[1])
+        last_step, last = val[-1]
+        if last > best * (1 + tolerance):
+            return (f"validation loss is rising: best {best:.4g} at step {best_step}, now {last:.4g} at step "
+                    f"{last_step} — the model is overfitting; prefer the step-{best_step} weights, or add data")
+        if best_step <= val[len(val) // 2][0] and best_step != last_step:
+            return (f"validation loss stopped improving: best {best:.4g} at step {best_step}, flat since — "
+                    "more steps are unlikely to help")
+        return f"validation loss still improving (best {best:.4g} at step {best_step}) — more steps would help"
+    losses = [v for _, v in _finite(rows, "loss")]
+    if len(losses) < 10:
+        return "too few logged steps to judge the trend"
+    fifth = max(2, len(losses) // 5)
+    before, end = sum(losses[-2 * fifth:-fifth]) / fifth, sum(losses[-fifth:]) / fifth
+    change = (before - end) / before if before else 0.0
+    if change > tolerance:
+        return f"training loss still falling at the end ({change:.0%} over the last fifth of the run) — more steps would help"
+    return f"training loss has flattened over the last fifth of the run ({change:+.1%})"
+
+
 def plot_loss(rows: list[dict], out_png, title: str = "training loss") -> None:
     import matplotlib
 
@@ -95,7 +126,8 @@ def write_report(run_dir, title: str, facts: dict, metric: str = "loss") -> Path
     lines = [f"# {title}", "", "| | |", "|---|---|"]
     lines += [f"| {k} | {v} |" for k, v in facts.items()]
     lines += [f"| {metric}, first (smoothed) | {first:.5g} |", f"| {metric}, last (smoothed) | {last:.5g} |",
-              f"| {metric} drop | {drop:.1%} |", "", "![loss](loss.png)", ""]
+              f"| {metric} drop | {drop:.1%} |", "", f"**Verdict:** {progress_verdict(rows)}", "",
+              "![loss](loss.png)", ""]
     path = run_dir / "report.md"
     path.write_text("\n".join(lines))
     return path
