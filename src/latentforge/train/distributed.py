@@ -87,6 +87,15 @@ def mean(value: float, d: Dist) -> float:
     return t.item() / d.world_size
 
 
+def mean_tensor(t: torch.Tensor, d: Dist) -> torch.Tensor:
+    """Average of a tensor over ranks, left on the device (no host read)."""
+    if not d.enabled:
+        return t
+    t = t.detach().clone()
+    dist.all_reduce(t)
+    return t / d.world_size
+
+
 def any_true(flag: bool, d: Dist) -> bool:
     """True on every rank when it is true on any rank."""
     if not d.enabled:

@@ -4,6 +4,10 @@
 
 n counts EMA updates so far; the warmup term (as in diffusers' EMAModel `use_ema_warmup=False`
 branch and TensorFlow's ExponentialMovingAverage `num_updates`) lets early weights fade quickly.
+
+n lives on the device and `update(model, ok)` takes the NaN guard's on-device verdict: a skipped
+step (ok = False) lerps with weight 0 (the shadow stays bitwise as it was) and does not count, so
+the training loop never waits for the device to decide.
 """
 
 from __future__ import annotations
@@ -13,22 +17,38 @@ import torch
 
 class EMA:
     def __init__(self, model: torch.nn.Module, decay: float = 0.9999, warmup: bool = True):
-        self.decay, self.warmup, self.num_updates = decay, warmup, 0
+        self.decay, self.warmup = decay, warmup
         # Shadow copies in fp32 of every parameter and floating buffer, keyed like state_dict().
         self.shadow = {k: v.detach().clone().float() for k, v in _floating_state(model).items()}
+        device = next(iter(self.shadow.values())).device if self.shadow else torch.device("cpu")
+        self._n = torch.zeros((), dtype=torch.float64, device=device)  # updates so far, on the device
+
+    @property
+    def num_updates(self) -> int:
+        return int(self._n)  # reads the device: call at checkpoints, not per step
+
+    @num_updates.setter
+    def num_updates(self, n: int) -> None:
+        self._n.fill_(n)
+
+    def _decay(self) -> torch.Tensor:  # float64 like a python float, so the weight rounds as before
+        if not self.warmup:
+            return torch.full_like(self._n, self.decay)
+        return torch.clamp((1 + self._n) / (10 + self._n), max=self.decay)
 
     def current_decay(self) -> float:
-        n = self.num_updates
-        return min(self.decay, (1 + n) / (10 + n)) if self.warmup else self.decay
+        return float(self._decay())
 
     @torch.no_grad()
-    def update(self, model: torch.nn.Module) -> None:
-        d = self.current_decay()
+    def update(self, model: torch.nn.Module, ok: torch.Tensor | None = None) -> None:
+        """One EMA step; with `ok` (0-dim bool on the device) False it changes nothing, without a host sync."""
+        ok = torch.ones((), dtype=torch.bool, device=self._n.device) if ok is None else ok.to(self._n.device)
+        weight = ((1.0 - self._decay()) * ok).float()  # 0 where the step was skipped
         state = _floating_state(model)
         shadow = list(self.shadow.values())
         live = [state[k].detach().float() for k in self.shadow]
-        torch._foreach_lerp_(shadow, live, 1.0 - d)  # θ_ema + (1-d)(θ - θ_ema)
-        self.num_updates += 1
+        torch._foreach_lerp_(shadow, live, [weight] * len(shadow))  # θ_ema + (1-d)(θ - θ_ema)
+        self._n += ok
 
     @torch.no_grad()
     def copy_to(self, model: torch.nn.Module) -> None:

@@ -6,6 +6,9 @@
             draws = draw(positions)                  # t, ε, caption-dropout coin per sample
             loss = train_step(...); loss.backward()  # DDP averages gradients over ranks
         clip -> NaN guard -> AdamW -> EMA -> log / checkpoint / samples / stop on signal
+
+No host synchronisation per step: the NaN guard decides on the device (nan_guard.py) and the loss
+is read back at log steps only.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from . import checkpoint, distributed
 from .data import Stream
 from .ema import EMA
 from .lr import lr_for, set_lr
-from .nan_guard import NanGuard
+from .nan_guard import NanGuard, finite_on_device, masked_step
 from .report import RunLog, write_report
 from .samples import export_model, maybe_sample
 from .setup import autocast_dtype, check_precision, make_optimizer, null_condition, resolve_for_data
@@ -83,6 +86,7 @@ def _train(cfg, dataset, run: Path, d, resume, vae, text_encoder, progress) -> T
     ac = NoiseSchedule.from_config(cfg.schedule).alphas_cumprod.to(d.device)
     null = null_condition(cfg, dataset, text_encoder)
     stream = Stream(dataset, cfg.seed)
+    gather = lambda samples: distributed.gather_json(samples, d)  # noqa: E731  (forensics: all ranks' ids)
 
     step = 0
     if latest is not None:
@@ -105,30 +109,31 @@ def _train(cfg, dataset, run: Path, d, resume, vae, text_encoder, progress) -> T
                 draws = draw(cfg, positions, batch.latent.shape[1:], ac.shape[0])
                 if cfg.conditioning != "none":
                     batch = apply_dropout(batch, draws.drop, *null)
-                picked += [{"id": i, "t": int(t)} for i, t in zip(batch.ids, draws.t)]
+                picked += [{"id": i, "t": t} for i, t in zip(batch.ids, draws.t.tolist())]
                 sync = model.no_sync() if d.enabled and micro < A - 1 else contextlib.nullcontext()
                 with sync:
                     loss = train_step(model, batch.to(d.device), draws, ac, cfg.schedule.prediction_type,
                                       cfg.min_snr_gamma, autocast_dtype(cfg.precision))
                     (scaler.scale(loss / A) if scaler else loss / A).backward()
                 losses.append(loss.detach().float())
-            loss = distributed.mean(torch.stack(losses).mean().item(), d)
+            loss = distributed.mean_tensor(torch.stack(losses).mean(), d)  # on the device, no host read
             if scaler:
                 scaler.unscale_(opt)
             gnorm = torch.nn.utils.clip_grad_norm_(unet.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
-            gnorm = gnorm.item()
-            if guard.finite(loss, gnorm) or (scaler and math.isfinite(loss)):  # fp16 overflow: the scaler skips
-                scaler.step(opt) if scaler else opt.step()
-                ema.update(unet)
-                guard.ok()
-            else:
-                guard.skip(step, sum(distributed.gather_json(picked, d), []), loss, gnorm)
-            if scaler:
+            ok = finite_on_device(loss, gnorm)
+            if scaler:  # fp16: an overflow is the scaler's to skip (fused AdamW takes its found_inf on device)
+                scaler.step(opt)
                 scaler.update()
+                ok = torch.isfinite(loss)
+            else:
+                masked_step(opt, ok)  # a non-finite step leaves weights and optimizer state bitwise unchanged
+            ema.update(unet, ok)
+            guard.record(step, ok, loss, gnorm, picked)
             opt.zero_grad(set_to_none=True)
             step += 1
 
             if step % cfg.log_every == 0 or step == cfg.max_steps:
+                loss, gnorm = guard.flush(gather)  # the host reads the device here, once per log step
                 now = time.perf_counter()
                 ips = (step * A * B - seen_last) / max(now - t_last, 1e-9)  # images per second, all ranks
                 t_last, seen_last = now, step * A * B
@@ -139,11 +144,13 @@ def _train(cfg, dataset, run: Path, d, resume, vae, text_encoder, progress) -> T
             bar.update(1)
             stopped = stop.name if distributed.any_true(stop.requested, d) else ""
             if stopped or step % cfg.checkpoint_every == 0 or step == cfg.max_steps:
+                guard.flush(gather)
                 _save(ckpt_dir, step, cfg, d, unet, ema, opt, guard, scaler)
             if d.is_main and cfg.sample_every and (step % cfg.sample_every == 0 or step == cfg.max_steps):
                 maybe_sample(run, step, cfg, unet, ema, vae, text_encoder, dataset)
             if stopped:
                 break
+    guard.flush(gather)
     bar.close()
     log.close()
     if d.is_main:

@@ -68,7 +68,7 @@ def draw(cfg, positions: List[int], shape, num_timesteps: int) -> Draws:
 
 def apply_dropout(batch: Batch, drop: torch.Tensor, null_context=None, null_mask=None, null_label=None) -> Batch:
     """Replace the condition of the dropped samples with the null one (text "" or the null class)."""
-    if not drop.any():
+    if not any(drop.tolist()):  # drop is host data (draws are made on the CPU)
         return batch
     context, mask, label = batch.context, batch.mask, batch.label
     if context is not None:
