@@ -22,6 +22,8 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import nn
 
+from ..adapters.layers import add_adapters, plain_layer
+
 
 # --------------------------------------------------------------------------- time embedding
 
@@ -146,9 +148,12 @@ class Attention(nn.Module):
 
     def _project_qkv(self, x: torch.Tensor, context: Optional[torch.Tensor]):
         if context is None:  # self-attention: one fused GEMM for q, k, v (same weights, same result)
-            w = torch.cat([self.to_q.weight, self.to_k.weight, self.to_v.weight])  # (3·inner, C)
-            b = None if self.to_q.bias is None else torch.cat([self.to_q.bias, self.to_k.bias, self.to_v.bias])
-            return F.linear(x, w, b).chunk(3, dim=-1)  # 3 × (B, N, inner)
+            mods = (self.to_q, self.to_k, self.to_v)
+            plain = [plain_layer(m) for m in mods]  # adapters (LoRA, …) add their own term after the GEMM
+            w = torch.cat([m.weight for m in plain])  # (3·inner, C)
+            b = None if plain[0].bias is None else torch.cat([m.bias for m in plain])
+            qkv = F.linear(x, w, b).chunk(3, dim=-1)  # 3 × (B, N, inner)
+            return tuple(add_adapters(m, x, y) for m, y in zip(mods, qkv))
         return self.to_q(x), self.to_k(context), self.to_v(context)
 
     def forward(self, x: torch.Tensor, context: Optional[torch.Tensor] = None,
@@ -201,9 +206,13 @@ class GEGLU(nn.Module):
         # One GEMM per half of the weight, not one GEMM then .chunk(2): the halves come out contiguous
         # (no strided elementwise ops) and backward needs no concatenation of their gradients.
         # Same FLOPs; fwd+bwd of the 64-channel feed-forward is ~25 % faster on CPU (docs/BENCHMARKS.md).
-        w, b, n = self.proj.weight, self.proj.bias, self.dim_out
+        plain = plain_layer(self.proj)  # an adapter on proj adds its term to both halves
+        w, b, n = plain.weight, plain.bias, self.dim_out
         h = F.linear(x, w[:n], b[:n])  # (B, N, dim_out)
         gate = F.linear(x, w[n:], b[n:])  # (B, N, dim_out)
+        if plain is not self.proj:
+            y = add_adapters(self.proj, x, torch.cat([h, gate], dim=-1))  # (B, N, 2·dim_out)
+            h, gate = y[..., :n].contiguous(), y[..., n:].contiguous()  # contiguous: the same GELU kernel
         return h * F.gelu(gate)
 
 
@@ -262,12 +271,18 @@ class SpatialTransformer(nn.Module):
         B, C, H, W = x.shape
         h = self.norm(x).permute(0, 2, 3, 1).reshape(B, H * W, C)  # (B, HW, C)
         # A 1×1 conv is a Linear on tokens: one GEMM either way (conv weights are (out, in, 1, 1)).
-        h = F.linear(h, self.proj_in.weight.flatten(1), self.proj_in.bias)  # (B, HW, inner)
+        h = _tokens_linear(self.proj_in, h)  # (B, HW, inner)
         for block in self.transformer_blocks:
             h = block(h, context, mask)  # (B, HW, inner)
-        h = F.linear(h, self.proj_out.weight.flatten(1), self.proj_out.bias)  # (B, HW, C)
+        h = _tokens_linear(self.proj_out, h)  # (B, HW, C)
         h = h.reshape(B, H, W, C).permute(0, 3, 1, 2)  # (B, C, H, W)
         return x + h
+
+
+def _tokens_linear(proj: nn.Module, h: torch.Tensor) -> torch.Tensor:
+    """A Linear, or a 1×1 conv applied to (B, N, C) tokens as the Linear it is; plus any adapter's term."""
+    plain = plain_layer(proj)
+    return add_adapters(proj, h, F.linear(h, plain.weight.flatten(1), plain.bias))  # (B, N, out)
 
 
 # --------------------------------------------------------------------------- mid block
