@@ -102,6 +102,28 @@ class Pipeline:
             self.text_encoder.to(device)
         return self
 
+    def with_lora(self, file, scale: float = 1.0) -> "Pipeline":
+        """Apply an adapter file (diffusers' `pytorch_lora_weights.safetensors`, or kohya/A1111 LoRA, LoCon,
+        LoHa, LoKr, DoRA) at strength `scale`. The base weights are not modified; call again to stack
+        another file; `without_lora()` takes them all off."""
+        from .formats import lora
+
+        lora.apply(lora.read(file), self._adaptable(), scale)
+        return self
+
+    def without_lora(self) -> "Pipeline":
+        from .adapters import remove
+
+        for model in self._adaptable().values():
+            remove(model)
+        return self
+
+    def _adaptable(self) -> dict:
+        comps = {"unet": self.unet}
+        if self.text_encoder is not None:
+            comps["text_encoder"] = self.text_encoder.model
+        return comps
+
     @property
     def device(self) -> torch.device:
         return next(self.unet.parameters()).device

@@ -242,10 +242,16 @@ class LoKr(Adapter):
     kind = "lokr"
 
     def __init__(self, base: nn.Module, rank: int, alpha: float, dropout: float = 0.0,
-                 generator: Optional[torch.Generator] = None):
+                 generator: Optional[torch.Generator] = None, factors: Optional[Tuple[int, int]] = None):
         super().__init__(base, rank, alpha, dropout)
         w = self.layer.weight
-        (o1, o2), (i1, i2) = factorize(w.shape[0]), factorize(w.shape[1])
+        if factors is None:
+            (o1, o2), (i1, i2) = factorize(w.shape[0]), factorize(w.shape[1])
+        elif w.shape[0] % factors[0] or w.shape[1] % factors[1]:
+            raise ValueError(f"lokr_w1 {tuple(factors)} does not divide the layer's {tuple(w.shape[:2])}")
+        else:  # a file's own factorisation (LyCORIS may choose other factors)
+            (o1, i1) = factors
+            o2, i2 = w.shape[0] // o1, w.shape[1] // i1
         k = w[0, 0].numel()  # kernel positions (1 for Linear)
         self._check_rank(min(o2, i2 * k), f"the LoKr factor's smaller side ({o2}x{i2 * k})")
         kw = dict(device=w.device, dtype=w.dtype)
