@@ -289,3 +289,24 @@ def test_cli_cache_end_to_end(tmp_path, bert_dir, capsys):
     assert err.startswith("error: ") and "nope: not a data folder" in err and err.count("\n") == 1
     assert main(["cache", "--data", d, "--vae", str(tmp_path / "novae"), "--out", str(tmp_path / "c")]) == 2
     assert "--vae" in capsys.readouterr().err
+
+
+def test_sdxl_dual_encoder_cache_stores_pooled_and_zero_null(tmp_path):
+    """SDXL's two encoders are cached like one: context (L, 64), mask and the pooled (24,) per caption;
+    the null condition is force_zeros_for_empty_prompt's zeros."""
+    from sdxl_kit import write_text_encoders
+
+    enc = TextEncoder.from_pretrained(str(write_text_encoders(tmp_path / "te")))
+    d, vae = data(tmp_path, 3), tiny_vae()
+    build_cache(d, vae, enc, str(tmp_path / "c"), size=32, progress=False)
+    ds = LatentDataset(str(tmp_path / "c"))
+    assert ds.manifest["settings"]["pooled_dim"] == 24
+    for i in range(len(ds)):
+        caption = open(os.path.join(d, ds[i]["id"])[:-4] + ".txt", encoding="utf-8").read().strip()
+        context, mask, pooled = enc.encode_pooled([caption])
+        torch.testing.assert_close(ds[i]["context"], context[0], atol=1e-6, rtol=0)  # batched vs one: rounding
+        torch.testing.assert_close(ds[i]["pooled"], pooled[0], atol=1e-6, rtol=0)
+    assert ds.null_context.shape == (77, 64) and not ds.null_context.any()
+    assert ds.null_pooled.shape == (24,) and not ds.null_pooled.any()
+    again = build_cache(d, vae, enc, str(tmp_path / "c"), size=32, progress=False)  # incremental: nothing new
+    assert again.texts_encoded == 0 and again.encoded == 0

@@ -181,3 +181,57 @@ def test_pickle_weights_are_refused_without_unpickling(bert_dir, tmp_path, monke
     monkeypatch.setattr(torch, "load", no_unpickling)
     with pytest.raises(UserError, match="pytorch_model.bin: pickle weights are never loaded"):
         TextEncoder.from_pretrained(str(tmp_path / "pickled"))
+
+
+# --------------------------------------------------------------------------- SDXL: two encoders
+
+
+def test_dual_encoder_matches_sdxl_encode_prompt(tmp_path):
+    """Oracle: diffusers' StableDiffusionXLPipeline.encode_prompt on a tiny random SDXL folder — penultimate
+    hidden states of both encoders concatenated, the second's pooled projection, zeros for no negative."""
+    from diffusers import StableDiffusionXLPipeline
+    from latentforge.text import DualTextEncoder
+    from sdxl_kit import PROMPTS, write_diffusers_sdxl
+
+    folder = write_diffusers_sdxl(tmp_path)
+    pipe = StableDiffusionXLPipeline.from_pretrained(folder, local_files_only=True)
+    enc = TextEncoder.from_pretrained(str(folder))
+    assert isinstance(enc, DualTextEncoder) and (enc.dim, enc.pooled_dim, enc.max_length) == (64, 24, 77)
+    negatives = ["wider", "", "lowest newer"]
+    pe, npe, pp, npp = pipe.encode_prompt(PROMPTS, device="cpu", negative_prompt=negatives)
+    ctx, mask, pooled = enc.encode_pooled(PROMPTS)
+    nctx, _, npooled = enc.encode_pooled(negatives)
+    for ours, theirs in ((ctx, pe), (pooled, pp), (nctx, npe), (npooled, npp)):
+        assert ours.shape == theirs.shape
+        torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=0)
+    assert ctx.shape == (3, 77, 64) and mask[2].sum() == 2  # "" = BOS + EOS
+    torch.testing.assert_close(enc.encode(PROMPTS)[0], ctx, atol=0, rtol=0)
+    # No negative prompt: SDXL's force_zeros_for_empty_prompt gives all-zero null embeddings.
+    _, zeros, _, zeros_pooled = pipe.encode_prompt(PROMPTS, device="cpu", negative_prompt=None)
+    null, _, null_pooled = enc.null_pooled()
+    assert not zeros.any() and not zeros_pooled.any()
+    assert null.shape == (1, 77, 64) and null_pooled.shape == (1, 24) and not null.any() and not null_pooled.any()
+    torch.testing.assert_close(enc.null_context()[0], null, atol=0, rtol=0)
+
+
+def test_dual_encoder_saves_the_sdxl_layout_and_fingerprints_both(tmp_path):
+    from latentforge.text import DualTextEncoder
+    from sdxl_kit import PROMPTS, write_text_encoders
+
+    enc = TextEncoder.from_pretrained(str(write_text_encoders(tmp_path / "src")))
+    enc.save_pretrained(str(tmp_path / "out"))
+    assert sorted(os.listdir(tmp_path / "out")) == ["text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2"]
+    assert enc.model_index_entries()["text_encoder_2"] == ["transformers", "CLIPTextModelWithProjection"]
+    again = DualTextEncoder.from_pretrained(tmp_path / "out")
+    assert again.fingerprint() == enc.fingerprint()
+    torch.testing.assert_close(again.encode_pooled(PROMPTS)[2], enc.encode_pooled(PROMPTS)[2], atol=0, rtol=0)
+    with torch.no_grad():
+        next(again.models[1].parameters()).view(-1)[0] += 1e-3  # the second encoder is part of the key
+    assert again.fingerprint() != enc.fingerprint()
+    assert DualTextEncoder.from_pretrained(tmp_path / "out", force_zeros_for_empty_prompt=False).fingerprint() \
+        != enc.fingerprint()
+    import shutil
+
+    shutil.rmtree(tmp_path / "out" / "tokenizer_2")
+    with pytest.raises(UserError, match="tokenizer_2: no such folder"):
+        TextEncoder.from_pretrained(str(tmp_path / "out"))

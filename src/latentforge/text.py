@@ -10,6 +10,9 @@ caption "" gives the null context for classifier-free guidance.
 CLIP text models are run exactly as diffusers' StableDiffusionPipeline runs them (no attention
 mask; the last hidden state). Other (BERT-like) encoders get the attention mask, and
 `save_pretrained` records `use_attention_mask: true` in their config so the pipeline passes it too.
+
+SDXL's two encoders (a model root with `text_encoder_2/`) load as a `DualTextEncoder`, with the same
+`encode` and `null_context` plus `encode_pooled` for the pooled text embedding (see its docstring).
 """
 
 from __future__ import annotations
@@ -86,12 +89,17 @@ class TextEncoder:
         self.is_clip = model.config.model_type in ("clip_text_model", "clip")
         self.source = source
 
+    pooled_dim = None  # no pooled embedding (DualTextEncoder has one)
+
     @classmethod
     def from_pretrained(cls, name_or_dir: Optional[str] = DEFAULT, max_length: Optional[int] = None,
                         device: str | torch.device = "cpu") -> "TextEncoder":
+        """A local text model folder or model root; a root with `text_encoder_2/` gives a DualTextEncoder."""
         from transformers import AutoConfig, AutoModel, AutoTokenizer, CLIPTextModel
 
         _quiet_transformers()
+        if name_or_dir not in (None, DEFAULT) and os.path.isdir(os.path.join(os.fspath(name_or_dir), "text_encoder_2")):
+            return DualTextEncoder.from_pretrained(name_or_dir, max_length, device)
         model_dir, tok_dir = _resolve(name_or_dir)
         _check_safetensors(model_dir)
         load = dict(local_files_only=True, use_safetensors=True)
@@ -171,4 +179,152 @@ class TextEncoder:
         for k, v in sorted(self.model.state_dict().items()):
             h.update(k.encode())
             h.update(v.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        return h.hexdigest()
+
+
+def _model_hash(h, model, tokenizer) -> None:
+    """Feed a text model's config, vocabulary and weights into the hash `h`."""
+    config = {k: v for k, v in model.config.to_dict().items()
+              if not k.startswith("_") and k != "transformers_version"}  # not where it was loaded from
+    h.update(json.dumps(config, sort_keys=True, default=str).encode())
+    h.update(json.dumps(sorted(tokenizer.get_vocab().items())).encode())
+    for k, v in sorted(model.state_dict().items()):
+        h.update(k.encode())
+        h.update(v.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+
+
+class DualTextEncoder:
+    """SDXL's two text encoders (Podell et al. 2023, §2.1): CLIP ViT-L (`CLIPTextModel`, text_encoder/) and
+    OpenCLIP ViT-bigG (`CLIPTextModelWithProjection`, text_encoder_2/), run as diffusers'
+    StableDiffusionXLPipeline.encode_prompt runs them: no attention mask, the penultimate hidden states of
+    both concatenated (768 + 1280 = 2048 wide), and the second's projected pooled output (1280).
+
+    `force_zeros_for_empty_prompt` (SDXL's default): the null context of guidance is all zeros, context and
+    pooled alike (diffusers' negative_prompt=None); a caption — even "" — is always encoded.
+    """
+
+    is_clip = True
+
+    def __init__(self, models, tokenizers, max_length: Optional[int] = None, source: str = "",
+                 force_zeros_for_empty_prompt: bool = True):
+        self.models = [m.eval().requires_grad_(False) for m in models]
+        self.tokenizers = list(tokenizers)
+        self.max_length = int(max_length or min(self.tokenizers[0].model_max_length, MAX_LENGTH))
+        self.source, self.force_zeros = source, force_zeros_for_empty_prompt
+
+    @classmethod
+    def from_pretrained(cls, root, max_length: Optional[int] = None, device: str | torch.device = "cpu",
+                        force_zeros_for_empty_prompt: Optional[bool] = None) -> "DualTextEncoder":
+        """From a model root with text_encoder/, tokenizer/, text_encoder_2/, tokenizer_2/. The zeroed null
+        context follows model_index.json's `force_zeros_for_empty_prompt` when there is one (default True)."""
+        from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection
+
+        _quiet_transformers()
+        root = os.fspath(root)
+        models, tokenizers = [], []
+        for i, model_cls in enumerate((CLIPTextModel, CLIPTextModelWithProjection)):
+            sub = "" if i == 0 else "_2"
+            model_dir, tok_dir = os.path.join(root, "text_encoder" + sub), os.path.join(root, "tokenizer" + sub)
+            if not os.path.isdir(model_dir) or not os.path.isdir(tok_dir):
+                missing = model_dir if not os.path.isdir(model_dir) else tok_dir
+                raise UserError(f"{missing}: no such folder — an SDXL model root needs text_encoder/, tokenizer/, "
+                                "text_encoder_2/ and tokenizer_2/")
+            _check_safetensors(model_dir)
+            try:
+                models.append(model_cls.from_pretrained(model_dir, local_files_only=True, use_safetensors=True))
+                tokenizers.append(AutoTokenizer.from_pretrained(tok_dir, local_files_only=True))
+            except Exception as e:  # transformers raises many kinds; all mean "this folder is not usable"
+                first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                raise UserError(f"text encoder {model_dir}: cannot load it as {model_cls.__name__} ({first}) — "
+                                "pass an SDXL model root with two CLIP text encoders") from None
+        if force_zeros_for_empty_prompt is None:
+            index = os.path.join(root, "model_index.json")
+            force_zeros_for_empty_prompt = True
+            if os.path.isfile(index):
+                with open(index, encoding="utf-8") as f:
+                    force_zeros_for_empty_prompt = bool(json.load(f).get("force_zeros_for_empty_prompt", True))
+        return cls([m.float().to(device) for m in models], tokenizers, max_length, source=root,
+                   force_zeros_for_empty_prompt=force_zeros_for_empty_prompt)
+
+    @property
+    def dim(self) -> int:
+        return sum(int(m.config.hidden_size) for m in self.models)
+
+    @property
+    def pooled_dim(self) -> int:
+        return int(self.models[1].config.projection_dim)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.models[0].parameters()).device
+
+    def to(self, device) -> "DualTextEncoder":
+        for m in self.models:
+            m.to(device)
+        return self
+
+    @torch.no_grad()
+    def encode_pooled(self, captions: List[str], batch_size: int = 256):
+        """-> context (B, L, D1 + D2) float32, mask (B, L) bool, pooled (B, P) float32."""
+        if isinstance(captions, str):
+            captions = [captions]
+        contexts, masks, pooled = [], [], []
+        for i in range(0, len(captions), batch_size):
+            chunk, hidden, mask = list(captions[i:i + batch_size]), [], None
+            for tokenizer, model in zip(self.tokenizers, self.models):
+                tok = tokenizer(chunk, padding="max_length", truncation=True, max_length=self.max_length,
+                                return_tensors="pt")
+                out = model(tok.input_ids.to(self.device), output_hidden_states=True)
+                hidden.append(out.hidden_states[-2].float())  # (b, L, D_i): the penultimate layer
+                m = tok.attention_mask.to(self.device).bool()  # (b, L)
+                mask = m if mask is None else mask | m
+            contexts.append(torch.cat(hidden, dim=-1))  # (b, L, D1 + D2)
+            masks.append(mask)
+            pooled.append(out.text_embeds.float())  # (b, P): the second encoder's projected pooled output
+        if not contexts:
+            return (torch.zeros(0, self.max_length, self.dim), torch.zeros(0, self.max_length, dtype=torch.bool),
+                    torch.zeros(0, self.pooled_dim))
+        return torch.cat(contexts), torch.cat(masks), torch.cat(pooled)
+
+    def encode(self, captions: List[str], batch_size: int = 256) -> Tuple[torch.Tensor, torch.Tensor]:
+        """-> context (B, L, D1 + D2) float32, mask (B, L) bool (the TextEncoder protocol)."""
+        context, mask, _ = self.encode_pooled(captions, batch_size)
+        return context, mask
+
+    def null_pooled(self) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The unconditional branch of CFG: zeros (force_zeros_for_empty_prompt) or the encoded "";
+        -> (1, L, D), (1, L), (1, P)."""
+        if not self.force_zeros:
+            return self.encode_pooled([""])
+        return (torch.zeros(1, self.max_length, self.dim, device=self.device),
+                torch.ones(1, self.max_length, dtype=torch.bool, device=self.device),
+                torch.zeros(1, self.pooled_dim, device=self.device))
+
+    def null_context(self) -> Tuple[torch.Tensor, torch.Tensor]:
+        context, mask, _ = self.null_pooled()
+        return context, mask
+
+    def save_pretrained(self, model_root: str) -> None:
+        """Write text_encoder/, tokenizer/, text_encoder_2/, tokenizer_2/ under a model root (diffusers' SDXL)."""
+        _quiet_transformers()
+        for i, (model, tokenizer) in enumerate(zip(self.models, self.tokenizers)):
+            sub = "" if i == 0 else "_2"
+            tokenizer.model_max_length = self.max_length  # the pipeline pads to this
+            model.save_pretrained(os.path.join(model_root, "text_encoder" + sub), safe_serialization=True)
+            tokenizer.save_pretrained(os.path.join(model_root, "tokenizer" + sub))
+
+    def model_index_entries(self) -> dict:
+        entries = {}
+        for i, (model, tokenizer) in enumerate(zip(self.models, self.tokenizers)):
+            sub = "" if i == 0 else "_2"
+            entries["text_encoder" + sub] = ["transformers", type(model).__name__]
+            entries["tokenizer" + sub] = ["transformers", type(tokenizer).__name__]
+        return entries
+
+    def fingerprint(self) -> str:
+        """sha256 of both models' weights, configs, vocabularies, max_length and the null convention."""
+        h = hashlib.sha256(b"dual")
+        for model, tokenizer in zip(self.models, self.tokenizers):
+            _model_hash(h, model, tokenizer)
+        h.update(f"{self.max_length}/{self.force_zeros}".encode())
         return h.hexdigest()

@@ -5,6 +5,7 @@
       latent-<h>.latent.npy            (n, C, h, w) float32 scaled latents (square cache)
       latent-<W>x<H>-<h>.latent.npy    (n, C, H/f, W/f) one store per aspect-ratio bucket (--buckets)
       text-<h>.context.npy, .mask.npy  (k, L, D) float32, (k, L) bool — one row per distinct caption
+      text-<h>.pooled.npy              (k, P) float32 pooled text embeddings (SDXL's DualTextEncoder only)
       skipped.jsonl                    every file that could not be used, with its reason
 
 A latent's key is sha256(file bytes, preprocessing settings, VAE weights, flip), so a re-run
@@ -178,7 +179,8 @@ def build_cache(data_dir: str, vae, text_encoder: Union[str, object, None] = "de
                 "vae": module_fingerprint(vae, getattr(vae, "config", None)),
                 "text_encoder": text_encoder.fingerprint() if text_encoder else None,
                 "max_length": text_encoder.max_length if text_encoder else None,
-                "text_dim": text_encoder.dim if text_encoder else None}
+                "text_dim": text_encoder.dim if text_encoder else None,
+                "pooled_dim": getattr(text_encoder, "pooled_dim", None) if text_encoder else None}
     state = {"format": FORMAT, "version": VERSION, "complete": False, "settings": settings,
              "classes": sources.class_names(items),
              "conditioning": "text" if text_encoder else "class" if sources.class_names(items) else "none",
@@ -195,7 +197,7 @@ def build_cache(data_dir: str, vae, text_encoder: Union[str, object, None] = "de
             print(f"warning: {problem}; re-encoding its rows", file=sys.stderr)
     before = latents.keys()
 
-    text_keys = _encode_texts(items, text_encoder, texts, settings, report, progress)
+    text_keys, null_key = _encode_texts(items, text_encoder, texts, settings, report, progress)
     entries = _encode_images(items, vae, latents, settings, size, batch_size, flip, report, progress, strict)
     for e in entries:
         e["text"] = text_keys[e["caption"]] if text_encoder else None
@@ -203,8 +205,8 @@ def build_cache(data_dir: str, vae, text_encoder: Union[str, object, None] = "de
     report.removed = len(before - live)
     report.entries = len(entries)
     latents.keep_only(live)
-    texts.keep_only(set(text_keys.values()))
-    state.update(complete=True, entries=entries, null_text=text_keys.get("") if text_encoder else None,
+    texts.keep_only(set(text_keys.values()) | {null_key})
+    state.update(complete=True, entries=entries, null_text=null_key,
                  latent_shape=_latent_shape(latents.square), bucket_shapes=latents.shapes() if buckets else None)
     report.buckets = bk.histogram([e["bucket"] for e in entries]) if buckets else []
     save_manifest()  # the manifest last: it now names only finished shards
@@ -288,21 +290,36 @@ def _latent_shape(latents: ShardStore) -> Optional[List[int]]:
     return None
 
 
-def _encode_texts(items, text_encoder, texts: ShardStore, settings, report, progress) -> Dict[str, str]:
-    """Encode each distinct caption (and "", the null context) once; caption -> text key."""
+def _encode_texts(items, text_encoder, texts: ShardStore, settings, report, progress):
+    """Encode each distinct caption once -> (caption -> text key, key of the null condition).
+
+    The null condition is the encoded "" — or, for an encoder with pooled embeddings (SDXL's
+    DualTextEncoder), its `null_pooled()`, which is all zeros under force_zeros_for_empty_prompt.
+    """
     if text_encoder is None:
-        return {}
-    captions = sorted({it.caption for it in items} | {""})
+        return {}, None
+    pooled = getattr(text_encoder, "pooled_dim", None) is not None
+    captions = sorted({it.caption for it in items} | ({""} if not pooled else set()))
     keys = {c: _digest(settings["text_encoder"], c) for c in captions}
     todo = [c for c in captions if keys[c] not in texts]
     chunk = 64
     for i in tqdm(range(0, len(todo), chunk), desc="text", unit="batch", disable=not progress or not todo):
-        context, mask = text_encoder.encode(todo[i:i + chunk])  # (b, L, D), (b, L)
-        for c, ctx, m in zip(todo[i:i + chunk], context.cpu().numpy(), mask.cpu().numpy()):
-            texts.add(keys[c], context=ctx.astype(np.float32), mask=m.astype(bool))
+        out = text_encoder.encode_pooled(todo[i:i + chunk]) if pooled else text_encoder.encode(todo[i:i + chunk])
+        for c, *row in zip(todo[i:i + chunk], *(o.cpu().numpy() for o in out)):  # (L, D), (L,) [, (P,)]
+            _add_text(texts, keys[c], row)
+    null_key = keys[""] if not pooled else _digest(settings["text_encoder"], "\0null")
+    if pooled and null_key not in texts:
+        _add_text(texts, null_key, [o[0].cpu().numpy() for o in text_encoder.null_pooled()])
     texts.flush()
     report.texts_encoded = len(todo)
-    return keys
+    return keys, null_key
+
+
+def _add_text(texts: ShardStore, key: str, row) -> None:
+    arrays = dict(context=row[0].astype(np.float32), mask=row[1].astype(bool))
+    if len(row) > 2:
+        arrays["pooled"] = row[2].astype(np.float32)
+    texts.add(key, **arrays)
 
 
 def _encode_images(items, vae, latents: LatentStores, settings, size, batch_size, flip, report, progress, strict):
@@ -408,6 +425,7 @@ class LatentDataset(torch.utils.data.Dataset):
         row = self.texts.row(null) if null else None
         self.null_context = torch.from_numpy(row["context"].copy()) if row else None  # (L, D)
         self.null_mask = torch.from_numpy(row["mask"].copy()) if row else None  # (L,)
+        self.null_pooled = torch.from_numpy(row["pooled"].copy()) if row and "pooled" in row else None  # (P,)
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -420,6 +438,8 @@ class LatentDataset(torch.utils.data.Dataset):
             row = self.texts.row(e["text"])
             item["context"] = torch.from_numpy(row["context"].copy())  # (L, D)
             item["mask"] = torch.from_numpy(row["mask"].copy())  # (L,)
+            if "pooled" in row:
+                item["pooled"] = torch.from_numpy(row["pooled"].copy())  # (P,)
         if e.get("label") is not None:
             item["label"] = int(e["label"])
         return item
