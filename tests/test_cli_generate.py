@@ -92,6 +92,18 @@ def test_img2img_and_inpaint_commands(model, tmp_path, capsys):
     assert parse_parameters(read_parameters(tmp_path / "p" / "00000-0.png"))["Sampler"] == "DDIM Karras"
 
 
+def test_width_and_height_flags(model, tmp_path, capsys):
+    base = ["--model", str(model / "model"), "--prompt", "lower", "--steps", "2", "--device", "cpu"]
+    assert _run(["sample", *base, "--width", "24", "--height", "40", "--out", str(tmp_path / "s")], capsys)[0] == 0
+    assert Image.open(tmp_path / "s" / "00000-0.png").size == (24, 40)
+    # img2img: a 32x30 input gives 32x28 (rounded down to the VAE grid); --width/--height resize it
+    assert _run(["img2img", *base, "--image", str(model / "odd.png"), "--out", str(tmp_path / "i")], capsys)[0] == 0
+    assert Image.open(tmp_path / "i" / "00000-0.png").size == (32, 28)
+    assert _run(["inpaint", *base, "--image", str(model / "in.png"), "--mask", str(model / "mask.png"),
+                 "--width", "40", "--height", "16", "--out", str(tmp_path / "p")], capsys)[0] == 0
+    assert Image.open(tmp_path / "p" / "00000-0.png").size == (40, 16)
+
+
 @pytest.mark.parametrize("extra,needle", [
     (["sample", "--sampler", "plms"], "--sampler"),
     (["sample", "--steps", "0"], "--steps"),
@@ -100,7 +112,9 @@ def test_img2img_and_inpaint_commands(model, tmp_path, capsys):
     (["sample", "--spacing", "uniform"], "--spacing"),
     (["img2img", "--image", "{m}/in.png", "--strength", "0"], "--strength"),
     (["img2img", "--image", "{m}/in.png", "--strength", "1.5"], "--strength"),
-    (["img2img", "--image", "{m}/odd.png"], "--image"),
+    (["img2img", "--image", "{m}/odd.png", "--width", "30"], "--width"),
+    (["sample", "--height", "-8"], "--height"),
+    (["sample", "--width", "20", "--height", "18"], "multiples of 4"),
     (["img2img", "--image", "{m}/nothing.png"], "--image"),
     (["inpaint", "--image", "{m}/in.png", "--mask", "{m}/mask-small.png"], "--mask"),
 ])

@@ -185,7 +185,9 @@ def test_bad_input_is_one_line_user_error(pipe, tmp_path):
         (lambda: pipe.text2img("x", size=(30, 32)), "--size"),
         (lambda: pipe.img2img(img, "x", strength=0.0), "--strength"),
         (lambda: pipe.img2img(img, "x", strength=1.5), "--strength"),
-        (lambda: pipe.img2img(_image((30, 32)), "x"), "--image"),
+        (lambda: pipe.img2img(img, "x", width=30), "--width/--height"),
+        (lambda: pipe.text2img("x", width=30, height=32), "valid sizes are multiples of 4"),
+        (lambda: pipe.text2img("x", size=(32, 32), width=32), "--size"),
         (lambda: pipe.img2img(tmp_path / "missing.png", "x"), "--image"),
         (lambda: pipe.inpaint(img, _image((32, 16)), "x"), "--mask"),
         (lambda: pipe.text2img("x", latents=torch.zeros(1, 4, 4, 4)), "latents"),
@@ -195,3 +197,41 @@ def test_bad_input_is_one_line_user_error(pipe, tmp_path):
         with pytest.raises(UserError) as e:
             fn()
         assert needle in str(e.value) and "\n" not in str(e.value)
+
+
+# ----------------------------------------------------------------------------- any width x height
+
+def test_non_square_text2img_equals_diffusers(tmp_path):
+    import diffusers
+
+    folder = _folder(tmp_path, "m")
+    ref_pipe = diffusers.StableDiffusionPipeline.from_pretrained(folder, safety_checker=None,
+                                                                 requires_safety_checker=False, feature_extractor=None)
+    ref_pipe.scheduler = diffusers.DPMSolverMultistepScheduler.from_config(ref_pipe.scheduler.config)
+    ref_pipe.set_progress_bar_config(disable=True)
+    ours = Pipeline.from_pretrained(folder, device="cpu")
+    for width, height in ((48, 24), (16, 40)):
+        latents = torch.randn(1, 4, height // 4, width // 4, generator=torch.Generator().manual_seed(width))
+        ref = ref_pipe(["lower newer"], negative_prompt=["wider"], guidance_scale=5.0, num_inference_steps=5,
+                       height=height, width=width, latents=latents, output_type="pt").images
+        got = ours.text2img("lower newer", negative_prompt="wider", sampler="dpmpp-2m", steps=5, cfg=5.0,
+                            width=width, height=height, latents=latents, output="pt")
+        assert got.shape == ref.shape == (1, 3, height, width) and ref.std() > 0.05
+        torch.testing.assert_close(got, ref, atol=1e-3, rtol=0)
+    assert ours.text2img("lower", steps=2, width=40)[0].size == (40, 32)  # the other side: the model's
+
+
+def test_img2img_and_inpaint_round_the_input_down_to_the_vae_grid(pipe):
+    odd = _image((38, 27), seed=5)
+    a = pipe.img2img(odd, "lower", strength=0.5, steps=4, seed=1, output="latent")
+    b = pipe.img2img(odd.resize((36, 24), Image.Resampling.LANCZOS), "lower", strength=0.5, steps=4, seed=1,
+                     output="latent")
+    assert a.shape == (1, 4, 6, 9) and torch.equal(a, b)
+    wide = pipe.img2img(_image(), "lower", strength=0.5, steps=2, width=48, height=16)  # resized to the request
+    assert wide[0].size == (48, 16) and "Size: 48x16" in wide[0].info["parameters"]
+    mask = Image.new("L", (38, 27), 0)
+    out = pipe.inpaint(odd, mask, "lower", steps=3, seed=1, output="latent")  # nothing masked: the image itself
+    with torch.no_grad():
+        x0 = pipe.vae.encode(to_tensor(odd.resize((36, 24), Image.Resampling.LANCZOS)))
+    assert out.shape == (1, 4, 6, 9) and torch.equal(out, x0)
+    assert pipe.inpaint(odd, mask, "lower", steps=2, width=24, height=40)[0].size == (24, 40)

@@ -138,32 +138,41 @@ class Pipeline:
     def text2img(self, prompt: str = "", negative_prompt: Optional[str] = None, sampler: str = "dpmpp-2m",
                  steps: int = 25, cfg: float = 5.0, seed: int = 0, n: int = 1,
                  size: Optional[Tuple[int, int]] = None, latents: Optional[torch.Tensor] = None,
-                 class_label: Optional[int] = None, **options):
-        """n images of `size` (W, H) for `prompt`. Image i starts from noise drawn with seed + i (or
-        from `latents` (n, C, h, w), unit-variance noise as in diffusers). Options: karras, eta (DDIM),
-        spacing (override the model's timestep_spacing), guidance_rescale, output ("pil" | "pt" |
-        "latent"), progress."""
+                 class_label: Optional[int] = None, width: Optional[int] = None, height: Optional[int] = None,
+                 **options):
+        """n images of width x height (or `size` (W, H); default the model's) for `prompt`, each side a
+        multiple of the VAE factor. Image i starts from noise drawn with seed + i (or from `latents`
+        (n, C, h, w), unit-variance noise as in diffusers). Options: karras, eta (DDIM), spacing
+        (override the model's timestep_spacing), guidance_rescale, output ("pil" | "pt" | "latent"), progress."""
+        if size is not None and (width or height):
+            raise UserError("--size: give either --size WxH or --width/--height, not both")
+        W, H = size or self.default_size
+        size = self._check_size((width or W, height or H), "--width/--height" if width or height else "--size")
         return self._generate(prompt, negative_prompt, sampler, steps, cfg, seed, n, size, latents, class_label,
                               **options)
 
     def img2img(self, image: ImageLike, prompt: str = "", strength: float = 0.6, negative_prompt: Optional[str] = None,
                 sampler: str = "dpmpp-2m", steps: int = 25, cfg: float = 5.0, seed: int = 0, n: int = 1,
-                latents: Optional[torch.Tensor] = None, class_label: Optional[int] = None, **options):
+                latents: Optional[torch.Tensor] = None, class_label: Optional[int] = None,
+                width: Optional[int] = None, height: Optional[int] = None, **options):
         """Change `image`: noise it to `strength` ∈ (0, 1] and run the last ⌊steps·strength⌋ steps.
-        strength 1.0 starts from pure noise and equals text→image."""
-        init = _open(image, "--image")
+        strength 1.0 starts from pure noise and equals text→image. The output is width x height (default:
+        the image's size rounded down to the VAE grid, as diffusers); the image is resized to it (LANCZOS)."""
+        init = self._resized(_open(image, "--image"), width, height)
         return self._generate(prompt, negative_prompt, sampler, steps, cfg, seed, n, init.size, latents, class_label,
                               init=init, strength=strength, **options)
 
     def inpaint(self, image: ImageLike, mask: ImageLike, prompt: str = "", strength: float = 1.0,
                 negative_prompt: Optional[str] = None, sampler: str = "dpmpp-2m", steps: int = 25, cfg: float = 5.0,
                 seed: int = 0, n: int = 1, latents: Optional[torch.Tensor] = None, class_label: Optional[int] = None,
-                **options):
-        """Repaint where `mask` is white (≥ 50 % grey); elsewhere the latents stay the encoded image's."""
+                width: Optional[int] = None, height: Optional[int] = None, **options):
+        """Repaint where `mask` is white (≥ 50 % grey); elsewhere the latents stay the encoded image's.
+        Image and mask are resized to width x height as in img2img."""
         init, m = _open(image, "--image"), _open(mask, "--mask")
         if m.size != init.size:
             raise UserError(f"--mask: its size {m.size[0]}x{m.size[1]} differs from the image's "
                             f"{init.size[0]}x{init.size[1]} — give a mask of the same size")
+        init, m = self._resized(init, width, height), self._resized(m, width, height)
         return self._generate(prompt, negative_prompt, sampler, steps, cfg, seed, n, init.size, latents, class_label,
                               init=init, strength=strength, mask=m, **options)
 
@@ -240,9 +249,18 @@ class Pipeline:
         W, H = int(size[0]), int(size[1])
         f = self.vae.downsample_factor
         if W < f or H < f or W % f or H % f:
-            raise UserError(f"{flag}: {W}x{H} is not a multiple of {f} (the VAE's downsampling) — "
-                            f"use e.g. {max(f, W // f * f)}x{max(f, H // f * f)}")
+            lo = f"{max(f, W // f * f)}x{max(f, H // f * f)}"
+            hi = f"{max(f, -(-W // f) * f)}x{max(f, -(-H // f) * f)}"
+            raise UserError(f"{flag}: {W}x{H} is not on the latent grid — valid sizes are multiples of {f} "
+                            f"(the VAE's downsampling) on each side, e.g. {lo}" + (f" or {hi}" if hi != lo else ""))
         return W, H
+
+    def _resized(self, image: Image.Image, width: Optional[int], height: Optional[int]) -> Image.Image:
+        """The input image at width x height; a missing side is the image's, rounded down to the VAE grid."""
+        f = self.vae.downsample_factor
+        W, H = width or max(f, image.size[0] // f * f), height or max(f, image.size[1] // f * f)
+        W, H = self._check_size((W, H), "--width/--height")
+        return image if image.size == (W, H) else image.resize((W, H), Image.Resampling.LANCZOS)
 
     def _noise(self, latents, gens, shape) -> torch.Tensor:
         if latents is not None:

@@ -7,7 +7,8 @@ from .sample import add_common_arguments, generate
 
 def add_arguments(p):
     add_common_arguments(p)
-    p.add_argument("--image", required=True, help="the starting image (its size is the output size)")
+    p.add_argument("--image", required=True, help="the starting image (the output has its size, rounded down to the VAE grid, "
+                                                   "unless --width/--height)")
     p.add_argument("--strength", type=float, default=0.6,
                    help="how much to change it, in (0, 1]: 1 ignores the image (default 0.6)")
 

@@ -7,7 +7,8 @@ from .sample import add_common_arguments, generate
 
 def add_arguments(p):
     add_common_arguments(p)
-    p.add_argument("--image", required=True, help="the image to repaint (its size is the output size)")
+    p.add_argument("--image", required=True, help="the image to repaint (the output has its size, rounded down to the VAE "
+                                                   "grid, unless --width/--height)")
     p.add_argument("--mask", required=True, help="same-size mask: white = repaint, black = keep")
     p.add_argument("--strength", type=float, default=1.0,
                    help="in (0, 1]: below 1 the masked part starts from the image, noised (default 1)")

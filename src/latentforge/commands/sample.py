@@ -27,11 +27,14 @@ def add_common_arguments(p, cfg_default: float = 5.0):
     p.add_argument("--n", type=int, default=1, help="number of images (default 1)")
     p.add_argument("--out", required=True, help="folder to write the PNGs into")
     p.add_argument("--device", default=None, help="cpu | cuda (default: cuda if available)")
+    p.add_argument("--width", type=int, default=None, help="image width in pixels, a multiple of the VAE factor")
+    p.add_argument("--height", type=int, default=None, help="image height in pixels, a multiple of the VAE factor")
 
 
 def add_arguments(p):
     add_common_arguments(p)
-    p.add_argument("--size", default=None, help="WxH in pixels, multiples of the VAE factor (default: the model's)")
+    p.add_argument("--size", default=None, help="WxH in pixels, multiples of the VAE factor (default: the model's); "
+                                                "or --width/--height")
 
 
 def parse_size(text):
@@ -63,6 +66,9 @@ def generate(args, mode: str, **inputs) -> int:
         raise UserError(f"--n: must be at least 1, got {args.n}")
     if "strength" in inputs:
         samplers.start_index(args.steps, inputs["strength"])
+    for flag, v in (("--width", args.width), ("--height", args.height)):
+        if v is not None and v < 1:
+            raise UserError(f"{flag}: must be a positive number of pixels, got {v}")
     if args.spacing is not None and args.spacing not in samplers.SPACINGS:
         raise UserError(f"--spacing: unknown {args.spacing!r} — use one of {', '.join(samplers.SPACINGS)}")
     _quiet_transformers()
@@ -70,7 +76,7 @@ def generate(args, mode: str, **inputs) -> int:
     images = getattr(pipe, mode)(prompt=args.prompt, negative_prompt=args.negative, sampler=args.sampler,
                                  steps=args.steps, cfg=args.cfg, seed=args.seed, n=args.n,
                                  class_label=args.class_label, karras=args.karras, eta=args.eta,
-                                 spacing=args.spacing, **inputs)
+                                 spacing=args.spacing, width=args.width, height=args.height, **inputs)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     for i, im in enumerate(images):
