@@ -31,6 +31,8 @@ COMMANDS = {
     "inpaint": ("inpaint", "image + mask + text -> image",
                 'latentforge inpaint --model runs/mine/model --image in.png --mask mask.png --prompt "a green '
                 'triangle" --out out/'),
+    "export": ("export", "model folder <-> single-file checkpoint (A1111/ComfyUI layout)",
+               "latentforge export --model runs/mine/model --single-file mine.safetensors --dtype fp16"),
     "eval": ("eval", "prompt-adherence benchmark, FID/KID",
              "latentforge eval --model runs/demo/unet/model --benchmark shapes --n 8"),
     "demo": ("demo", "the one-command demo: data, VAE, cache, UNet, samples, evaluation",

@@ -79,10 +79,19 @@ class Pipeline:
                             f"cross_attention_dim {cfg.cross_attention_dim} — use the encoder it was trained with")
 
     @classmethod
-    def from_pretrained(cls, model_dir, device: Union[str, torch.device, None] = None, **kwargs) -> "Pipeline":
+    def from_pretrained(cls, model_dir, device: Union[str, torch.device, None] = None, tokenizer=None,
+                        prediction_type: Optional[str] = None, **kwargs) -> "Pipeline":
+        """A model folder (diffusers layout) or an SD 1.x/2.x single file (.safetensors / legacy .ckpt); for a
+        single file, `tokenizer` is a CLIP tokenizer folder and `prediction_type` overrides the inferred one."""
         from .formats.diffusers import load_model_folder
+        from .formats.single_file import is_single_file, load_single_file
 
         folder = Path(model_dir)
+        if is_single_file(folder):
+            sf = load_single_file(folder, tokenizer=tokenizer, prediction_type=prediction_type)
+            pipe = cls(sf.unet, sf.vae, NoiseSchedule.from_config(sf.schedule_config), sf.text_encoder(),
+                       sf.scheduler_config, name=folder.stem, **kwargs)
+            return pipe.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         parts = load_model_folder(folder)
         text = None
         if parts["text_encoder_dir"] is not None:

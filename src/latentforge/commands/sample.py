@@ -10,7 +10,11 @@ from pathlib import Path
 
 
 def add_common_arguments(p, cfg_default: float = 5.0):
-    p.add_argument("--model", required=True, help="model folder (diffusers layout, e.g. runs/x/model)")
+    p.add_argument("--model", required=True,
+                   help="model folder (diffusers layout, e.g. runs/x/model) or an SD 1.x/2.x .safetensors single file")
+    p.add_argument("--tokenizer", default=None, help="CLIP tokenizer folder, for a single-file --model (it holds none)")
+    p.add_argument("--prediction-type", default=None,
+                   help="single-file --model: epsilon | v_prediction, overriding the inferred one (SD 2.x-base: epsilon)")
     p.add_argument("--prompt", default="", help="what to draw (text-conditional models)")
     p.add_argument("--negative", default=None, help="negative prompt: what to steer away from")
     p.add_argument("--class", dest="class_label", type=int, default=None,
@@ -72,7 +76,10 @@ def generate(args, mode: str, **inputs) -> int:
     if args.spacing is not None and args.spacing not in samplers.SPACINGS:
         raise UserError(f"--spacing: unknown {args.spacing!r} — use one of {', '.join(samplers.SPACINGS)}")
     _quiet_transformers()
-    pipe = load(args.model, device=args.device)
+    from ..formats.single_file import is_single_file
+
+    extra = dict(tokenizer=args.tokenizer, prediction_type=args.prediction_type) if is_single_file(args.model) else {}
+    pipe = load(args.model, device=args.device, **extra)
     images = getattr(pipe, mode)(prompt=args.prompt, negative_prompt=args.negative, sampler=args.sampler,
                                  steps=args.steps, cfg=args.cfg, seed=args.seed, n=args.n,
                                  class_label=args.class_label, karras=args.karras, eta=args.eta,

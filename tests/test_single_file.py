@@ -1,0 +1,293 @@
+"""formats/single_file.py + `latentforge export`: the original SD layout, with diffusers' own converter
+(`diffusers.loaders.single_file_utils.convert_ldm_*` / `convert_open_clip_checkpoint`) as the oracle.
+
+Export: a tiny random diffusers StableDiffusionPipeline folder -> our single file -> diffusers'
+converter gives back exactly the source state dicts. Import: a single file of fresh random tensors in
+that layout -> diffusers' converter into diffusers' models (the oracle) and our import -> the same
+outputs. Three UNet configs: SD 1.x-like (8 heads, conv projections, CLIP), SD 2.x-like (linear
+projections, 64 channels per head, OpenCLIP, a legacy .ckpt of SD 2.0-base = ε), and an SD 2.x-v
+model (v-prediction, the default for SD 2.x), sampled end to end against StableDiffusionPipeline.
+"""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from diffusers import AutoencoderKL as DAutoencoderKL
+from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers.loaders import single_file_utils as sfu
+from safetensors.torch import load_file, save_file
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+from latentforge.cli import main
+from latentforge.errors import UserError
+from latentforge.formats.single_file import load_single_file
+from latentforge.pipelines import Pipeline
+
+VOCAB = ["l", "o", "w", "e", "r", "s", "t", "i", "d", "n", "a", "c", "lo", "l</w>", "w</w>", "r</w>", "t</w>",
+         "a</w>", "e</w>", "low</w>", "er</w>", "lowest</w>", "newer</w>", "wider", "<unk>", "<|startoftext|>",
+         "<|endoftext|>"]
+CONFIGS = {
+    "sd1": dict(block_out_channels=(32, 64), layers_per_block=1, attention_head_dim=8, use_linear_projection=False,
+                down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+                text_act="quick_gelu"),
+    "sd2": dict(block_out_channels=(64, 128), layers_per_block=2, attention_head_dim=[1, 2], use_linear_projection=True,
+                down_block_types=("CrossAttnDownBlock2D",) * 2, up_block_types=("CrossAttnUpBlock2D",) * 2,
+                text_act="gelu"),
+    "sd2v": dict(block_out_channels=(64, 64, 128), layers_per_block=1, attention_head_dim=[1, 1, 2],
+                 use_linear_projection=True, down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * 2,
+                 up_block_types=("CrossAttnUpBlock2D",) * 2 + ("UpBlock2D",), text_act="gelu"),
+}
+
+
+def _randomize(module, seed, scale=0.2):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * scale)
+    return module
+
+
+def _tokenizer(folder: Path) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(VOCAB)}))
+    (folder / "merges.txt").write_text("#version: 0.2\nl o\nlo w</w>\ne r</w>\n")
+    CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), unk_token="<unk>", pad_token="<|endoftext|>",
+                  model_max_length=12).save_pretrained(folder)
+    return folder
+
+
+def _components(name):
+    c = dict(CONFIGS[name])
+    act = c.pop("text_act")
+    unet = UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, cross_attention_dim=64,
+                                norm_num_groups=32, **c)
+    vae = DAutoencoderKL(block_out_channels=(32, 64), layers_per_block=1, latent_channels=4, norm_num_groups=32,
+                         down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2)
+    text = CLIPTextModel(CLIPTextConfig(vocab_size=len(VOCAB), hidden_size=64, intermediate_size=96,
+                                        num_hidden_layers=2, num_attention_heads=1, max_position_embeddings=12,
+                                        hidden_act=act, bos_token_id=25, eos_token_id=26, pad_token_id=26))
+    return _randomize(unet, 1), _randomize(vae, 2, 0.1), _randomize(text, 3, 0.1).eval()
+
+
+def _save_pipeline(tmp: Path, name: str, prediction_type: str) -> Path:
+    unet, vae, text = _components(name)
+    tok = CLIPTokenizer.from_pretrained(str(_tokenizer(tmp / "tok")))
+    sched = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False,
+                          set_alpha_to_one=False, steps_offset=1, prediction_type=prediction_type)
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=tok, unet=unet, scheduler=sched,
+                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.save_pretrained(tmp / name)
+    return tmp / name
+
+
+def _plain(state):
+    """transformers 5's CLIPTextModel has no `text_model.` key level; the converter (and transformers 4) do."""
+    return {k.removeprefix("text_model."): v for k, v in state.items() if not k.endswith("position_ids")}
+
+
+def _assert_same_state(converted, source, what):
+    source, converted = _plain(source), _plain(converted)
+    assert sorted(converted) == sorted(source), what
+    for k, v in source.items():
+        assert torch.equal(converted[k].float(), v.float()), f"{what}: {k}"
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """name -> (diffusers folder, our exported single file (fp32))."""
+    tmp = tmp_path_factory.mktemp("sf")
+    out = {}
+    for name, pred in (("sd1", "epsilon"), ("sd2", "epsilon"), ("sd2v", "v_prediction")):
+        folder = _save_pipeline(tmp, name, pred)
+        path = tmp / f"{name}.safetensors"
+        assert main(["export", "--model", str(folder), "--single-file", str(path), "--dtype", "fp32"]) == 0
+        out[name] = (folder, path)
+    return out
+
+
+# --------------------------------------------------------------------------- export: diffusers' converter as oracle
+
+
+@pytest.mark.parametrize("name", ["sd1", "sd2", "sd2v"])
+def test_export_converts_back_with_diffusers_converter(exported, name):
+    folder, path = exported[name]
+    ckpt = load_file(str(path))
+    unet = UNet2DConditionModel.from_pretrained(folder / "unet")
+    vae = DAutoencoderKL.from_pretrained(folder / "vae")
+    text = CLIPTextModel.from_pretrained(folder / "text_encoder")
+    _assert_same_state(sfu.convert_ldm_unet_checkpoint(ckpt, unet.config), unet.state_dict(), "unet")
+    _assert_same_state(sfu.convert_ldm_vae_checkpoint(ckpt, vae.config), vae.state_dict(), "vae")
+    if name == "sd1":
+        converted = sfu.convert_ldm_clip_checkpoint(ckpt)
+    else:
+        converted = sfu.convert_open_clip_checkpoint(text, ckpt)
+    _assert_same_state(converted, text.state_dict(), "text encoder")
+    assert ("v_pred" in ckpt) == (name == "sd2v")  # ComfyUI's v-prediction marker
+
+
+def test_export_dtype_and_refusals(exported, tmp_path):
+    folder, _ = exported["sd1"]
+    half = tmp_path / "half.safetensors"
+    assert main(["export", "--model", str(folder), "--single-file", str(half)]) == 0  # fp16 by default
+    assert {v.dtype for v in load_file(str(half)).values() if v.numel()} == {torch.float16}
+    with pytest.raises(UserError, match="already exists"):
+        main_raising(["export", "--model", str(folder), "--single-file", str(half)])
+    with pytest.raises(UserError, match="--dtype"):
+        main_raising(["export", "--model", str(folder), "--single-file", str(tmp_path / "x.safetensors"),
+                      "--dtype", "int8"])
+
+
+def main_raising(argv):
+    """Run a sub-command's run() directly, so the UserError (the CLI's one line) can be inspected."""
+    from latentforge.cli import build_parser
+    from latentforge.commands import export
+
+    return export.run(build_parser("export").parse_args(argv))
+
+
+# --------------------------------------------------------------------------- import: outputs equal diffusers'
+
+
+def _fresh_file(src: Path, dst: Path, seed: int, extra=None) -> dict:
+    """The layout of `src` with every tensor redrawn: nothing of our export's values survives."""
+    g = torch.Generator().manual_seed(seed)
+    state = {k: (torch.randn(v.shape, generator=g) * 0.1 if v.numel() else v) for k, v in load_file(str(src)).items()}
+    state.update(extra or {})
+    if dst.suffix == ".ckpt":
+        torch.save({"state_dict": state, "global_step": 875000}, dst)
+    else:
+        save_file(state, str(dst))
+    return state
+
+
+def _diffusers_models(ckpt, folder, name):
+    unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(folder / "unet"))
+    unet.load_state_dict(sfu.convert_ldm_unet_checkpoint(ckpt, unet.config))
+    vae = DAutoencoderKL.from_config(DAutoencoderKL.load_config(folder / "vae"))
+    vae.load_state_dict(sfu.convert_ldm_vae_checkpoint(ckpt, vae.config))
+    text = CLIPTextModel(CLIPTextConfig.from_pretrained(folder / "text_encoder"))
+    state = sfu.convert_ldm_clip_checkpoint(ckpt) if name == "sd1" else sfu.convert_open_clip_checkpoint(text, ckpt)
+    text.load_state_dict(_plain(state) if not any(k.startswith("text_model.") for k in text.state_dict()) else state)
+    return unet.eval(), vae.eval(), text.eval()
+
+
+@pytest.mark.parametrize("name,suffix", [("sd1", ".safetensors"), ("sd2", ".ckpt")])
+def test_import_outputs_equal_diffusers(exported, tmp_path, name, suffix):
+    folder, path = exported[name]
+    ckpt = _fresh_file(path, tmp_path / f"fresh{suffix}", seed=5)
+    ref_unet, ref_vae, ref_text = _diffusers_models(ckpt, folder, name)
+    sf = load_single_file(tmp_path / f"fresh{suffix}", tokenizer=folder / "tokenizer")
+    assert sf.family == name
+    # SD 1.x: ε; SD 2.x: v unless global_step 875000 (SD 2.0-base) — the .ckpt here carries that step
+    assert sf.schedule_config.prediction_type == "epsilon"
+    g = torch.Generator().manual_seed(0)
+    x, ctx, ids = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 5, 64, generator=g), torch.tensor([[25, 3, 26]])
+    images = torch.rand(1, 3, 16, 16, generator=g) * 2 - 1
+    with torch.no_grad():
+        t = torch.tensor([10, 900])
+        torch.testing.assert_close(sf.unet(x, t, ctx), ref_unet(x, t, ctx).sample, atol=1e-4, rtol=0)
+        torch.testing.assert_close(sf.vae.decode(x[:1]), ref_vae.decode(x[:1] / 0.18215).sample, atol=1e-4, rtol=0)
+        post = ref_vae.encode(images).latent_dist
+        torch.testing.assert_close(sf.vae.encode(images), post.mode() * 0.18215, atol=1e-4, rtol=0)
+        torch.testing.assert_close(sf.text_model(ids).last_hidden_state, ref_text(ids).last_hidden_state,
+                                   atol=1e-4, rtol=0)
+
+
+def test_v_prediction_file_samples_like_stable_diffusion_pipeline(exported, tmp_path):
+    """SD 2.x without a global_step is v-prediction (diffusers' rule); text→image equals diffusers'."""
+    folder, path = exported["sd2v"]
+    fresh = tmp_path / "v.safetensors"
+    ckpt = _fresh_file(path, fresh, seed=6, extra={})
+    del ckpt["v_pred"]  # the SD 2.x default alone must give v-prediction
+    save_file(ckpt, str(fresh))
+    unet, vae, text = _diffusers_models(ckpt, folder, "sd2v")
+    pipe = latentforge_load(fresh, folder / "tokenizer")
+    assert pipe.schedule.prediction_type == "v_prediction"
+    sched = DDIMScheduler.from_config(pipe.scheduler_config)
+    ref = StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=CLIPTokenizer.from_pretrained(folder / "tokenizer"),
+                                  unet=unet, scheduler=sched, safety_checker=None, feature_extractor=None,
+                                  requires_safety_checker=False)
+    ref.set_progress_bar_config(disable=True)
+    latents = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    want = ref("lower", num_inference_steps=3, guidance_scale=3.0, latents=latents, height=16, width=16,
+               output_type="pt").images
+    got = pipe.text2img("lower", sampler="ddim", steps=3, cfg=3.0, latents=latents, size=(16, 16), output="pt",
+                        progress=False)
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
+
+
+def latentforge_load(path, tokenizer):
+    import latentforge
+
+    return latentforge.load(path, device="cpu", tokenizer=tokenizer)
+
+
+def test_round_trip_file_folder_file(exported, tmp_path):
+    """export --diffusers then --single-file gives back the same tensors; the folder loads in diffusers."""
+    folder, path = exported["sd2v"]
+    out = tmp_path / "back"
+    assert main(["export", "--model", str(path), "--diffusers", str(out), "--tokenizer", str(folder / "tokenizer")]) == 0
+    StableDiffusionPipeline.from_pretrained(out, safety_checker=None)  # a complete SD folder
+    again = tmp_path / "again.safetensors"
+    assert main(["export", "--model", str(out), "--single-file", str(again), "--dtype", "fp32"]) == 0
+    a, b = load_file(str(path)), load_file(str(again))
+    assert sorted(a) == sorted(b)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+# --------------------------------------------------------------------------- bad input: one line naming the file
+
+
+def _tiny_file(path: Path, keys) -> Path:
+    save_file({k: torch.zeros(2, 2) for k in keys}, str(path))
+    return path
+
+
+BAD = {
+    "sdxl": (["model.diffusion_model.input_blocks.0.0.weight", "first_stage_model.encoder.conv_in.weight",
+              "conditioner.embedders.0.transformer.text_model.embeddings.token_embedding.weight",
+              "conditioner.embedders.1.model.positional_embedding"], "Stable Diffusion XL"),
+    "sd3": (["model.diffusion_model.joint_blocks.0.context_block.adaLN_modulation.1.bias",
+             "first_stage_model.encoder.conv_in.weight"], "Stable Diffusion 3"),
+    "lora": (["lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight",
+              "lora_unet_down_blocks_0_attentions_0_proj_in.lora_up.weight"], "LoRA"),
+    "vae": (["encoder.conv_in.weight", "decoder.conv_out.weight", "quant_conv.weight"], "VAE-only"),
+    "random": (["foo", "bar.baz"], "not a Stable Diffusion checkpoint"),
+}
+
+
+@pytest.mark.parametrize("kind", list(BAD))
+def test_unsupported_architecture_is_one_line_naming_it(tmp_path, capsys, kind):
+    keys, what = BAD[kind]
+    path = _tiny_file(tmp_path / f"{kind}.safetensors", keys)
+    code = main(["sample", "--model", str(path), "--prompt", "x", "--out", str(tmp_path / "o"), "--device", "cpu"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "\n" not in err and str(path) in err and what in err, err
+
+
+def test_truncated_and_pickled_files_are_named(exported, tmp_path, capsys):
+    _, good = exported["sd1"]
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    ckpt = tmp_path / "cut.ckpt"
+    torch.save({"state_dict": {"a": torch.zeros(3)}}, ckpt)
+    ckpt.write_bytes(ckpt.read_bytes()[:100])
+    evil = tmp_path / "evil.ckpt"
+    torch.save({"state_dict": {}, "callback": Path("x")}, evil)  # a class: needs pickle code execution
+    for path, what in ((cut, "truncated"), (ckpt, "truncated"), (evil, "pickle code execution")):
+        with pytest.raises(UserError) as e:
+            load_single_file(path)
+        assert str(path) in str(e.value) and what in str(e.value) and "\n" not in str(e.value), e.value
+
+
+def test_missing_tokenizer_and_incomplete_file(exported, tmp_path):
+    _, good = exported["sd1"]
+    with pytest.raises(UserError, match="--tokenizer"):
+        Pipeline.from_pretrained(good, device="cpu")
+    state = load_file(str(good))
+    del state["model.diffusion_model.middle_block.1.proj_out.weight"]
+    save_file(state, str(tmp_path / "holey.safetensors"))
+    with pytest.raises(UserError, match="middle_block.1.proj_out.weight"):
+        load_single_file(tmp_path / "holey.safetensors")
