@@ -34,7 +34,7 @@ def test_resolved_toml_round_trips(tmp_path):
 @pytest.mark.parametrize("override, words", [
     ("lr=fast", ["lr='fast'", "a number"]),
     ("lr_shedule=cosine", ["unknown key 'lr_shedule'", "lr_schedule"]),
-    ("unet.foo=1", ["unknown key 'unet.foo'", "--print-config"]),
+    ("unet.zzyzx=1", ["unknown key 'unet.zzyzx'", "--print-config"]),
     ("batch_size=1.5", ["batch_size=1.5", "an integer"]),
     ("batch_size=true", ["an integer"]),
     ("ema_warmup=1", ["true/false"]),

@@ -42,6 +42,9 @@ class UNetConfig:
     # to the timestep-embedding width and added to it. None = off.
     addition_time_embed_dim: Optional[int] = None
     addition_input_dim: Optional[int] = None  # pooled text width + number of time ids × addition_time_embed_dim
+    # Training only (not part of the architecture): parameter-name patterns (fnmatch) that are not
+    # trained, applied in order; "!pattern" trains again. ["*", "!*attn*"] = train only attention.
+    freeze: Tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -173,6 +176,13 @@ class TrainConfig:
     precision: str = "fp32"  # fp32 | bf16 (autocast) | fp16 (CUDA only, with a grad scaler)
     gradient_checkpointing: bool = False
     device: str = "auto"  # auto | cpu | cuda
+    # --- fine-tuning ---
+    init: str = ""  # a pretrained model (diffusers folder or single .safetensors) to start from; same as --init
+    train_text_encoder: bool = False  # also fine-tune the text encoder (the exported model carries it)
+    # --- held-out validation (Design: "Validation is measurement") ---
+    val_fraction: float = -1.0  # share of images held out; negative = auto: 0.05 with >= 100 images, else 0
+    val_every: int = 100  # steps between validation-loss evaluations (and at the last step)
+    val_timesteps: int = 4  # each held-out image is noised at this many fixed timesteps spread over [0, T)
     # --- bookkeeping (does not change the math) ---
     checkpoint_every: int = 500
     keep_checkpoints: int = 2
@@ -268,7 +278,7 @@ NON_MATH_KEYS = frozenset({
     "checkpoint_every", "keep_checkpoints", "sample_every", "sample_prompts", "sample_count", "sample_steps",
     "sample_guidance", "sample_seed", "log_every", "nan_max_consecutive", "device",
     "gradient_checkpointing", "vae_path", "text_encoder", "image_size", "holdout",
-    "buckets", "bucket_step",
+    "buckets", "bucket_step", "init", "val_every",
 })
 _CHOICES = {
     "lr_schedule": ("cosine", "constant"), "timestep_sampling": ("uniform", "logit_normal"),
@@ -289,7 +299,7 @@ _RANGES = {
     "sample_every": (0, None), "sample_count": (1, 64), "sample_steps": (1, None), "sample_guidance": (0.0, None), "log_every": (1, None),
     "nan_max_consecutive": (0, None), "image_size": (0, None), "kl_weight": (0.0, None), "disc_start": (0, None),
     "disc_weight": (0.0, None), "disc_channels": (1, None), "disc_layers": (1, None), "holdout": (0, None),
-    "bucket_step": (0, None),
+    "bucket_step": (0, None), "val_fraction": (-1.0, 0.5), "val_every": (1, None), "val_timesteps": (1, None),
 }
 
 
@@ -326,7 +336,7 @@ def load_train_config(path=None, overrides=(), cls=None, base=None, init: bool =
     name, src = raw.pop("model", (cfg.model, "default"))
     if not isinstance(name, str) or name not in PRESETS:
         raise UserError(f"{src}: model={name!r} is not a preset — choose one of {', '.join(PRESETS)}")
-    if cls is TrainConfig and base is None:
+    if cls is TrainConfig and (base is None or init):
         chosen = situation(name, init)
         for key, value in (SITUATION_DEFAULTS[chosen][0] if chosen else {}).items():
             raw.setdefault(key, (value, f"default for this situation ({chosen})"))

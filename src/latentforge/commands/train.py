@@ -1,6 +1,7 @@
-"""`latentforge train --data DIR | --cache DIR --out RUN --vae VAE [--config FILE.toml] [key=value ...] [--resume]`
+"""`latentforge train --data DIR | --cache DIR --out RUN [--init MODEL | --vae VAE] [--config FILE.toml] [key=value ...] [--resume]`
 
-Train the UNet on a latent cache (built or reused first from --data). Settings: a preset
+Train the UNet on a latent cache (built or reused first from --data), from random weights or, with
+`--init MODEL`, fine-tuning a pretrained model (its VAE and text encoder are then the defaults). Settings: a preset
 (`model=tiny|small|sd15`), then the TOML file, then key=value overrides; `--print-config` lists them.
 Several processes: `torchrun --nproc_per_node=N -m latentforge train ...`.
 """
@@ -25,6 +26,8 @@ def add_arguments(p):
                                  "(same as vae_path=...); needed to decode samples and for model/")
     p.add_argument("--text-encoder", help="text encoder of a captioned cache (same as text_encoder=...; "
                                           "default: the bundled all-MiniLM-L6-v2)")
+    p.add_argument("--init", help="start from a pretrained model: a diffusers model folder (its UNet, schedule, "
+                                   "VAE and text encoder; same as init=...)")
     p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in RUN")
     p.add_argument("--print-config", action="store_true", help="print the resolved settings as TOML and exit")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -52,28 +55,36 @@ def allow_intermixed(parser) -> None:
 
 
 def resolve_config(args, cls=None):
-    """Preset <- --config (or RUN/config.toml when resuming) <- key=value <- --vae/--text-encoder."""
+    """Preset <- the --init model <- --config (or RUN/config.toml when resuming) <- key=value <- flags."""
     from ..config import TrainConfig, load_train_config
 
     cls = cls or TrainConfig
-    path = args.config
+    path, resumed = args.config, False
     if path is None and getattr(args, "resume", False) and args.out and (Path(args.out) / "config.toml").is_file():
-        path = Path(args.out) / "config.toml"  # resuming: the run's own settings are the base
+        path, resumed = Path(args.out) / "config.toml", True  # resuming: the run's own settings are the base
     overrides = list(args.overrides)
-    if getattr(args, "vae", None):
-        overrides.append(f"vae_path={args.vae}")
-    if getattr(args, "text_encoder", None):
-        overrides.append(f"text_encoder={args.text_encoder}")
-    init = bool(getattr(args, "init", None))
-    if cls is TrainConfig:
-        return load_train_config(path, [_quote(o) for o in overrides], cls=cls, init=init)
-    return load_train_config(path, [_quote(o) for o in overrides], cls=cls)
+    for flag, key in (("vae", "vae_path"), ("text_encoder", "text_encoder"), ("init", "init")):
+        if getattr(args, flag, None):
+            overrides.append(f"{key}={getattr(args, flag)}")
+    overrides = [_quote(o) for o in overrides]
+    cfg = load_train_config(path, overrides, cls=cls)  # (TrainConfig: the from-scratch situational defaults)
+    if getattr(cfg, "init", "") and not resumed:  # config.toml of a run already holds what --init gave
+        from ..train.init import check_against_init, init_base, read_init
+
+        init = read_init(cfg.init)
+        base = init_base(init)
+        cfg = load_train_config(path, overrides, cls=cls, base=base, init=True)  # fine-tuning defaults
+        if cfg.model != base.model:  # a preset would replace the model's UNet and schedule
+            raise UserError(f"model={cfg.model}: a preset cannot be combined with --init {init.source} — the model "
+                            "brings its own architecture and schedule; drop model=")
+        check_against_init(cfg.unet, init)
+    return cfg
 
 
 def _quote(override: str) -> str:
     """Paths and names given as flags are strings, whatever they look like."""
     key, _, value = override.partition("=")
-    return f"{key}={_toml_str(value)}" if key in ("vae_path", "text_encoder") else override
+    return f"{key}={_toml_str(value)}" if key in ("vae_path", "text_encoder", "init") else override
 
 
 def _toml_str(s: str) -> str:
@@ -87,7 +98,7 @@ def run(args):
 
     cfg = resolve_config(args)
     if args.print_config:
-        print(to_toml(cfg, situation_notes(cfg, bool(getattr(args, "init", None)))), end="")
+        print(to_toml(cfg, situation_notes(cfg, bool(cfg.init))), end="")
         return 0
     if not args.out:
         raise UserError("--out: required — name the run folder, e.g. --out runs/first")

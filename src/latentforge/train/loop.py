@@ -25,11 +25,11 @@ from tqdm import tqdm
 
 from ..config import config_hash, math_dict, to_toml
 from ..errors import UserError
-from ..models import UNet
 from ..schedule import NoiseSchedule
 from . import checkpoint, distributed
 from .data import Stream
 from .ema import EMA
+from .init import build_unet
 from .lr import lr_for, set_lr
 from .nan_guard import NanGuard, finite_on_device, masked_step
 from .report import RunLog, write_report
@@ -77,7 +77,7 @@ def _train(cfg, dataset, run: Path, d, resume, vae, text_encoder, progress) -> T
 
     distributed.seed_everything(cfg.seed, d.rank)  # per-rank RNG (the math itself uses `draw`)
     torch.manual_seed(mix(cfg.seed, "init"))  # same initial weights on every rank and device
-    unet = UNet(cfg.unet).to(d.device)
+    unet = build_unet(cfg, fresh=latest is None).to(d.device)  # random, or the --init model's weights
     unet.enable_gradient_checkpointing(cfg.gradient_checkpointing)
     ema = EMA(unet, cfg.ema_decay, cfg.ema_warmup)
     opt = make_optimizer(unet, cfg, d.device)
@@ -161,7 +161,7 @@ def _train(cfg, dataset, run: Path, d, resume, vae, text_encoder, progress) -> T
             "steps": f"{step} of {cfg.max_steps}" + (f" (stopped by {stopped})" if stopped else ""),
             "images seen": f"{step * A * B} ({step * A * B / len(dataset):.2f} epochs of {len(dataset)} latents)",
             "this session": f"{step - start} steps in {time.perf_counter() - t0:.1f} s on {W} x {d.device.type}",
-            "model": f"preset {cfg.model}, {unet.num_parameters():,} UNet parameters, {cfg.conditioning}-conditional",
+            "model": f"{f'fine-tuned from {cfg.init}' if cfg.init else f'preset {cfg.model}'}, {unet.num_parameters():,} UNet parameters, {cfg.conditioning}-conditional",
             "skipped non-finite steps": guard.skipped, "config hash": config_hash(cfg),
             "model folder": "model/ (EMA weights)" if done else "not written (run unfinished or no VAE)"})
     distributed.barrier(d)

@@ -1,0 +1,163 @@
+"""`latentforge train --init MODEL`: fine-tuning a tiny random diffusers StableDiffusionPipeline folder.
+
+The oracle is diffusers' own training recipe (examples/text_to_image/train_text_to_image.py): VAE latents
+× scaling_factor, DDPMScheduler.add_noise, the CLIP text encoder's last hidden state, the UNet, MSE to the
+scheduler's target — on the same weights, images, captions, noise and timesteps as our first step."""
+
+import json
+import string
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from latentforge.cli import main
+from latentforge.config import load_train_config
+from latentforge.errors import UserError
+
+SIZE = 32  # pixels; the VAE downsamples 4x -> 8x8 latents
+B = 4
+
+
+def tiny_sd_folder(out: Path, prediction_type="v_prediction", beta_schedule="linear", seed=0) -> Path:
+    """A random StableDiffusionPipeline (UNet, VAE, DDPM schedule, CLIP text encoder + BPE tokenizer), saved."""
+    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    torch.manual_seed(seed)
+    tok_dir = out.parent / f"{out.name}-tokenizer"
+    tok_dir.mkdir(parents=True)
+    vocab = ["<unk>", "<|startoftext|>", "<|endoftext|>"] + list(string.ascii_lowercase) + \
+        [c + "</w>" for c in string.ascii_lowercase]  # no merges: every word is spelt letter by letter
+    (tok_dir / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}))
+    (tok_dir / "merges.txt").write_text("#version: 0.2\n")
+    tokenizer = CLIPTokenizer(str(tok_dir / "vocab.json"), str(tok_dir / "merges.txt"), unk_token="<unk>",
+                              pad_token="<|endoftext|>", model_max_length=77)
+    text = CLIPTextModel(CLIPTextConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=37,
+                                        num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=77,
+                                        bos_token_id=1, eos_token_id=2, pad_token_id=2))
+    unet = UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(32, 64),
+                                layers_per_block=1, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                                up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=32,
+                                attention_head_dim=2, norm_num_groups=8)
+    vae = AutoencoderKL(block_out_channels=(16, 32, 32), down_block_types=("DownEncoderBlock2D",) * 3,
+                        up_block_types=("UpDecoderBlock2D",) * 3, latent_channels=4, norm_num_groups=8,
+                        layers_per_block=1, sample_size=SIZE, scaling_factor=0.5)
+    scheduler = DDPMScheduler(beta_schedule=beta_schedule, beta_start=0.0001, beta_end=0.02,
+                              prediction_type=prediction_type, clip_sample=False, steps_offset=1)
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
+                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.save_pretrained(out, safe_serialization=True)
+    return out
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("finetune")
+    assert main(["shapes", "--out", str(root / "data"), "--n", "8", "--size", str(SIZE), "--seed", "0"]) == 0
+    return {"root": root, "data": root / "data", "model": tiny_sd_folder(root / "sd")}
+
+
+def rows(run):
+    return [json.loads(line) for line in (Path(run) / "metrics.jsonl").read_text().splitlines()]
+
+
+@torch.no_grad()
+def diffusers_recipe_loss(model: Path, data: Path, ids, noise, timesteps) -> float:
+    """The loss of one batch as diffusers' train_text_to_image.py computes it (latents: the posterior mode,
+    as our cache stores them, instead of a sample)."""
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    vae = AutoencoderKL.from_pretrained(model / "vae")
+    unet = UNet2DConditionModel.from_pretrained(model / "unet")
+    scheduler = DDPMScheduler.from_pretrained(model / "scheduler")
+    text, tokenizer = CLIPTextModel.from_pretrained(model / "text_encoder"), CLIPTokenizer.from_pretrained(model / "tokenizer")
+    pixels = torch.stack([torch.from_numpy(np.asarray(Image.open(data / i).convert("RGB"), dtype=np.float32))
+                          .permute(2, 0, 1) / 127.5 - 1 for i in ids])  # (B, 3, H, W) in [-1, 1]
+    latents = vae.encode(pixels).latent_dist.mode() * vae.config.scaling_factor
+    captions = [(data / i).with_suffix(".txt").read_text().strip() for i in ids]
+    input_ids = tokenizer(captions, max_length=tokenizer.model_max_length, padding="max_length", truncation=True,
+                          return_tensors="pt").input_ids
+    encoder_hidden_states = text(input_ids, return_dict=False)[0]
+    noisy = scheduler.add_noise(latents, noise, timesteps)
+    if scheduler.config.prediction_type == "epsilon":
+        target = noise
+    else:
+        target = scheduler.get_velocity(latents, noise, timesteps)
+    pred = unet(noisy, timesteps, encoder_hidden_states, return_dict=False)[0]
+    return torch.nn.functional.mse_loss(pred.float(), target.float(), reduction="mean").item()
+
+
+def test_init_from_a_diffusers_folder_matches_the_diffusers_recipe_and_exports(world):
+    from diffusers import StableDiffusionPipeline
+
+    import latentforge
+    from latentforge.data.cache import LatentDataset
+    from latentforge.train.data import Stream
+    from latentforge.train.step import draw
+
+    run = world["root"] / "run"
+    assert main(["train", "--init", str(world["model"]), "--data", str(world["data"]), "--out", str(run), "--quiet",
+                 f"batch_size={B}", "max_steps=2", "caption_dropout=0", "log_every=1", "sample_every=0",
+                 "checkpoint_every=2", "warmup_steps=0", "lr=1e-3"]) == 0
+    cfg = load_train_config(run / "config.toml")
+    assert (cfg.init, cfg.schedule.prediction_type, cfg.schedule.beta_schedule) == (
+        str(world["model"]), "v_prediction", "linear")  # the schedule is the model's, not the preset's
+    assert cfg.vae_path == cfg.text_encoder == str(world["model"])  # its own encoders made the cache
+
+    # the first step's batch, noise and timesteps, through diffusers' recipe
+    ds, positions = LatentDataset(str(run / "cache")), list(range(B))
+    stream = Stream(ds, cfg.seed)
+    ids = [ds[stream.index(p)]["id"] for p in positions]
+    d = draw(cfg, positions, (4, 8, 8), cfg.schedule.num_train_timesteps)
+    theirs = diffusers_recipe_loss(world["model"], world["data"], ids, d.noise, d.t)
+    print("first-step loss: ours", rows(run)[0]["loss"], "diffusers' recipe", theirs)
+    assert abs(rows(run)[0]["loss"] - theirs) < 1e-5, (rows(run)[0]["loss"], theirs)
+
+    # model/ is a complete SD folder: diffusers and latentforge load it, the text encoder is the model's
+    pipe = StableDiffusionPipeline.from_pretrained(run / "model")
+    source = StableDiffusionPipeline.from_pretrained(world["model"])
+    for a, b in zip(pipe.text_encoder.state_dict().values(), source.text_encoder.state_dict().values()):
+        assert torch.equal(a, b)
+    assert pipe.tokenizer.get_vocab() == source.tokenizer.get_vocab()
+    assert not torch.equal(pipe.unet.conv_in.weight, source.unet.conv_in.weight)  # it was trained
+    ours = latentforge.load(run / "model")
+    x, t, ctx = torch.randn(1, 4, 8, 8), torch.tensor([500]), torch.randn(1, 77, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(ours.unet(x, t, ctx), pipe.unet(x, t, ctx).sample, atol=1e-4, rtol=1e-4)
+
+
+def test_init_bad_input_is_one_line(world, tmp_path, capsys):
+    model, data = str(world["model"]), str(world["data"])
+
+    def fails(*argv, data=data, needles=()):
+        capsys.readouterr()
+        assert main(["train", "--data", str(data), "--out", str(tmp_path / "r"), "--quiet", "max_steps=1", *argv]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error:") and "\n" not in err and all(n in err for n in needles), err
+
+    fails("--init", str(tmp_path / "nope"), needles=["--init", "no such file or folder"])
+    fails("--init", data, needles=["not a diffusers model folder"])
+    fails("--init", model, "unet.channels=[16, 32]", needles=["unet.channels=[16, 32]", "unet/config.json"])
+    fails("--init", model, "model=tiny", needles=["model=tiny", "cannot be combined with --init"])
+    uncaptioned = tmp_path / "plain"
+    uncaptioned.mkdir()
+    for p in world["data"].glob("*.png"):
+        (uncaptioned / p.name).write_bytes(p.read_bytes())
+    fails("--init", model, data=uncaptioned, needles=["is text-conditional but the data has no captions"])
+    assert not (tmp_path / "r" / "checkpoints").exists()
+
+
+def test_without_init_nothing_changes(world, tmp_path, capsys):
+    """No --init: the preset's UNet and schedule (the default TrainConfig)."""
+    from latentforge.config import TrainConfig
+
+    assert main(["train", "--print-config"]) == 0
+    assert load_train_config(None, []) == TrainConfig()
+    assert 'init = ""' in capsys.readouterr().out
+    assert main(["train", "--init", str(world["model"]), "--print-config", "schedule.prediction_type=epsilon"]) == 0
+    printed = capsys.readouterr().out
+    assert 'prediction_type = "epsilon"' in printed and "channels = [32, 64]" in printed  # explicit keys win
