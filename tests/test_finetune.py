@@ -152,12 +152,14 @@ def test_init_bad_input_is_one_line(world, tmp_path, capsys):
 
 
 def test_without_init_nothing_changes(world, tmp_path, capsys):
-    """No --init: the preset's UNet and schedule (the default TrainConfig)."""
-    from latentforge.config import TrainConfig
+    """No --init: the preset's UNet and schedule; with it, the model's, below explicit settings."""
+    from latentforge.config import PRESETS
 
     assert main(["train", "--print-config"]) == 0
-    assert load_train_config(None, []) == TrainConfig()
+    cfg = load_train_config(None, [])
+    assert (cfg.unet, cfg.schedule, cfg.init) == (PRESETS["small"].unet, PRESETS["small"].schedule, "")
     assert 'init = ""' in capsys.readouterr().out
     assert main(["train", "--init", str(world["model"]), "--print-config", "schedule.prediction_type=epsilon"]) == 0
     printed = capsys.readouterr().out
     assert 'prediction_type = "epsilon"' in printed and "channels = [32, 64]" in printed  # explicit keys win
+    assert "lr = 1e-05" in printed and 'lr_schedule = "constant"' in printed  # the fine-tuning defaults
