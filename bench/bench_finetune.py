@@ -1,0 +1,115 @@
+"""A full fine-tune step of the SD 1.5-size UNet on this CPU: fp32 vs bf16 autocast, with and without
+gradient checkpointing — step time and peak memory (issue 11, point 7).
+
+One step = what `latentforge train` runs: `train.step.train_step` (forward + MSE) + backward + gradient
+clipping + AdamW from `train.setup.make_optimizer` (fused), on the `sd15` preset UNet (859.5 M parameters,
+random weights), batch 1, 32×32×4 latents, a 77×768 context.
+
+Each arm runs alone in a fresh subprocess (`--arm`): build the UNet and optimizer, one warm-up step
+(AdamW state appears, kernels initialise), then `--steps` timed steps. Reported per arm: the median step
+time on two clocks (wall, and CPU time of the process — the steadier one on this shared 2-core box), the
+process's peak resident set size (VmHWM: weights + gradients + AdamW state + activations), and the peak
+above what stays resident between steps (the activations a step needs; gradient checkpointing cuts this).
+MALLOC_MMAP_THRESHOLD_=65536 makes glibc return freed tensors to the OS, so RSS follows live tensors.
+
+    flock /tmp/lf-heavy.lock .venv/bin/python bench/bench_finetune.py --steps 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_common as common  # noqa: E402
+
+from latentforge.config import PRESETS, TrainConfig  # noqa: E402
+from latentforge.models import UNet  # noqa: E402
+from latentforge.schedule import NoiseSchedule  # noqa: E402
+from latentforge.train.setup import make_optimizer  # noqa: E402
+from latentforge.train.step import Batch, Draws, train_step  # noqa: E402
+
+ARMS = [("fp32", False), ("fp32", True), ("bf16", False), ("bf16", True)]
+DTYPES = {"fp32": None, "bf16": torch.bfloat16}
+
+
+def _status_mib(key: str) -> float:
+    text = Path("/proc/self/status").read_text()
+    return int(re.search(rf"{key}:\s+(\d+) kB", text).group(1)) / 1024
+
+
+def one_arm(precision: str, checkpointing: bool, steps: int, preset: str = "sd15", latent: int = 32,
+            batch: int = 1) -> dict:
+    """In this (fresh) process: the step times and memory of one arm."""
+    torch.manual_seed(0)
+    cfg = TrainConfig(model=preset, unet=PRESETS[preset].unet, lr=1e-5)
+    unet = UNet(cfg.unet).train().enable_gradient_checkpointing(checkpointing)
+    opt = make_optimizer(unet, cfg, torch.device("cpu"))
+    ac = NoiseSchedule.from_config(cfg.schedule).alphas_cumprod
+    g = torch.Generator().manual_seed(1)
+    batch_ = Batch(latent=torch.randn(batch, 4, latent, latent, generator=g),
+                   context=torch.randn(batch, 77, cfg.unet.cross_attention_dim, generator=g))
+    draws = Draws(t=torch.randint(0, 1000, (batch,), generator=g), noise=torch.randn(batch, 4, latent, latent, generator=g),
+                  drop=torch.zeros(batch, dtype=torch.bool))
+
+    def step():
+        loss = train_step(unet, batch_, draws, ac, "epsilon", 0.0, DTYPES[precision])
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss.item()
+
+    step()  # warm-up
+    resident = _status_mib("VmRSS")
+    wall, cpu, losses = [], [], []
+    for _ in range(steps):
+        c0, w0 = time.process_time(), time.perf_counter()
+        losses.append(step())
+        wall.append(time.perf_counter() - w0)
+        cpu.append(time.process_time() - c0)
+    peak = _status_mib("VmHWM")
+    return {"precision": precision, "checkpointing": checkpointing, "parameters": unet.num_parameters(),
+            "wall_s": statistics.median(wall), "cpu_s": statistics.median(cpu), "samples": len(wall),
+            "peak_rss_mib": peak, "resident_mib": resident, "above_resident_mib": peak - resident,
+            "loss_finite": all(l == l and abs(l) < float("inf") for l in losses)}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--steps", type=int, default=3, help="timed steps per arm (after one warm-up step)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads per arm (default 1)")
+    p.add_argument("--preset", default="sd15", help="UNet preset (default sd15; tiny for a smoke run)")
+    p.add_argument("--arm", default=None, help=argparse.SUPPRESS)  # "fp32:0" — run one arm, print JSON
+    args = p.parse_args()
+    common.set_threads(args.threads)
+    if args.arm:
+        precision, ckpt = args.arm.split(":")
+        print(json.dumps(one_arm(precision, ckpt == "1", args.steps, args.preset)))
+        return
+    t0, rows = time.perf_counter(), []
+    env = {"MALLOC_MMAP_THRESHOLD_": "65536", "OMP_NUM_THREADS": str(args.threads)}
+    for precision, ckpt in ARMS:
+        r = common.run_json_subprocess([str(Path(__file__)), "--arm", f"{precision}:{int(ckpt)}", "--steps",
+                                        str(args.steps), "--threads", str(args.threads), "--preset", args.preset], timeout=3600, env=env)
+        print(json.dumps(r), file=sys.stderr)
+        rows.append([precision, "on" if r["checkpointing"] else "off", f"{r['wall_s']:.1f}", f"{r['cpu_s']:.1f}",
+                     f"{r['peak_rss_mib'] / 1024:.2f}", f"{r['above_resident_mib'] / 1024:.2f}",
+                     "yes" if r["loss_finite"] else "NO"])
+    print("machine: " + ", ".join(f"{k} {v}" for k, v in common.machine().items()))
+    print(f"{args.preset} UNet {r['parameters']:,} parameters, batch 1, 32×32×4 latents, 77×{PRESETS[args.preset].unet.cross_attention_dim} context, "
+          f"{args.steps} timed steps per arm (median), {args.threads} torch thread(s)\n")
+    print(common.table(["precision", "gradient checkpointing", "step wall s", "step CPU s", "peak RSS GiB",
+                        "peak above resident GiB", "loss finite"], rows))
+    print(f"\n*Section time: {time.perf_counter() - t0:.0f} s.*")
+
+
+if __name__ == "__main__":
+    main()
