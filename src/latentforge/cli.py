@@ -33,6 +33,8 @@ COMMANDS = {
                 'triangle" --out out/'),
     "export": ("export", "model folder <-> single-file checkpoint (A1111/ComfyUI layout)",
                "latentforge export --model runs/mine/model --single-file mine.safetensors --dtype fp16"),
+    "merge": ("merge", "fold LoRA files into a base model and write a plain model folder",
+              "latentforge merge --model runs/mine/model --lora style.safetensors:0.8 --out runs/mine-style"),
     "eval": ("eval", "prompt-adherence benchmark, FID/KID",
              "latentforge eval --model runs/demo/unet/model --benchmark shapes --n 8"),
     "demo": ("demo", "the one-command demo: data, VAE, cache, UNet, samples, evaluation",

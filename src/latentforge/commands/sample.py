@@ -29,6 +29,9 @@ def add_common_arguments(p, cfg_default: float = 5.0):
                                                                    f"(default {cfg_default:g})")
     p.add_argument("--seed", type=int, default=0, help="image i uses seed + i (default 0)")
     p.add_argument("--n", type=int, default=1, help="number of images (default 1)")
+    p.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
+                   help="apply a LoRA/LoCon/LoHa/LoKr/DoRA file (diffusers or kohya format) at SCALE (default 1); "
+                        "repeat to stack several")
     p.add_argument("--out", required=True, help="folder to write the PNGs into")
     p.add_argument("--device", default=None, help="cpu | cuda (default: cuda if available)")
     p.add_argument("--width", type=int, default=None, help="image width in pixels, a multiple of the VAE factor")
@@ -56,6 +59,21 @@ def parse_size(text):
     return w, h
 
 
+def parse_lora(spec: str):
+    """'FILE[:SCALE]' -> (Path, float); a missing file is one line now, before the model loads."""
+    from ..errors import UserError
+
+    file, sep, scale = spec.rpartition(":")
+    try:
+        path, value = (Path(file), float(scale)) if sep else (Path(spec), 1.0)
+    except ValueError:
+        path, value = Path(spec), 1.0  # a ':' inside the path, no scale
+    if not path.exists():
+        raise UserError(f"--lora {spec}: no such file — pass FILE[:SCALE], e.g. runs/x/lora/"
+                        "pytorch_lora_weights.safetensors:0.8")
+    return path, value
+
+
 def generate(args, mode: str, **inputs) -> int:
     """Load the model, run `mode` (text2img | img2img | inpaint), write one PNG per image."""
     from .. import load, samplers
@@ -75,11 +93,14 @@ def generate(args, mode: str, **inputs) -> int:
             raise UserError(f"{flag}: must be a positive number of pixels, got {v}")
     if args.spacing is not None and args.spacing not in samplers.SPACINGS:
         raise UserError(f"--spacing: unknown {args.spacing!r} — use one of {', '.join(samplers.SPACINGS)}")
+    loras = [parse_lora(spec) for spec in args.lora]
     _quiet_transformers()
     from ..formats.single_file import is_single_file
 
     extra = dict(tokenizer=args.tokenizer, prediction_type=args.prediction_type) if is_single_file(args.model) else {}
     pipe = load(args.model, device=args.device, **extra)
+    for file, scale in loras:
+        pipe.with_lora(file, scale)
     images = getattr(pipe, mode)(prompt=args.prompt, negative_prompt=args.negative, sampler=args.sampler,
                                  steps=args.steps, cfg=args.cfg, seed=args.seed, n=args.n,
                                  class_label=args.class_label, karras=args.karras, eta=args.eta,

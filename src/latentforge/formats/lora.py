@@ -256,3 +256,37 @@ def _resolve(f: AdapterFile, components: Dict[str, nn.Module], key: Tuple[str, s
         return a
 
     return model, mpath, factory
+
+
+# --------------------------------------------------------------------------- merging into a folder
+
+
+def merge_model_folder(model_dir, loras: List[Tuple[Path, float]], out) -> Path:
+    """Copy the model folder to `out` with every (file, scale) folded into the UNet (and text encoder)."""
+    import shutil
+
+    from ..adapters.inject import merge, remove
+    from ..pipelines import Pipeline
+    from .diffusers import save_unet
+
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise UserError(f"--out {out}: already exists and is not empty — choose a new folder (nothing is overwritten)")
+    pipe = Pipeline.from_pretrained(model_dir, device="cpu")
+    for file, scale in loras:
+        pipe.with_lora(file, scale)
+    tmp = out.with_name(out.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(model_dir, tmp)
+    for comp, model in pipe._adaptable().items():
+        touched = bool(list(adapters(model)))
+        merge(model)
+        remove(model)
+        if touched and comp == "unet":
+            save_unet(model, tmp / "unet")
+        elif touched:
+            model.save_pretrained(str(tmp / "text_encoder"), safe_serialization=True)
+    if out.exists():
+        out.rmdir()
+    tmp.replace(out)
+    return out
