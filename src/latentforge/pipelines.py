@@ -77,6 +77,13 @@ class Pipeline:
         if text_encoder is not None and cfg.cross_attention_dim != text_encoder.dim:
             raise UserError(f"{name or 'model'}/text_encoder: its width {text_encoder.dim} is not the UNet's "
                             f"cross_attention_dim {cfg.cross_attention_dim} — use the encoder it was trained with")
+        if cfg.addition_input_dim is not None:  # SDXL: pooled text + 6 size/crop numbers
+            pooled = getattr(text_encoder, "pooled_dim", None)
+            if pooled is None or pooled + 6 * cfg.addition_time_embed_dim != cfg.addition_input_dim:
+                raise UserError(f"{name or 'model'}/text_encoder_2: the UNet is micro-conditioned on "
+                                f"{cfg.addition_input_dim} numbers, which needs a pooled text width of "
+                                f"{cfg.addition_input_dim - 6 * cfg.addition_time_embed_dim} (got {pooled}) — "
+                                "use the SDXL text encoders it was trained with")
 
     @classmethod
     def from_pretrained(cls, model_dir, device: Union[str, torch.device, None] = None, tokenizer=None,
@@ -130,7 +137,8 @@ class Pipeline:
     def _adaptable(self) -> dict:
         comps = {"unet": self.unet}
         if self.text_encoder is not None:
-            comps["text_encoder"] = self.text_encoder.model
+            models = getattr(self.text_encoder, "models", None) or [self.text_encoder.model]  # SDXL: two
+            comps.update({f"text_encoder{'_2' if i else ''}": m for i, m in enumerate(models)})
         return comps
 
     @property
@@ -191,7 +199,7 @@ class Pipeline:
     def _generate(self, prompt, negative_prompt, sampler, steps, cfg, seed, n, size, latents, class_label,
                   init: Optional[Image.Image] = None, strength: float = 1.0, mask: Optional[Image.Image] = None,
                   karras: bool = False, eta: float = 0.0, guidance_rescale: float = 0.0, output: str = "pil",
-                  progress: Optional[bool] = None, spacing: Optional[str] = None):
+                  progress: Optional[bool] = None, spacing: Optional[str] = None, **micro):
         info = samplers.get_sampler(sampler)
         if n < 1:
             raise UserError(f"--n: must be at least 1, got {n}")
@@ -211,6 +219,7 @@ class Pipeline:
             plan = plan.start_at(first)
             x = x0 + noise * plan.sigmas[0]  # = add_noise(x0, noise, t) / √ᾱ_t
         cond, uncond = self._conditions(prompt, negative_prompt, class_label, n)
+        self._micro_conditioning(cond, uncond, (H, W), n, **micro)
         model_fn = classifier_free_guidance(lambda x, t, **c: self.unet(x, t, **c), cond, uncond, cfg,
                                             guidance_rescale)
         keep = after_step = None
@@ -279,8 +288,36 @@ class Pipeline:
             return latents.to(self.device, torch.float32)
         return torch.cat([torch.randn((1, *shape[1:]), generator=g) for g in gens]).to(self.device)
 
+    def _micro_conditioning(self, cond: dict, uncond: dict, size: Tuple[int, int], n: int,
+                            original_size=None, crops_coords_top_left=(0, 0), target_size=None,
+                            negative_original_size=None, negative_crops_coords_top_left=(0, 0),
+                            negative_target_size=None) -> None:
+        """SDXL's size/crop conditioning, as diffusers' StableDiffusionXLPipeline: sizes (height, width) default
+        to the output's, the crop to (0, 0); the negative branch reuses them unless both negative sizes are given."""
+        from .models.unet import time_ids
+
+        if self.unet.config.addition_input_dim is None:
+            if original_size or target_size or negative_original_size or negative_target_size or \
+                    tuple(crops_coords_top_left) != (0, 0):
+                raise UserError("--original-size/--crop/--target-size: only SDXL (micro-conditioned) models take "
+                                "them — leave them out for this model")
+            return
+        ids = time_ids(original_size or size, crops_coords_top_left, target_size or size)  # (6,)
+        neg = ids
+        if negative_original_size is not None and negative_target_size is not None:
+            neg = time_ids(negative_original_size, negative_crops_coords_top_left, negative_target_size)
+        cond["time_ids"] = ids.to(self.device).expand(n, -1)  # (n, 6)
+        uncond["time_ids"] = neg.to(self.device).expand(n, -1)
+
     def _conditions(self, prompt, negative_prompt, class_label, n):
         cfg = self.unet.config
+        if getattr(self.text_encoder, "pooled_dim", None) is not None:  # SDXL's two encoders
+            ctx, _, pooled = self.text_encoder.encode_pooled([prompt or ""] * n)  # (n, L, D), (n, P)
+            if negative_prompt is None:  # diffusers: zeros under force_zeros_for_empty_prompt
+                nctx, _, npooled = self.text_encoder.null_pooled()  # (1, L, D), (1, P)
+            else:
+                nctx, _, npooled = self.text_encoder.encode_pooled([negative_prompt] * n)
+            return {"context": ctx, "text_embeds": pooled}, {"context": nctx, "text_embeds": npooled}
         if self.text_encoder is not None:
             ctx, mask = self.text_encoder.encode([prompt or ""] * n)  # (n, L, D), (n, L)
             nctx, nmask = self.text_encoder.encode([negative_prompt or ""] * n)

@@ -36,6 +36,15 @@ def add_common_arguments(p, cfg_default: float = 5.0):
     p.add_argument("--device", default=None, help="cpu | cuda (default: cuda if available)")
     p.add_argument("--width", type=int, default=None, help="image width in pixels, a multiple of the VAE factor")
     p.add_argument("--height", type=int, default=None, help="image height in pixels, a multiple of the VAE factor")
+    xl = p.add_argument_group("SDXL micro-conditioning (SDXL models only; defaults as diffusers)")
+    xl.add_argument("--original-size", default=None, help="WxH the model is told the source image had "
+                                                          "(default: the output size)")
+    xl.add_argument("--crop", default=None, help="TOP,LEFT crop offset in pixels the model is told (default 0,0)")
+    xl.add_argument("--target-size", default=None, help="WxH target size (default: the output size)")
+    xl.add_argument("--negative-original-size", default=None, help="WxH for the negative branch (with "
+                                                                   "--negative-target-size; default: as above)")
+    xl.add_argument("--negative-crop", default=None, help="TOP,LEFT for the negative branch (default 0,0)")
+    xl.add_argument("--negative-target-size", default=None, help="WxH for the negative branch")
 
 
 def add_arguments(p):
@@ -44,7 +53,7 @@ def add_arguments(p):
                                                 "or --width/--height")
 
 
-def parse_size(text):
+def parse_size(text, flag: str = "--size"):
     from ..errors import UserError
 
     if text is None:
@@ -55,7 +64,7 @@ def parse_size(text):
         if len(parts) > 2 or w < 1 or h < 1:
             raise ValueError
     except ValueError:
-        raise UserError(f"--size {text}: expected WxH in pixels, e.g. 64x64") from None
+        raise UserError(f"{flag} {text}: expected WxH in pixels, e.g. 64x64") from None
     return w, h
 
 
@@ -72,6 +81,31 @@ def parse_lora(spec: str):
         raise UserError(f"--lora {spec}: no such file — pass FILE[:SCALE], e.g. runs/x/lora/"
                         "pytorch_lora_weights.safetensors:0.8")
     return path, value
+
+
+def _parse_crop(text, flag: str):
+    from ..errors import UserError
+
+    try:
+        top, left = (int(v) for v in text.split(","))
+        if top < 0 or left < 0:
+            raise ValueError
+    except ValueError:
+        raise UserError(f"{flag} {text}: expected TOP,LEFT in pixels (non-negative), e.g. 0,0") from None
+    return top, left
+
+
+def micro_conditioning(args) -> dict:
+    """The SDXL size/crop flags given, as the pipeline's (height, width) / (top, left) keywords."""
+    out = {}
+    for key in ("original_size", "target_size", "negative_original_size", "negative_target_size"):
+        size = parse_size(getattr(args, key, None), "--" + key.replace("_", "-"))
+        if size is not None:
+            out[key] = (size[1], size[0])  # WxH on the command line, (height, width) in diffusers' order
+    for flag, key in (("crop", "crops_coords_top_left"), ("negative_crop", "negative_crops_coords_top_left")):
+        if getattr(args, flag, None) is not None:
+            out[key] = _parse_crop(getattr(args, flag), "--" + flag.replace("_", "-"))
+    return out
 
 
 def generate(args, mode: str, **inputs) -> int:
@@ -94,6 +128,7 @@ def generate(args, mode: str, **inputs) -> int:
     if args.spacing is not None and args.spacing not in samplers.SPACINGS:
         raise UserError(f"--spacing: unknown {args.spacing!r} — use one of {', '.join(samplers.SPACINGS)}")
     loras = [parse_lora(spec) for spec in args.lora]
+    micro = micro_conditioning(args)
     _quiet_transformers()
     from ..formats.single_file import is_single_file
 
@@ -104,7 +139,7 @@ def generate(args, mode: str, **inputs) -> int:
     images = getattr(pipe, mode)(prompt=args.prompt, negative_prompt=args.negative, sampler=args.sampler,
                                  steps=args.steps, cfg=args.cfg, seed=args.seed, n=args.n,
                                  class_label=args.class_label, karras=args.karras, eta=args.eta,
-                                 spacing=args.spacing, width=args.width, height=args.height, **inputs)
+                                 spacing=args.spacing, width=args.width, height=args.height, **micro, **inputs)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     for i, im in enumerate(images):

@@ -7,6 +7,7 @@
       vae/config.json, vae/diffusion_pytorch_model.safetensors   AutoencoderKL
       scheduler/scheduler_config.json      DDPMScheduler config (the training noise schedule)
       text_encoder/, tokenizer/             optional; written by latentforge.text
+      text_encoder_2/, tokenizer_2/         SDXL's second encoder (model_index names StableDiffusionXLPipeline)
 
 Our configs describe the networks simply (per-level `attention: bool`, heads or head_dim); this
 module translates them to and from diffusers' block-type strings. Our state_dict keys *are*
@@ -521,9 +522,9 @@ def save_model_folder(folder, unet, vae, schedule_config: ScheduleConfig, text_e
     save_schedule(schedule_config, folder / "scheduler")
     text = {"text_encoder": [None, None], "tokenizer": [None, None]}
     if text_encoder is not None:
-        text_encoder.save_pretrained(str(folder))  # writes text_encoder/ + tokenizer/
+        text_encoder.save_pretrained(str(folder))  # writes text_encoder/ + tokenizer/ (+ _2 for SDXL)
         text = _text_entries(folder, text_encoder)
-    _write_json(folder / MODEL_INDEX_NAME, {
+    index = {
         "_class_name": "StableDiffusionPipeline",
         "_diffusers_version": DIFFUSERS_VERSION,
         "unet": ["diffusers", "UNet2DConditionModel"],
@@ -534,8 +535,22 @@ def save_model_folder(folder, unet, vae, schedule_config: ScheduleConfig, text_e
         "feature_extractor": [None, None],
         "image_encoder": [None, None],
         "requires_safety_checker": False,
-    })
+    }
+    if unet.config.addition_input_dim is not None:  # micro-conditioned: diffusers' SDXL pipeline
+        index = _sdxl_index(index, text_encoder)
+    _write_json(folder / MODEL_INDEX_NAME, index)
     return folder
+
+
+def _sdxl_index(index: Dict[str, Any], text_encoder) -> Dict[str, Any]:
+    """model_index.json of a StableDiffusionXLPipeline: two text encoders, no safety checker."""
+    for key in ("safety_checker", "requires_safety_checker"):
+        index.pop(key)
+    index.update({"_class_name": "StableDiffusionXLPipeline",
+                  "force_zeros_for_empty_prompt": bool(getattr(text_encoder, "force_zeros", True))})
+    for key in ("text_encoder_2", "tokenizer_2"):
+        index.setdefault(key, [None, None])
+    return index
 
 
 def load_model_folder(folder) -> Dict[str, Any]:

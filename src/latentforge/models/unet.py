@@ -78,6 +78,16 @@ def micro_conditioning(text_embeds: torch.Tensor, time_ids: torch.Tensor, config
     return torch.cat([text_embeds, emb.reshape(B, -1).to(text_embeds.dtype)], dim=-1)  # (B, P + K·dim)
 
 
+def time_ids(original_size, crop_top_left, target_size) -> torch.Tensor:
+    """SDXL's six micro-conditioning numbers (Podell et al. 2023, §2.2): original (height, width) of the
+    training image, the (top, left) of its crop, and the target (height, width) -> (6,) float32, in the
+    order of diffusers' `add_time_ids` (`original_size + crops_coords_top_left + target_size`)."""
+    values = [*original_size, *crop_top_left, *target_size]
+    if len(values) != 6:
+        raise ValueError(f"time_ids: expected (H, W), (top, left), (H, W), got {values}")
+    return torch.tensor([float(v) for v in values])  # (6,)
+
+
 class DownLevel(nn.Module):
     """`layers` ResnetBlocks (each followed by attention if enabled), then a stride-2 downsample."""
 
