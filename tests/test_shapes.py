@@ -97,3 +97,14 @@ def test_cli_shapes_bad_flag_is_one_line_exit_2(tmp_path, capsys):
     assert main(["shapes", "--out", str(tmp_path), "--n", "0"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: --n 0") and err.count("\n") == 1
+
+
+def test_non_square_canvases_are_written_and_read_back(tmp_path, capsys):
+    assert main(["shapes", "--out", str(tmp_path / "d"), "--n", "8", "--canvas", "48x32,32x48"]) == 0
+    sizes = [Image.open(tmp_path / "d" / f"{i:05d}.png").size for i in range(8)]
+    assert sizes == [(48, 32), (32, 48)] * 4
+    for i in range(8):
+        attrs = S.parse_caption((tmp_path / "d" / f"{i:05d}.txt").read_text())
+        assert S.analyse(Image.open(tmp_path / "d" / f"{i:05d}.png")) == attrs
+    assert main(["shapes", "--out", str(tmp_path / "e"), "--canvas", "48x8"]) == 2
+    assert "--canvas 48x8" in capsys.readouterr().err

@@ -1,4 +1,5 @@
-"""`latentforge shapes --out DIR --n N --size S --seed K`: write the built-in captioned data set."""
+"""`latentforge shapes --out DIR --n N --size S --seed K [--canvas 48x32,32x48]`: write the built-in captioned
+data set (square, or on the given canvases in turn: non-square data for aspect-ratio buckets)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ def add_arguments(p):
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--jitter", type=float, default=0.03,
                    help="random shift/resize of the shape, fraction of the side (default 0.03)")
+    p.add_argument("--canvas", default=None,
+                   help="WxH[,WxH...]: draw image i on the i-th canvas in turn instead of --size squares")
 
 
 def run(args):
@@ -23,7 +26,20 @@ def run(args):
         raise UserError(f"--size {args.size}: must be at least 16 pixels")
     if not 0 <= args.jitter <= 0.05:
         raise UserError(f"--jitter {args.jitter}: must be between 0 and 0.05 (shapes must stay in their quadrant)")
-    shapes.write_dataset(args.out, args.n, args.size, args.seed, args.jitter)
+    shapes.write_dataset(args.out, args.n, args.size, args.seed, args.jitter, canvases=parse_canvases(args.canvas))
     n_combos, n_held = len(shapes.all_combinations()), len(shapes.HELD_OUT)
     print(f"wrote {args.n} images to {args.out} ({n_combos - n_held} seen combinations, "
           f"{n_held} held out)")
+
+
+def parse_canvases(text):
+    if text is None:
+        return None
+    try:
+        canvases = [tuple(int(v) for v in c.lower().split("x")) for c in text.split(",")]
+        if not all(len(c) == 2 and min(c) >= 16 for c in canvases):
+            raise ValueError
+    except ValueError:
+        raise UserError(f"--canvas {text}: expected WxH[,WxH...] with sides of at least 16 pixels, "
+                        "e.g. 48x32,32x48") from None
+    return canvases

@@ -87,16 +87,20 @@ def parse_caption(text: str) -> Dict[str, str]:
 
 
 def render(attrs: Dict[str, str], size: int = 32, rng: random.Random | None = None,
-           jitter: float = 0.03, supersample: int = 4) -> Image.Image:
-    """Draw one image. `jitter` (fraction of the side) moves and resizes the shape a little."""
+           jitter: float = 0.03, supersample: int = 4, canvas: Tuple[int, int] | None = None) -> Image.Image:
+    """Draw one image, size x size (or on a `canvas` of (width, height): the shape, sized by the
+    shorter side, sits at the centre of its quadrant). `jitter` (fraction of the side) moves and
+    resizes the shape a little."""
     rng = rng or random.Random(0)
-    big = size * supersample
-    img = Image.new("RGB", (big, big), BACKGROUNDS[attrs["background"]])
+    W, H = canvas or (size, size)
+    bw, bh, short = W * supersample, H * supersample, min(W, H) * supersample
+    img = Image.new("RGB", (bw, bh), BACKGROUNDS[attrs["background"]])
     row, col = attrs["position"].split()
     cx = (0.25 if col == "left" else 0.75) + rng.uniform(-jitter, jitter)
     cy = (0.25 if row == "top" else 0.75) + rng.uniform(-jitter, jitter)
     side = SIDE + rng.uniform(-jitter, jitter)
-    x0, y0, x1, y1 = [big * c for c in (cx - side / 2, cy - side / 2, cx + side / 2, cy + side / 2)]
+    sx, sy = side / 2 * (short / bw), side / 2 * (short / bh)  # half-sides as fractions (square: side / 2)
+    x0, y0, x1, y1 = bw * (cx - sx), bh * (cy - sy), bw * (cx + sx), bh * (cy + sy)
     draw, fill = ImageDraw.Draw(img), COLOURS[attrs["colour"]]
     if attrs["shape"] == "circle":
         draw.ellipse((x0, y0, x1, y1), fill=fill)
@@ -104,7 +108,7 @@ def render(attrs: Dict[str, str], size: int = 32, rng: random.Random | None = No
         draw.rectangle((x0, y0, x1, y1), fill=fill)
     else:
         draw.polygon([((x0 + x1) / 2, y0), (x1, y1), (x0, y1)], fill=fill)
-    return img.resize((size, size), Image.Resampling.BOX)  # area average = anti-aliased edges
+    return img.resize((W, H), Image.Resampling.BOX)  # area average = anti-aliased edges
 
 
 def examples(n: int, seed: int = 0) -> Iterator[Dict[str, str]]:
@@ -117,14 +121,18 @@ def examples(n: int, seed: int = 0) -> Iterator[Dict[str, str]]:
         yield order[i % len(seen)]
 
 
-def write_dataset(out: str, n: int, size: int = 32, seed: int = 0, jitter: float = 0.03) -> List[str]:
-    """Write n png + txt pairs (`00000.png`, `00000.txt`, ...) into `out`; returns the png paths."""
+def write_dataset(out: str, n: int, size: int = 32, seed: int = 0, jitter: float = 0.03,
+                  canvases: List[Tuple[int, int]] | None = None) -> List[str]:
+    """Write n png + txt pairs (`00000.png`, `00000.txt`, ...) into `out`; returns the png paths.
+    `canvases` [(width, height), ...]: image i is drawn on canvases[i % len] instead of a square
+    (e.g. [(48, 32), (32, 48)]: non-square data for aspect-ratio buckets)."""
     os.makedirs(out, exist_ok=True)
     rng, paths = random.Random(seed + 1), []
     width = max(5, len(str(n - 1)))
     for i, attrs in enumerate(tqdm(examples(n, seed), total=n, desc="shapes", unit="img")):
         stem = os.path.join(out, f"{i:0{width}d}")
-        render(attrs, size, rng, jitter).save(stem + ".png")
+        canvas = canvases[i % len(canvases)] if canvases else None
+        render(attrs, size, rng, jitter, canvas=canvas).save(stem + ".png")
         with open(stem + ".txt", "w", encoding="utf-8") as f:
             f.write(caption(attrs) + "\n")
         paths.append(stem + ".png")
