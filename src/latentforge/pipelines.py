@@ -28,6 +28,7 @@ from . import samplers
 from .errors import UserError
 from .guidance import classifier_free_guidance
 from .png import format_parameters
+from .scheduler_config import sampling_options, warn_unhonoured
 from .schedule import NoiseSchedule
 
 ImageLike = Union[str, Path, Image.Image]
@@ -67,6 +68,7 @@ class Pipeline:
         self.unet, self.vae, self.schedule, self.text_encoder = unet.eval(), vae.eval(), schedule, text_encoder
         self.scheduler_config = dict(scheduler_config or {})
         self.name = name
+        warn_unhonoured(self.scheduler_config, where=f"{name or 'model'}/scheduler")
         # diffusers' StableDiffusionPipeline gives the UNet no attention mask (captions are padded to a
         # fixed length); keep False for identical images there, True if the model was trained with it.
         self.use_context_mask = use_context_mask
@@ -198,14 +200,16 @@ class Pipeline:
     @torch.no_grad()
     def _generate(self, prompt, negative_prompt, sampler, steps, cfg, seed, n, size, latents, class_label,
                   init: Optional[Image.Image] = None, strength: float = 1.0, mask: Optional[Image.Image] = None,
-                  karras: bool = False, eta: float = 0.0, guidance_rescale: float = 0.0, output: str = "pil",
+                  karras: Optional[bool] = None, eta: float = 0.0, guidance_rescale: float = 0.0, output: str = "pil",
                   progress: Optional[bool] = None, spacing: Optional[str] = None, **micro):
         info = samplers.get_sampler(sampler)
         if n < 1:
             raise UserError(f"--n: must be at least 1, got {n}")
         W, H = self._check_size(size or self.default_size, "--image" if init is not None else "--size")
         ac = self.schedule.alphas_cumprod
-        plan = samplers.plan(ac, sampler, steps, karras=karras, **self._plan_options(sampler, spacing))
+        opts = sampling_options(self.scheduler_config, sampler, spacing, karras)  # the model's scheduler config
+        karras = opts.karras
+        plan = samplers.plan(ac, sampler, steps, **opts.plan_kwargs())
         first = samplers.start_index(steps, strength)  # validates strength ∈ (0, 1]
         f, C = self.vae.downsample_factor, self.unet.config.in_channels
         gens = [torch.Generator(device="cpu").manual_seed(seed + i) for i in range(n)]
@@ -229,9 +233,10 @@ class Pipeline:
             def after_step(x, sigma_next):  # the known region, noised to the level x is now at
                 return keep * x + (1 - keep) * (x0 + noise * sigma_next)
 
-        x = samplers.sample(sampler, plan.denoiser(model_fn, ac, self.schedule.prediction_type), x, plan.sigmas,
-                            generator=gens, eta=eta if sampler == "ddim" else None, after_step=after_step,
-                            disable=None if progress is None else not progress)
+        denoiser = plan.denoiser(model_fn, ac, self.schedule.prediction_type, **opts.denoiser_kwargs())
+        x = samplers.sample(sampler, denoiser, x, plan.sigmas, generator=gens, eta=eta if sampler == "ddim" else None,
+                            after_step=after_step, disable=None if progress is None else not progress,
+                            **opts.solver_kwargs(steps))
         out = x / (plan.sigmas[-1] ** 2 + 1).sqrt()  # x_t = x/√(1+σ²); σ_last = 0 unless "sigma_min"
         if keep is not None:
             out = keep * out + (1 - keep) * x0
@@ -252,16 +257,6 @@ class Pipeline:
         return pils
 
     # ------------------------------------------------------------------ helpers
-
-    def _plan_options(self, sampler: str, spacing: Optional[str] = None) -> dict:
-        """Timestep spacing etc. from the model's scheduler_config.json, as diffusers' `from_config`."""
-        c = dict(self.scheduler_config, **({"timestep_spacing": spacing} if spacing else {}))
-        if sampler == "ddim":
-            final = "zero" if c.get("set_alpha_to_one", True) else "sigma_min"
-        else:
-            final = c.get("final_sigmas_type", "zero")
-        return dict(spacing=c.get("timestep_spacing", "leading"), steps_offset=int(c.get("steps_offset", 0)),
-                    final_sigma=final)
 
     def _check_size(self, size: Sequence[int], flag: str) -> Tuple[int, int]:
         W, H = int(size[0]), int(size[1])

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, Optional, Tuple
 
 import numpy as np
 import torch
@@ -42,12 +42,15 @@ class Denoiser:
     """
 
     def __init__(self, model_fn: Callable, alphas_cumprod: torch.Tensor, prediction_type: str = "epsilon",
-                 interpolation: str = "linear", quantize: bool = False):
+                 interpolation: str = "linear", quantize: bool = False, clip_sample: Optional[float] = None,
+                 thresholding: Optional[Tuple[float, float]] = None):
         self.model_fn = model_fn
         self.prediction_type = prediction_type
         self.sigma_table = sigma_table(alphas_cumprod).double()  # (T,) increasing in t
         self.interpolation = interpolation
         self.quantize = quantize
+        self.clip_sample = clip_sample  # x0 clamped to [-r, r] (diffusers' clip_sample + clip_sample_range)
+        self.thresholding = thresholding  # (ratio, max): dynamic thresholding; wins over clip_sample, as diffusers
 
     def sigma_to_t(self, sigma: torch.Tensor) -> torch.Tensor:
         s = sigma.double().cpu().reshape(-1)
@@ -59,12 +62,30 @@ class Denoiser:
         return t.to(torch.float32).reshape(sigma.shape).to(sigma.device)
 
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor, **cond) -> torch.Tensor:
+        return self.with_raw(x, sigma, **cond)[0]
+
+    def with_raw(self, x: torch.Tensor, sigma: torch.Tensor, **cond) -> Tuple[torch.Tensor, torch.Tensor]:
+        """-> (x0 after clipping/thresholding, x0 as the UNet predicted it); the same tensor when neither is on."""
         sigma = sigma.to(x.dtype)
         s = sigma.reshape(-1, *([1] * (x.ndim - 1)))  # (B, 1, 1, 1)
         alpha = 1 / (s**2 + 1).sqrt()  # √ᾱ
         x_t = x * alpha  # (B, C, h, w) the UNet's input scale
         out = self.model_fn(x_t, self.sigma_to_t(sigma), **cond)  # (B, C, h, w) ε, v or x0
-        return convert_at(out, x_t, alpha, s * alpha, self.prediction_type, "sample")  # (B, C, h, w) x0
+        x0 = convert_at(out, x_t, alpha, s * alpha, self.prediction_type, "sample")  # (B, C, h, w)
+        if self.thresholding is not None:
+            return dynamic_threshold(x0, *self.thresholding), x0
+        if self.clip_sample is not None:
+            return x0.clamp(-self.clip_sample, self.clip_sample), x0
+        return x0, x0
+
+
+def dynamic_threshold(x0: torch.Tensor, ratio: float = 0.995, max_value: float = 1.0) -> torch.Tensor:
+    """Dynamic thresholding (Saharia et al. 2022, "Imagen", §2.3): s = the `ratio` quantile of |x0| per
+    sample, clamped to [1, max_value]; x0 is clipped to [-s, s] and divided by s (diffusers' `_threshold_sample`)."""
+    flat = x0.float().reshape(x0.shape[0], -1).abs()  # (B, C·h·w)
+    s = torch.quantile(flat, ratio, dim=1).clamp(min=1, max=max_value)  # (B,)
+    s = s.reshape(-1, *([1] * (x0.ndim - 1)))  # (B, 1, 1, 1)
+    return (x0.float().clamp(-s, s) / s).to(x0.dtype)
 
 
 def _interp(x: torch.Tensor, xp: torch.Tensor, fp: torch.Tensor) -> torch.Tensor:
@@ -101,8 +122,10 @@ class SamplingPlan:
     interpolation: str  # Denoiser σ → t
     quantize: bool
 
-    def denoiser(self, model_fn: Callable, alphas_cumprod: torch.Tensor, prediction_type: str) -> Denoiser:
-        return Denoiser(model_fn, alphas_cumprod, prediction_type, self.interpolation, self.quantize)
+    def denoiser(self, model_fn: Callable, alphas_cumprod: torch.Tensor, prediction_type: str,
+                 **x0_options) -> Denoiser:
+        """x0_options: clip_sample, thresholding (see Denoiser)."""
+        return Denoiser(model_fn, alphas_cumprod, prediction_type, self.interpolation, self.quantize, **x0_options)
 
     def start_at(self, index: int) -> "SamplingPlan":
         """The same plan begun `index` steps down (image→image); the start is then x0 + σ·noise."""
@@ -237,18 +260,27 @@ def randn_like(x: torch.Tensor, generator=None) -> torch.Tensor:
     return torch.randn(x.shape, generator=generator, dtype=x.dtype, device=device).to(x.device)
 
 
+def _denoise(model, x, sigma, extra_args, raw_eps: bool):
+    """-> (x0, x0 the ε direction comes from): the clipped x0 twice, or (clipped, raw) for `raw_eps`."""
+    if raw_eps and hasattr(model, "with_raw"):
+        return model.with_raw(x, sigma, **extra_args)
+    denoised = model(x, sigma, **extra_args)
+    return denoised, denoised
+
+
 @torch.no_grad()
 def sample_euler_ancestral(model, x, sigmas, extra_args=None, callback=None, after_step=None, disable=None,
-                           eta=1.0, generator=None):
+                           eta=1.0, generator=None, raw_eps=False):
     """Euler step to σ_down, then add N(0, σ_up²) noise drawn from `generator` (k-diffusion); `generator`
-    may be a list with one per sample (see `randn_like`)."""
+    may be a list with one per sample (see `randn_like`). `raw_eps`: the direction ε comes from the UNet's
+    own x0 while the step lands at the clipped x0 (diffusers' DDIM, `use_clipped_model_output=False`)."""
     extra_args = extra_args or {}
     s_in = x.new_ones(x.shape[0])
     for i in trange(len(sigmas) - 1, disable=disable, desc="ancestral"):
-        denoised = model(x, sigmas[i] * s_in, **extra_args)
+        denoised, raw = _denoise(model, x, sigmas[i] * s_in, extra_args, raw_eps)
         down, up = ancestral_step(sigmas[i], sigmas[i + 1], eta)
-        d = (x - denoised) / sigmas[i]
-        x = x + d * (down - sigmas[i])
+        d = (x - raw) / sigmas[i]
+        x = x + d * (down - sigmas[i]) if raw is denoised else denoised + d * down
         if sigmas[i + 1] > 0 and up > 0:
             x = x + randn_like(x, generator) * up
         x = _step_done(i, x, sigmas, denoised, callback, after_step)
@@ -257,8 +289,10 @@ def sample_euler_ancestral(model, x, sigmas, extra_args=None, callback=None, aft
 
 def sample_ddim(model, x, sigmas, extra_args=None, callback=None, after_step=None, disable=None,
                 eta=0.0, generator=None):
-    """DDIM (Song et al. 2021): x_{t'} = √ᾱ' x̂0 + √(1-ᾱ'-σ_η²) ε̂ + σ_η z — Euler-ancestral with η here."""
-    return sample_euler_ancestral(model, x, sigmas, extra_args, callback, after_step, disable, eta, generator)
+    """DDIM (Song et al. 2021): x_{t'} = √ᾱ' x̂0 + √(1-ᾱ'-σ_η²) ε̂ + σ_η z — Euler-ancestral with η here.
+    With x0 clipping, x̂0 is clipped and ε̂ is the UNet's own, as diffusers' DDIMScheduler."""
+    return sample_euler_ancestral(model, x, sigmas, extra_args, callback, after_step, disable, eta, generator,
+                                  raw_eps=True)
 
 
 def sample_ddpm(model, x, sigmas, extra_args=None, callback=None, after_step=None, disable=None,
@@ -288,18 +322,23 @@ def sample_heun(model, x, sigmas, extra_args=None, callback=None, after_step=Non
 
 
 @torch.no_grad()
-def sample_dpmpp_2m(model, x, sigmas, extra_args=None, callback=None, after_step=None, disable=None):
-    """DPM-Solver++(2M) (Lu et al. 2022, Alg. 2), in λ = -log σ; the last step is first order
-    (diffusers' `lower_order_final`, k-diffusion at σ = 0)."""
+def sample_dpmpp_2m(model, x, sigmas, extra_args=None, callback=None, after_step=None, disable=None,
+                    lower_order_final=True, euler_at_final=False, total_steps=None):
+    """DPM-Solver++(2M) (Lu et al. 2022, Alg. 2), in λ = -log σ, midpoint form. The last step is first
+    order as in diffusers' DPMSolverMultistepScheduler: always when it ends at σ = 0 (λ = ∞, where the
+    second-order term is undefined), with `euler_at_final`, or with `lower_order_final` when the run has
+    fewer than 15 steps (`total_steps`, default len(sigmas) - 1); otherwise it is second order."""
     extra_args = extra_args or {}
     s_in = x.new_ones(x.shape[0])
     n = len(sigmas) - 1
+    first_order_last = (bool(sigmas[-1] == 0) or euler_at_final
+                        or (lower_order_final and (total_steps or n) < 15))
     old_denoised = None
     for i in trange(n, disable=disable, desc="dpm++ 2m"):
         denoised = model(x, sigmas[i] * s_in, **extra_args)
         lam, lam_next = -sigmas[i].log(), -sigmas[i + 1].log()  # λ_next = ∞ at σ = 0
         h = lam_next - lam
-        if old_denoised is None or i == n - 1:
+        if old_denoised is None or (i == n - 1 and first_order_last):
             d = denoised  # DPM-Solver++(1) = DDIM
         else:
             r = (lam - (-sigmas[i - 1].log())) / h
@@ -327,12 +366,15 @@ def get_sampler(name: str) -> SamplerInfo:
 
 
 def sample(name: str, model, x, sigmas, *, extra_args=None, callback=None, after_step=None, disable=None,
-           generator=None, eta: Optional[float] = None):
-    """Run sampler `name`; `generator` feeds the ancestral samplers' noise, `eta` is DDIM's η."""
+           generator=None, eta: Optional[float] = None, **solver_options):
+    """Run sampler `name`; `generator` feeds the ancestral samplers' noise, `eta` is DDIM's η;
+    solver_options (lower_order_final, euler_at_final, total_steps) go to dpmpp-2m only."""
     info = get_sampler(name)
     kwargs = dict(extra_args=extra_args, callback=callback, after_step=after_step, disable=disable)
     if info.stochastic or name == "ddim":
         kwargs["generator"] = generator
     if name == "ddim" and eta is not None:
         kwargs["eta"] = eta
+    if name == "dpmpp-2m":
+        kwargs.update(solver_options)
     return info.fn(model, x, sigmas, **kwargs)

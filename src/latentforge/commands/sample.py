@@ -20,7 +20,8 @@ def add_common_arguments(p, cfg_default: float = 5.0):
     p.add_argument("--class", dest="class_label", type=int, default=None,
                    help="class label (class-conditional models)")
     p.add_argument("--sampler", default="dpmpp-2m", help="ddpm | ddim | euler | euler-a | heun | dpmpp-2m (default)")
-    p.add_argument("--karras", action="store_true", help="Karras et al. (2022) sigma spacing")
+    p.add_argument("--karras", action="store_true", default=None,
+                   help="Karras et al. (2022) sigma spacing (default: the model's use_karras_sigmas)")
     p.add_argument("--spacing", default=None,
                    help="timestep spacing leading | trailing | linspace (default: the model's scheduler config)")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM η: 0 deterministic … 1 DDPM-like (default 0)")
