@@ -145,6 +145,19 @@ def replace(cfg, **changes):
 # ---------------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
+class LoRAConfig:
+    """The adapter a run trains with `adapter=lora|loha|lokr` on top of `--init` (see adapters/)."""
+
+    rank: int = 16
+    alpha: float = 16.0  # the update is scaled by alpha / rank (Hu et al. 2021 §4.1)
+    targets: str = "attention"  # attention | attention+ff | all (adapters/inject.py)
+    text_encoder: bool = False  # also put adapters on the text encoder's attention (and MLP for attention+ff/all)
+    dropout: float = 0.0  # on the adapter's input, as PEFT's lora_dropout
+    dora: bool = False  # weight-decomposed LoRA (Liu et al. 2024); adapter=lora only
+    merge: bool = False  # also write model/ with the adapter merged in (same as train --merge)
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     """UNet training. `unet` and `schedule` start from the preset named by `model`."""
 
@@ -179,6 +192,9 @@ class TrainConfig:
     # --- fine-tuning ---
     init: str = ""  # a pretrained model (diffusers folder or single .safetensors) to start from; same as --init
     train_text_encoder: bool = False  # also fine-tune the text encoder (the exported model carries it)
+    adapter: str = "none"  # none (train the weights) | lora | loha | lokr (train a small adapter; needs --init)
+    lora: LoRAConfig = LoRAConfig()
+    optimizer: str = "adamw"  # adamw | adamw8bit (bitsandbytes) | prodigy (prodigyopt; use lr=1) | adafactor
     # --- held-out validation (Design: "Validation is measurement") ---
     val_fraction: float = -1.0  # share of images held out; negative = auto: 0.05 with >= 100 images, else 0
     val_every: int = 100  # steps between validation-loss evaluations (and at the last step)
@@ -278,12 +294,14 @@ NON_MATH_KEYS = frozenset({
     "checkpoint_every", "keep_checkpoints", "sample_every", "sample_prompts", "sample_count", "sample_steps",
     "sample_guidance", "sample_seed", "log_every", "nan_max_consecutive", "device",
     "gradient_checkpointing", "vae_path", "text_encoder", "image_size", "holdout",
-    "buckets", "bucket_step", "init", "val_every",
+    "buckets", "bucket_step", "init", "val_every", "merge",
 })
 _CHOICES = {
     "lr_schedule": ("cosine", "constant"), "timestep_sampling": ("uniform", "logit_normal"),
     "conditioning": ("auto", "text", "class", "none"), "precision": ("fp32", "bf16", "fp16"),
-    "device": ("auto", "cpu", "cuda"), "recon_loss": ("l1", "l2"), "bucket_leftovers": ("carry", "drop"),
+    "device": ("auto", "cpu", "cuda"), "adapter": ("none", "lora", "loha", "lokr"),
+    "lora.targets": ("attention", "attention+ff", "all"),
+    "optimizer": ("adamw", "adamw8bit", "prodigy", "adafactor"), "recon_loss": ("l1", "l2"), "bucket_leftovers": ("carry", "drop"),
     "schedule.prediction_type": ("epsilon", "v_prediction", "sample"),
     "schedule.beta_schedule": ("linear", "scaled_linear", "squaredcos_cap_v2", "cosine"),
 }
@@ -299,7 +317,7 @@ _RANGES = {
     "sample_every": (0, None), "sample_count": (1, 64), "sample_steps": (1, None), "sample_guidance": (0.0, None), "log_every": (1, None),
     "nan_max_consecutive": (0, None), "image_size": (0, None), "kl_weight": (0.0, None), "disc_start": (0, None),
     "disc_weight": (0.0, None), "disc_channels": (1, None), "disc_layers": (1, None), "holdout": (0, None),
-    "bucket_step": (0, None), "val_fraction": (-1.0, 0.5), "val_every": (1, None), "val_timesteps": (1, None),
+    "bucket_step": (0, None), "lora.rank": (1, None), "lora.alpha": (0.0, None), "lora.dropout": (0.0, 0.99), "val_fraction": (-1.0, 0.5), "val_every": (1, None), "val_timesteps": (1, None),
 }
 
 
@@ -342,7 +360,8 @@ def load_train_config(path=None, overrides=(), cls=None, base=None, init: bool =
             raw.setdefault(key, (value, f"default for this situation ({chosen})"))
     sections = [f.name for f in dataclasses.fields(cls) if dataclasses.is_dataclass(getattr(cfg, f.name))]
     if name != cfg.model:  # a new preset replaces the model sections wholesale
-        cfg = dataclasses.replace(cfg, model=name, **{k: getattr(PRESETS[name], k) for k in sections})
+        cfg = dataclasses.replace(cfg, model=name, **{k: getattr(PRESETS[name], k) for k in sections
+                                                      if hasattr(PRESETS[name], k)})
 
     top, nested = {}, {}
     valid = list(_keys(cfg))

@@ -172,7 +172,7 @@ def flatten_optimizer(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch
     sd = optimizer.state_dict()
     tensors, scalars = {}, {}
     for pid, entries in sd["state"].items():
-        for key, value in entries.items():
+        for key, value in _nested_items(entries):  # bitsandbytes nests its quantisation state one level down
             if torch.is_tensor(value):
                 tensors[f"state.{pid}.{key}"] = value
             else:
@@ -180,14 +180,30 @@ def flatten_optimizer(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch
     return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
 
 
+def _nested_items(entries: dict, prefix: str = ""):
+    """(key, value) with a nested dict's keys joined by '/' ('__bnb_optimizer_quant_state__/state1')."""
+    for key, value in entries.items():
+        if isinstance(value, dict):
+            yield from _nested_items(value, f"{prefix}{key}/")
+        else:
+            yield f"{prefix}{key}", value
+
+
+def _set_nested(d: dict, key: str, value) -> None:
+    *outer, last = key.split("/")
+    for k in outer:
+        d = d.setdefault(k, {})
+    d[last] = value
+
+
 def unflatten_optimizer(optimizer: torch.optim.Optimizer, tensors: dict, meta: dict) -> None:
     state: dict = {}
     for name, value in tensors.items():
         _, pid, key = name.split(".", 2)
-        state.setdefault(int(pid), {})[key] = value
+        _set_nested(state.setdefault(int(pid), {}), key, value)
     for name, value in meta["scalars"].items():
         pid, key = name.split(".", 1)
-        state.setdefault(int(pid), {})[key] = value
+        _set_nested(state.setdefault(int(pid), {}), key, value)
     groups = meta["param_groups"]
     for g in groups:  # JSON turned tuples into lists
         g.update({k: tuple(v) for k, v in g.items() if k == "betas"})
