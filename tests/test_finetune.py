@@ -21,8 +21,9 @@ SIZE = 32  # pixels; the VAE downsamples 4x -> 8x8 latents
 B = 4
 
 
-def tiny_sd_folder(out: Path, prediction_type="v_prediction", beta_schedule="linear", seed=0) -> Path:
-    """A random StableDiffusionPipeline (UNet, VAE, DDPM schedule, CLIP text encoder + BPE tokenizer), saved."""
+def tiny_sd_folder(out: Path, prediction_type="v_prediction", beta_schedule="linear", seed=0, sd_file=False) -> Path:
+    """A random StableDiffusionPipeline (UNet, VAE, DDPM schedule, CLIP text encoder + BPE tokenizer), saved.
+    sd_file: sizes a single SD file can hold (GroupNorm 32, 64-channel CLIP heads, a 2x VAE)."""
     from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
@@ -35,17 +36,21 @@ def tiny_sd_folder(out: Path, prediction_type="v_prediction", beta_schedule="lin
     (tok_dir / "merges.txt").write_text("#version: 0.2\n")
     tokenizer = CLIPTokenizer(str(tok_dir / "vocab.json"), str(tok_dir / "merges.txt"), unk_token="<unk>",
                               pad_token="<|endoftext|>", model_max_length=77)
-    text = CLIPTextModel(CLIPTextConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=37,
-                                        num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=77,
-                                        bos_token_id=1, eos_token_id=2, pad_token_id=2))
+    width, groups, vae_channels = (64, 32, (32, 64)) if sd_file else (32, 8, (16, 32, 32))
+    text = CLIPTextModel(CLIPTextConfig(vocab_size=len(vocab), hidden_size=width, intermediate_size=37,
+                                        num_hidden_layers=2, num_attention_heads=width // 16 if not sd_file else 1,
+                                        max_position_embeddings=77, bos_token_id=1, eos_token_id=2, pad_token_id=2))
     unet = UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(32, 64),
                                 layers_per_block=1, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-                                up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=32,
-                                attention_head_dim=2, norm_num_groups=8)
-    vae = AutoencoderKL(block_out_channels=(16, 32, 32), down_block_types=("DownEncoderBlock2D",) * 3,
-                        up_block_types=("UpDecoderBlock2D",) * 3, latent_channels=4, norm_num_groups=8,
-                        layers_per_block=1, sample_size=SIZE, scaling_factor=0.5)
-    scheduler = DDPMScheduler(beta_schedule=beta_schedule, beta_start=0.0001, beta_end=0.02,
+                                up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=width,
+                                attention_head_dim=8 if sd_file else 2, norm_num_groups=groups)
+    vae = AutoencoderKL(block_out_channels=vae_channels, down_block_types=("DownEncoderBlock2D",) * len(vae_channels),
+                        up_block_types=("UpDecoderBlock2D",) * len(vae_channels), latent_channels=4,
+                        norm_num_groups=groups, layers_per_block=1, sample_size=SIZE,
+                        scaling_factor=0.18215 if sd_file else 0.5)  # a single file holds SD's factor only
+    betas = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012) if sd_file else dict(
+        beta_schedule=beta_schedule, beta_start=0.0001, beta_end=0.02)  # single files hold SD's schedule only
+    scheduler = DDPMScheduler(**betas,
                               prediction_type=prediction_type, clip_sample=False, steps_offset=1)
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
                                    safety_checker=None, feature_extractor=None, requires_safety_checker=False)
@@ -91,13 +96,24 @@ def diffusers_recipe_loss(model: Path, data: Path, ids, noise, timesteps) -> flo
     return torch.nn.functional.mse_loss(pred.float(), target.float(), reduction="mean").item()
 
 
+def assert_first_loss_is_diffusers(run, cfg, model, data):
+    from latentforge.data.cache import LatentDataset
+    from latentforge.train.data import Stream
+    from latentforge.train.step import draw
+
+    ds, positions = LatentDataset(str(run / "cache")), list(range(B))
+    stream = Stream(ds, cfg.seed)
+    ids = [ds[stream.index(p)]["id"] for p in positions]
+    d = draw(cfg, positions, tuple(ds[0]["latent"].shape), cfg.schedule.num_train_timesteps)
+    theirs = diffusers_recipe_loss(model, data, ids, d.noise, d.t)
+    print("first-step loss: ours", rows(run)[0]["loss"], "diffusers' recipe", theirs)
+    assert abs(rows(run)[0]["loss"] - theirs) < 1e-5, (rows(run)[0]["loss"], theirs)
+
+
 def test_init_from_a_diffusers_folder_matches_the_diffusers_recipe_and_exports(world):
     from diffusers import StableDiffusionPipeline
 
     import latentforge
-    from latentforge.data.cache import LatentDataset
-    from latentforge.train.data import Stream
-    from latentforge.train.step import draw
 
     run = world["root"] / "run"
     assert main(["train", "--init", str(world["model"]), "--data", str(world["data"]), "--out", str(run), "--quiet",
@@ -109,13 +125,7 @@ def test_init_from_a_diffusers_folder_matches_the_diffusers_recipe_and_exports(w
     assert cfg.vae_path == cfg.text_encoder == str(world["model"])  # its own encoders made the cache
 
     # the first step's batch, noise and timesteps, through diffusers' recipe
-    ds, positions = LatentDataset(str(run / "cache")), list(range(B))
-    stream = Stream(ds, cfg.seed)
-    ids = [ds[stream.index(p)]["id"] for p in positions]
-    d = draw(cfg, positions, (4, 8, 8), cfg.schedule.num_train_timesteps)
-    theirs = diffusers_recipe_loss(world["model"], world["data"], ids, d.noise, d.t)
-    print("first-step loss: ours", rows(run)[0]["loss"], "diffusers' recipe", theirs)
-    assert abs(rows(run)[0]["loss"] - theirs) < 1e-5, (rows(run)[0]["loss"], theirs)
+    assert_first_loss_is_diffusers(run, cfg, world["model"], world["data"])
 
     # model/ is a complete SD folder: diffusers and latentforge load it, the text encoder is the model's
     pipe = StableDiffusionPipeline.from_pretrained(run / "model")
@@ -128,6 +138,24 @@ def test_init_from_a_diffusers_folder_matches_the_diffusers_recipe_and_exports(w
     x, t, ctx = torch.randn(1, 4, 8, 8), torch.tensor([500]), torch.randn(1, 77, 32)
     with torch.no_grad():
         torch.testing.assert_close(ours.unet(x, t, ctx), pipe.unet(x, t, ctx).sample, atol=1e-4, rtol=1e-4)
+
+
+def test_init_from_a_single_file_trains_like_the_source_folder(world, tmp_path, capsys):
+    """folder -> our single-file export -> --init FILE: converted into RUN/init, first loss = diffusers' recipe
+    on the source folder."""
+    source = tiny_sd_folder(tmp_path / "sd1", prediction_type="epsilon", sd_file=True, seed=3)
+    file = tmp_path / "sd1.safetensors"
+    assert main(["export", "--model", str(source), "--single-file", str(file), "--dtype", "fp32"]) == 0
+    run = tmp_path / "run"
+    common = ["--data", str(world["data"]), "--out", str(run), "--quiet", f"batch_size={B}", "max_steps=1",
+              "caption_dropout=0", "log_every=1", "sample_every=0", f"image_size={SIZE}"]
+    assert main(["train", "--init", str(file), *common]) == 2  # a single file holds no tokenizer
+    assert "--tokenizer" in capsys.readouterr().err
+    assert main(["train", "--init", str(file), "--tokenizer", str(source / "tokenizer"), *common]) == 0
+    cfg = load_train_config(run / "config.toml")
+    assert cfg.init == cfg.vae_path == cfg.text_encoder == str(run / "init")
+    assert cfg.schedule.prediction_type == "epsilon"
+    assert_first_loss_is_diffusers(run, cfg, source, world["data"])
 
 
 def test_init_bad_input_is_one_line(world, tmp_path, capsys):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import sys
 from pathlib import Path
 
 from ..errors import UserError
@@ -26,8 +27,10 @@ def add_arguments(p):
                                  "(same as vae_path=...); needed to decode samples and for model/")
     p.add_argument("--text-encoder", help="text encoder of a captioned cache (same as text_encoder=...; "
                                           "default: the bundled all-MiniLM-L6-v2)")
-    p.add_argument("--init", help="start from a pretrained model: a diffusers model folder (its UNet, schedule, "
-                                   "VAE and text encoder; same as init=...)")
+    p.add_argument("--init", help="start from a pretrained model: a diffusers model folder or an SD 1.x/2.x single "
+                                   ".safetensors (its UNet, schedule, VAE and text encoder; same as init=...)")
+    p.add_argument("--tokenizer", help="CLIP tokenizer folder for a single-file --init (it holds none), e.g. an SD "
+                                       "model's tokenizer/")
     p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in RUN")
     p.add_argument("--print-config", action="store_true", help="print the resolved settings as TOML and exit")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -56,7 +59,7 @@ def allow_intermixed(parser) -> None:
 
 def resolve_config(args, cls=None):
     """Preset <- the --init model <- --config (or RUN/config.toml when resuming) <- key=value <- flags."""
-    from ..config import TrainConfig, load_train_config
+    from ..config import TrainConfig, load_train_config, replace
 
     cls = cls or TrainConfig
     path, resumed = args.config, False
@@ -71,14 +74,31 @@ def resolve_config(args, cls=None):
     if getattr(cfg, "init", "") and not resumed:  # config.toml of a run already holds what --init gave
         from ..train.init import check_against_init, init_base, read_init
 
-        init = read_init(cfg.init)
+        init = read_init(_init_folder(cfg.init, args))
         base = init_base(init)
         cfg = load_train_config(path, overrides, cls=cls, base=base, init=True)  # fine-tuning defaults
+        cfg = replace(cfg, init=init.source)  # the folder (a single file's conversion), not the file
         if cfg.model != base.model:  # a preset would replace the model's UNet and schedule
             raise UserError(f"model={cfg.model}: a preset cannot be combined with --init {init.source} — the model "
                             "brings its own architecture and schedule; drop model=")
         check_against_init(cfg.unet, init)
     return cfg
+
+
+def _init_folder(init: str, args) -> str:
+    """The --init model as a folder: a single file is converted into RUN/init/ first."""
+    from ..formats.single_file import is_single_file
+
+    if not is_single_file(init):
+        return init
+    import tempfile
+
+    from ..train.init import from_single_file
+
+    out = Path(args.out) / "init" if getattr(args, "out", None) else Path(tempfile.mkdtemp()) / "init"
+    folder = from_single_file(init, out, tokenizer=getattr(args, "tokenizer", None))
+    print(f"--init {init}: converted to {folder} (diffusers layout)", file=sys.stderr)
+    return folder
 
 
 def _quote(override: str) -> str:

@@ -4,7 +4,10 @@
     cfg = init_base(init)                     # the TrainConfig layer below --config / key=value
     unet = build_unet(cfg)                    # the model's weights (or random ones without --init)
 
-MODEL is a diffusers model folder (model_index.json, unet/, vae/, scheduler/, text_encoder/ + tokenizer/).
+MODEL is a diffusers model folder (model_index.json, unet/, vae/, scheduler/, text_encoder/ + tokenizer/),
+or an SD 1.x/2.x single file (.safetensors, or a legacy .ckpt read with weights_only=True), which
+`from_single_file` first converts into RUN/init/ (diffusers layout, formats/single_file.py; a single file
+holds no tokenizer, so `--tokenizer DIR` names one) — `init` then names that folder.
 From it come the UNet architecture and weights, the noise schedule and prediction type, and the
 defaults of `vae_path` and `text_encoder` (so `--data` caches with the model's own encoders and the
 exported `model/` is a complete Stable Diffusion folder). Explicit settings still win over it, except
@@ -15,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -58,6 +62,31 @@ def read_init(path: str) -> InitModel:
     return InitModel(source=str(path), unet=unet, schedule=fmt.load_schedule(folder),
                      unet_weights=fmt._weights_file(folder / "unet"), vae=str(folder),
                      text_encoder=str(folder) if text.is_dir() else None)
+
+
+def from_single_file(path: str, out, tokenizer=None, prediction_type: Optional[str] = None) -> str:
+    """Convert the single file `path` into the model folder `out` (written whole, then renamed into place;
+    an existing complete folder is reused). Returns the folder."""
+    import shutil
+
+    from ..formats.diffusers import MODEL_INDEX_NAME, save_model_folder
+    from ..formats.single_file import load_single_file
+
+    out = Path(out)
+    if (out / MODEL_INDEX_NAME).is_file():
+        return str(out)
+    sf = load_single_file(path, tokenizer=tokenizer, prediction_type=prediction_type)
+    text = sf.text_encoder()  # a one-line UserError without a tokenizer
+    tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")  # one per process (torchrun ranks convert at once)
+    shutil.rmtree(tmp, ignore_errors=True)
+    save_model_folder(tmp, sf.unet, sf.vae, sf.schedule_config, text_encoder=text)
+    try:
+        tmp.replace(out)
+    except OSError:  # another rank was first: its folder is the same conversion
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not (out / MODEL_INDEX_NAME).is_file():
+            raise
+    return str(out)
 
 
 def init_base(init: InitModel, cfg: TrainConfig = TrainConfig()) -> TrainConfig:
