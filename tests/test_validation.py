@@ -71,3 +71,24 @@ def test_validation_loss_closed_form(prediction_type):
     assert got[0] == pytest.approx(sum(want) / len(want), rel=1e-6)
     assert got[0] == got[1] == got[2]  # the batch size does not change the number
     assert math.isnan(validation_loss(Zero(), InMemoryLatents(torch.randn(0, 4, 3, 3)), ac, "epsilon", 0, 3))
+
+
+def test_report_names_the_step_of_lowest_validation_loss(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from latentforge.train.report import RunLog, write_report
+
+    log = RunLog(tmp_path)
+    for step, loss in enumerate([0.9, 0.8, 0.7, 0.6], start=1):
+        log.log({"step": step, "loss": loss})
+    for step, val, ema in [(0, 0.95, 0.95), (2, 0.5, 0.7), (4, 0.55, 0.6)]:
+        log.log({"step": step, "val_loss": val, "val_loss_ema": ema, "val_images": 3})
+    log.close()
+    report = write_report(tmp_path, "UNet training", {}).read_text()
+    assert "| validation loss (training weights), lowest | 0.5 at step 2 |" in report
+    assert "| validation loss (EMA weights), lowest | 0.6 at step 4 |" in report
+    assert "| validation loss (training weights), last | 0.55 at step 4 |" in report
+    assert (tmp_path / "loss.png").stat().st_size > 0
+    events = EventAccumulator(str(tmp_path / "logs")).Reload()
+    assert {"val/loss", "val/loss_ema", "train/loss"} <= set(events.Tags()["scalars"])
+    assert [e.value for e in events.Scalars("val/loss")] == pytest.approx([0.95, 0.5, 0.55])

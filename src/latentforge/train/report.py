@@ -31,7 +31,8 @@ class RunLog:
             f.write(json.dumps(row) + "\n")
         for k, v in row.items():
             if k != "step" and isinstance(v, (int, float)) and math.isfinite(v):
-                self._tb.add_scalar(f"train/{k}", v, row["step"])
+                tag = f"val/{k[4:]}" if k.startswith("val_") else f"train/{k}"  # val_loss -> val/loss
+                self._tb.add_scalar(tag, v, row["step"])
 
     def close(self) -> None:
         if self._tb is not None:
@@ -97,18 +98,37 @@ def progress_verdict(rows: list[dict], val_key: str = "val_loss", tolerance: flo
     return f"training loss has flattened over the last fifth of the run ({change:+.1%})"
 
 
+VAL_KEYS = {"val_loss": "validation loss (training weights)", "val_loss_ema": "validation loss (EMA weights)"}
+
+
+def validation_summary(rows: list[dict]) -> list[str]:
+    """report.md table rows: the lowest held-out loss and its step, and the last one, per set of weights."""
+    lines = []
+    for key, label in VAL_KEYS.items():
+        val = _finite(rows, key)
+        if val:
+            best_step, best = min(val, key=lambda sv: sv[1])
+            lines += [f"| {label}, lowest | {best:.5g} at step {best_step} |",
+                      f"| {label}, last | {val[-1][1]:.5g} at step {val[-1][0]} |"]
+    return lines
+
+
 def plot_loss(rows: list[dict], out_png, title: str = "training loss") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    val = {key: _finite(rows, key) for key in VAL_KEYS}
     rows = [r for r in rows if isinstance(r.get("loss"), float) and math.isfinite(r["loss"])]
     steps, losses = [r["step"] for r in rows], [r["loss"] for r in rows]
     fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
     ax.plot(steps, losses, alpha=0.3, label="loss")
     if losses:
         ax.plot(steps, smooth(losses, max(1, len(losses) // 20)), label="moving average")
+    for (key, label), style in zip(VAL_KEYS.items(), ("o-", "s--")):
+        if val[key]:
+            ax.plot(*zip(*val[key]), style, markersize=4, label=label)
     ax.set(xlabel="step", ylabel="loss", title=title)
     ax.set_yscale("log")
     ax.legend()
@@ -126,7 +146,7 @@ def write_report(run_dir, title: str, facts: dict, metric: str = "loss") -> Path
     lines = [f"# {title}", "", "| | |", "|---|---|"]
     lines += [f"| {k} | {v} |" for k, v in facts.items()]
     lines += [f"| {metric}, first (smoothed) | {first:.5g} |", f"| {metric}, last (smoothed) | {last:.5g} |",
-              f"| {metric} drop | {drop:.1%} |", "", f"**Verdict:** {progress_verdict(rows)}", "",
+              f"| {metric} drop | {drop:.1%} |", *validation_summary(rows), "", f"**Verdict:** {progress_verdict(rows)}", "",
               "![loss](loss.png)", ""]
     path = run_dir / "report.md"
     path.write_text("\n".join(lines))
