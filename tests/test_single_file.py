@@ -173,11 +173,15 @@ def _diffusers_models(ckpt, folder, name):
     return unet.eval(), vae.eval(), text.eval()
 
 
-@pytest.mark.parametrize("name,suffix", [("sd1", ".safetensors"), ("sd2", ".ckpt")])
-def test_import_outputs_equal_diffusers(exported, tmp_path, name, suffix):
+@pytest.mark.parametrize("name,suffix,old_clip_keys", [("sd1", ".safetensors", False), ("sd2", ".ckpt", False),
+                                                        ("sd1", ".safetensors", True)])
+def test_import_outputs_equal_diffusers(exported, tmp_path, name, suffix, old_clip_keys):
     folder, path = exported[name]
     ckpt = _fresh_file(path, tmp_path / f"fresh{suffix}", seed=5)
     ref_unet, ref_vae, ref_text = _diffusers_models(ckpt, folder, name)
+    if old_clip_keys:  # as transformers < 4.12 saved them: no `text_model.` level
+        save_file({k.replace("transformer.text_model.", "transformer."): v for k, v in ckpt.items()},
+                  str(tmp_path / f"fresh{suffix}"))
     sf = load_single_file(tmp_path / f"fresh{suffix}", tokenizer=folder / "tokenizer")
     assert sf.family == name
     # SD 1.x: ε; SD 2.x: v unless global_step 875000 (SD 2.0-base) — the .ckpt here carries that step
@@ -291,3 +295,40 @@ def test_missing_tokenizer_and_incomplete_file(exported, tmp_path):
     save_file(state, str(tmp_path / "holey.safetensors"))
     with pytest.raises(UserError, match="middle_block.1.proj_out.weight"):
         load_single_file(tmp_path / "holey.safetensors")
+
+
+# --------------------------------------------------------------------------- full-size shapes (meta tensors, no memory)
+
+
+@pytest.mark.parametrize("family", ["sd1", "sd2"])
+def test_full_size_architecture_is_inferred_exactly(family):
+    """SD 1.5 / SD 2.1-v shapes on the meta device: our key map feeds diffusers' converter (names and shapes
+    equal diffusers' UNet2DConditionModel with the published config), and the shapes give back our config."""
+    from latentforge.config import PRESETS, replace
+    from latentforge.formats import ldm_keys as K
+    from latentforge.formats import single_file as SF
+    from latentforge.formats.diffusers import unet_to_diffusers
+    from latentforge.models import UNet
+
+    cfg = PRESETS["sd15"].unet
+    if family == "sd2":  # stabilityai/stable-diffusion-2-1 unet/config.json, in our terms
+        cfg = replace(cfg, num_heads=None, head_dim=64, cross_attention_dim=1024, use_linear_projection=True,
+                      sample_size=96)
+    with torch.device("meta"):
+        ours = UNet(cfg).state_dict()
+        ref = UNet2DConditionModel(**{k: v for k, v in unet_to_diffusers(cfg).items() if not k.startswith("_")})
+    ldm, unmapped = K.map_state(ours, K.unet_rules(4, 2, cfg.attention), forward=True)
+    assert not unmapped and len(ldm) == 686  # the UNet tensors of v1-5-pruned-emaonly.safetensors
+    converted = sfu.convert_ldm_unet_checkpoint(ldm, ref.config)
+    assert {k: tuple(v.shape) for k, v in converted.items()} == {k: tuple(v.shape) for k, v in ref.state_dict().items()}
+    inferred = SF.infer_unet_config(SF._sub(ldm, K.UNET_PREFIX), family, v_prediction=True, path="f")
+    assert inferred == cfg
+
+
+def test_sample_command_takes_a_single_file(exported, tmp_path, capsys):
+    folder, path = exported["sd1"]
+    out = tmp_path / "png"
+    assert main(["sample", "--model", str(path), "--tokenizer", str(folder / "tokenizer"), "--prompt", "lower",
+                 "--size", "16x16", "--steps", "2", "--out", str(out), "--device", "cpu"]) == 0
+    written = sorted(out.glob("*.png"))
+    assert len(written) == 1 and str(written[0]) in capsys.readouterr().out

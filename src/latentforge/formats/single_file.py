@@ -361,7 +361,7 @@ def _text_from(state, family: Family, path):
         ours = _component(_split_qkv(state), rules, K.OPENCLIP_PREFIX, path)
     else:
         rules = K.clip_rules()
-        ours = _component(state, rules, K.CLIP_PREFIX, path)
+        ours = _component(_with_text_model_level(state), rules, K.CLIP_PREFIX, path)
     model = CLIPTextModel(infer_text_config(ours, family.text_layout, path))
     prefix = "" if _text_prefixed(model) else TEXT_MODEL  # transformers ≥ 5 has no `text_model.` level
     ours = {k[len(prefix):]: v for k, v in ours.items()}
@@ -370,6 +370,13 @@ def _text_from(state, family: Family, path):
 
 
 TEXT_MODEL = "text_model."  # transformers 4's CLIPTextModel key level, which the single-file layout keeps
+
+
+def _with_text_model_level(state: Dict[str, Any]) -> Dict[str, Any]:
+    """Early SD 1.x files were saved by transformers < 4.12, without the `text_model.` level: add it."""
+    old = K.CLIP_PREFIX
+    return {(old + TEXT_MODEL + k[len(old):] if k.startswith(old) and not k.startswith(old + TEXT_MODEL) else k): v
+            for k, v in state.items()}
 
 
 def _text_prefixed(model) -> bool:
