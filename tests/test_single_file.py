@@ -332,3 +332,38 @@ def test_sample_command_takes_a_single_file(exported, tmp_path, capsys):
                  "--size", "16x16", "--steps", "2", "--out", str(out), "--device", "cpu"]) == 0
     written = sorted(out.glob("*.png"))
     assert len(written) == 1 and str(written[0]) in capsys.readouterr().out
+
+
+def test_full_size_vae_and_text_encoders_map_exactly():
+    """SD's VAE (ch 128, mult 1,2,4,4) and CLIP ViT-L / OpenCLIP ViT-H text towers on the meta device: our maps
+    feed diffusers' converter and give diffusers' names and shapes; the shapes give back the configs."""
+    from latentforge.config import PRESETS
+    from latentforge.formats import ldm_keys as K
+    from latentforge.formats import single_file as SF
+    from latentforge.formats.diffusers import vae_to_diffusers
+    from latentforge.models import AutoencoderKL
+
+    cfg = PRESETS["sd15"].vae
+    with torch.device("meta"):
+        ours = AutoencoderKL(cfg).state_dict()
+        ref = DAutoencoderKL(**{k: v for k, v in vae_to_diffusers(cfg).items() if not k.startswith("_")})
+    ldm, unmapped = K.map_state(SF._vae_attention_to_conv(ours), K.vae_rules(4), forward=True)
+    assert not unmapped
+    converted = sfu.convert_ldm_vae_checkpoint(ldm, ref.config)
+    assert {k: tuple(v.shape) for k, v in converted.items()} == {k: tuple(v.shape) for k, v in ref.state_dict().items()}
+    assert SF.infer_vae_config(SF._sub(ldm, K.VAE_PREFIX), "f") == cfg
+    for layout, hidden, layers, inner in (("clip", 768, 12, 3072), ("openclip", 1024, 23, 4096)):
+        tc = CLIPTextConfig(hidden_size=hidden, num_hidden_layers=layers, intermediate_size=inner,
+                            num_attention_heads=hidden // 64, hidden_act="gelu" if layout == "openclip" else "quick_gelu")
+        with torch.device("meta"):
+            text = CLIPTextModel(tc)
+        rules = K.openclip_rules(layers) if layout == "openclip" else K.clip_rules()
+        ldm, unmapped = K.map_state(SF._text_state(text), rules, forward=True)
+        ldm = SF._fuse_qkv(ldm) if layout == "openclip" else ldm
+        assert not unmapped
+        conv = sfu.convert_open_clip_checkpoint(text, ldm) if layout == "openclip" else sfu.convert_ldm_clip_checkpoint(ldm)
+        assert {k: tuple(v.shape) for k, v in _plain(conv).items()} == \
+            {k: tuple(v.shape) for k, v in _plain(text.state_dict()).items()}
+        back = SF.infer_text_config(SF._text_state(text), layout, "f")
+        assert (back.hidden_size, back.num_hidden_layers, back.intermediate_size, back.num_attention_heads,
+                back.hidden_act) == (hidden, layers, inner, hidden // 64, tc.hidden_act)

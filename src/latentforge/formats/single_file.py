@@ -69,7 +69,7 @@ def _both(*prefixes: str) -> Callable[[List[str]], bool]:
 
 
 # In detection order: the first family whose test passes names the file. Add a family by adding a row
-# (and, for a supported one, its text_layout in `_TEXT`).
+# (and, for a supported one, its loader in `LOADERS`).
 FAMILIES: List[Family] = [
     Family("lora", "a LoRA/LyCORIS adapter, not a full model", _contains("lora_", ".lora.", "lora_A", "hada_", "lokr_"),
            hint="load a full checkpoint; adapters are not read yet"),
@@ -469,18 +469,28 @@ def load_single_file(path, tokenizer=None, prediction_type: Optional[str] = None
     overrides the rule in the module docstring. Any other family, a damaged file or a pickle that needs
     code execution is a one-line UserError naming the file.
     """
-    from .diffusers import schedule_to_diffusers
-
     path = Path(path)
     state = read_checkpoint(path)
     family = identify(path, list(state))
+    return LOADERS[family.name](path, state, family, load_tokenizer(tokenizer), prediction_type)
+
+
+def _load_sd(path: Path, state: Dict[str, Any], family: Family, tokenizer, prediction_type) -> SingleFile:
+    """SD 1.x / 2.x: one UNet, one VAE, one CLIP text model."""
+    from .diffusers import schedule_to_diffusers
+
     schedule = infer_schedule(state, family, prediction_type, path)
     unet = _unet_from(state, family, schedule.prediction_type == "v_prediction", path)
     sf = SingleFile(path, family.name, unet.eval(), _vae_from(state, path).eval(), _text_from(state, family, path),
-                    load_tokenizer(tokenizer), schedule)
+                    tokenizer, schedule)
     # as diffusers' from_single_file: final step to ᾱ_0, not to 1 (set_alpha_to_one=False)
     sf.scheduler_config = dict(schedule_to_diffusers(schedule), set_alpha_to_one=False)
     return sf
+
+
+# family name -> loader(path, state, family, tokenizer, prediction_type) -> SingleFile, for each supported
+# row of FAMILIES (a new family adds its row there and its loader here).
+LOADERS: Dict[str, Callable[..., SingleFile]] = {"sd1": _load_sd, "sd2": _load_sd}
 
 
 def is_single_file(path) -> bool:
