@@ -68,7 +68,7 @@ BUDGETS = {
         # layout; position was the last attribute to be learned.
         unet=TrainConfig(unet=_UNET, schedule=_SCHEDULE, batch_size=32, max_steps=1500, lr=1e-3, warmup_steps=100,
                          min_snr_gamma=5.0, ema_decay=0.999, caption_dropout=0.1, checkpoint_every=10_000,
-                         sample_every=0, log_every=10, image_size=32),
+                         sample_every=1500, log_every=10, image_size=32),  # one validation grid, at the end
         text_max_length=16, eval_images_per_prompt=2,
     ),
     "tiny": Budget(
