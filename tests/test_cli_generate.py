@@ -59,7 +59,8 @@ def _run(argv, capsys):
 
 def test_sample_console_script_writes_pngs_with_parameters(model, tmp_path, capsys):
     exe = Path(sys.executable).with_name("latentforge")
-    argv = ["sample", "--model", str(model / "model"), "--prompt", "lower newer", "--negative", "wider",
+    # "low newer" is 7 tokens: it fits max_length 8, so the PNG records it whole
+    argv = ["sample", "--model", str(model / "model"), "--prompt", "low newer", "--negative", "wider",
             "--sampler", "euler-a", "--steps", "3", "--cfg", "4.5", "--seed", "7", "--n", "2", "--size", "32x16",
             "--device", "cpu"]
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", OMP_NUM_THREADS="1")
@@ -72,7 +73,7 @@ def test_sample_console_script_writes_pngs_with_parameters(model, tmp_path, caps
     for name in files:  # same seed and settings -> identical bytes
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
     p = parse_parameters(read_parameters(tmp_path / "a" / "00001-8.png"))
-    assert p["prompt"] == "lower newer" and p["negative_prompt"] == "wider"
+    assert p["prompt"] == "low newer" and p["negative_prompt"] == "wider"
     assert (p["Steps"], p["Sampler"], p["CFG scale"], p["Seed"], p["Size"], p["Model"]) == \
         ("3", "Euler a", "4.5", "8", "32x16", "model")
     assert Image.open(tmp_path / "a" / "00000-7.png").size == (32, 16)

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageDraw
 
-from . import evaluate
+from . import evaluate, io
 from .config import PRESETS, ScheduleConfig, TrainConfig, UNetConfig, VAEConfig, VAETrainConfig
 from .data import shapes
 from .errors import UserError
@@ -149,7 +149,7 @@ def run_demo(out: str | os.PathLike = "runs/demo", budget: str = "full", threads
     summary = {"budget": budget, "seconds": {k: round(v, 1) for k, v in stages.seconds.items()},
                "wall_seconds": round(stages.wall, 1), "scores": result["scores"], "sampling": options,
                "threads": torch.get_num_threads()}
-    (out / "demo.json").write_text(json.dumps(summary, indent=1) + "\n")
+    io.write_text(out / "demo.json", json.dumps(summary, indent=1) + "\n")
     write_loss_plot(out)
     write_report(out, b, summary)
     return summary
@@ -163,13 +163,20 @@ def default_threads() -> int:
     return cores if busy < cores else max(1, cores // 2)
 
 
+DEMO_MARKER = ".latentforge-demo"  # written first into every demo folder: only such a folder is ever replaced
+
+
 def _prepare(out: Path) -> None:
-    """A fresh output folder; an old demo run there is replaced, anything else is refused."""
+    """A fresh output folder; an old demo run there (finished or not) is replaced, anything else is refused —
+    a folder of the user's that merely has a data/ sub-folder is never deleted."""
+    io.check_out_dir(out)
     if out.exists() and any(out.iterdir()):
-        if not (out / "demo.json").exists() and not (out / "data").is_dir():
-            raise UserError(f"--out {out}: exists and is not a demo folder — pass a new or empty folder")
+        if not (out / DEMO_MARKER).is_file() and not (out / "demo.json").is_file():
+            raise UserError(f"--out {out}: exists and is not a demo folder (no {DEMO_MARKER}, no demo.json) — "
+                            "pass a new or empty folder")
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
+    io.write_text(out / DEMO_MARKER, "written by `latentforge demo`; `demo --out` replaces this folder\n")
 
 
 # ---- the pictures ---------------------------------------------------------------------------
@@ -189,8 +196,8 @@ def write_samples(pipe, out: Path, b: Budget, options: dict) -> None:
     """grid.png (text→image, held-out marked), img2img.png and inpaint.png."""
     prompts = grid_prompts()
     images = [pipe.text2img(p.caption, seed=7, progress=False, **options)[0] for p in prompts]
-    evaluate.caption_grid(images, [p.caption for p in prompts], [p.held_out for p in prompts],
-                          cols=8).save(out / "grid.png")
+    io.save_image(evaluate.caption_grid(images, [p.caption for p in prompts], [p.held_out for p in prompts],
+                          cols=8), out / "grid.png")
 
     # image→image: a seen image from the data set, changed towards another colour and shape.
     source = shapes.render({"colour": "blue", "shape": "square", "position": "top left", "background": "white"},
@@ -198,9 +205,9 @@ def write_samples(pipe, out: Path, b: Budget, options: dict) -> None:
     target = "a yellow circle at the top left on a white background"
     outs = [pipe.img2img(source, target, strength=s, seed=3, progress=False, **{**options, "cfg": b.img2img_cfg})[0]
             for s in b.img2img_strengths]
-    evaluate.caption_grid([source] + outs, ["input: a blue square"] + [f"strength {s}" for s in b.img2img_strengths],
-                          cols=len(outs) + 1).save(out / "img2img.png")
-    (out / "img2img.txt").write_text(f"prompt: {target}\nCFG: {b.img2img_cfg}\n")
+    io.save_image(evaluate.caption_grid([source] + outs, ["input: a blue square"] + [f"strength {s}" for s in b.img2img_strengths],
+                          cols=len(outs) + 1), out / "img2img.png")
+    io.write_text(out / "img2img.txt", f"prompt: {target}\nCFG: {b.img2img_cfg}\n")
 
     # inpainting: repaint the bottom-right quadrant of an image, asking for a shape there.
     base = shapes.render({"colour": "red", "shape": "circle", "position": "top left", "background": "black"},
@@ -210,10 +217,10 @@ def write_samples(pipe, out: Path, b: Budget, options: dict) -> None:
     ImageDraw.Draw(mask).rectangle((s // 2, s // 2, s - 1, s - 1), fill=255)
     prompt = "a green square at the bottom right on a black background"
     painted = [pipe.inpaint(base, mask, prompt, seed=i, progress=False, **options)[0] for i in range(3)]
-    evaluate.caption_grid([base, mask.convert("RGB")] + painted,
+    io.save_image(evaluate.caption_grid([base, mask.convert("RGB")] + painted,
                           ["input", "mask (white = repaint)"] + [f"seed {i}" for i in range(3)],
-                          cols=5).save(out / "inpaint.png")
-    (out / "inpaint.txt").write_text(f"prompt: {prompt}\n")
+                          cols=5), out / "inpaint.png")
+    io.write_text(out / "inpaint.txt", f"prompt: {prompt}\n")
 
 
 def write_loss_plot(out: Path) -> None:
@@ -233,7 +240,7 @@ def write_loss_plot(out: Path) -> None:
         ax.plot(steps, smooth(losses, max(1, len(losses) // 20)))
         ax.set(title=title, xlabel="step", ylabel="loss", yscale="log")
     fig.tight_layout()
-    fig.savefig(out / "loss.png")
+    io.save_figure(fig, out / "loss.png")
     plt.close(fig)
 
 
@@ -271,4 +278,4 @@ def write_report(out: Path, b: Budget, summary: dict) -> None:
               "| vae/, unet/ | the two training runs (config.toml, metrics.jsonl, report.md, logs/) |",
               "| data/, cache/ | the shapes data set and its latent cache |", "",
               "![samples](grid.png)", "", "![loss](loss.png)", ""]
-    (out / "report.md").write_text("\n".join(lines))
+    io.write_text(out / "report.md", "\n".join(lines))

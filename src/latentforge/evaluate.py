@@ -18,6 +18,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
+from . import io
 from .data import shapes
 from .errors import UserError
 from .metrics import adherence, fid as fidlib
@@ -103,10 +104,10 @@ def evaluate_shapes(generate: Generate, out: str | os.PathLike | None = None, n:
     if out is not None:
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
-        (out / "eval.json").write_text(json.dumps(result, indent=1) + "\n")
-        (out / "eval.md").write_text("# Prompt adherence (shapes)\n\n" + adherence.markdown_table(scores) + "\n")
-        caption_grid([firsts[p.caption] for p in prompts], [p.caption for p in prompts],
-                     [p.held_out for p in prompts], cols=12).save(out / "eval_grid.png")
+        io.write_text(out / "eval.json", json.dumps(result, indent=1) + "\n")
+        io.write_text(out / "eval.md", "# Prompt adherence (shapes)\n\n" + adherence.markdown_table(scores) + "\n")
+        io.save_image(caption_grid([firsts[p.caption] for p in prompts], [p.caption for p in prompts],
+                                   [p.held_out for p in prompts], cols=12), out / "eval_grid.png")
     return result
 
 

@@ -246,6 +246,9 @@ class Pipeline:
         if output == "pt":
             return (images / 2 + 0.5).clamp(0, 1)
         pils = to_pil(images)
+        if self.text_encoder is not None:  # record what the encoder saw, not what was typed past max_length
+            prompt = self.text_encoder.kept_text(prompt or "")
+            negative_prompt = self.text_encoder.kept_text(negative_prompt or "") or None
         for i, im in enumerate(pils):
             im.info["parameters"] = format_parameters(prompt, negative_prompt, {
                 "Steps": steps, "Sampler": info.display + (" Karras" if karras else ""),

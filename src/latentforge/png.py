@@ -45,12 +45,12 @@ def parse_parameters(text: str) -> Dict[str, str]:
 
 
 def save_png(image: Image.Image, path, parameters: str) -> Path:
-    """Write `image` as PNG with its `parameters` chunk."""
+    """Write `image` as PNG with its `parameters` chunk, atomically (a kill never leaves a truncated PNG)."""
+    from .io import save_image
+
     info = PngImagePlugin.PngInfo()
     info.add_text("parameters", parameters)
-    path = Path(path)
-    image.save(path, format="PNG", pnginfo=info)
-    return path
+    return save_image(image, Path(path), format="PNG", pnginfo=info)
 
 
 def read_parameters(path) -> Optional[str]:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 from typing import List, Optional, Tuple
 
 import torch
@@ -47,8 +48,11 @@ def _resolve(name_or_dir: Optional[str]) -> Tuple[str, str]:
         raise UserError(f"text encoder {path!r}: no such folder — pass 'default' or a local "
                         "transformers model folder (nothing is downloaded)")
     if os.path.isdir(os.path.join(path, "text_encoder")):
-        tok = os.path.join(path, "tokenizer")
-        return os.path.join(path, "text_encoder"), tok if os.path.isdir(tok) else os.path.join(path, "text_encoder")
+        tok, enc = os.path.join(path, "tokenizer"), os.path.join(path, "text_encoder")
+        if os.path.isdir(tok) or _tokenizer_files(enc):  # a hand-made root may keep them beside the encoder
+            return enc, tok if os.path.isdir(tok) else enc
+        raise UserError(f"{tok}: missing — {path} has a text_encoder/ but no tokenizer/ (without it every prompt "
+                        "would give the same image); copy the encoder's tokenizer files there or re-save the model")
     if not os.path.isfile(os.path.join(path, "config.json")):
         raise UserError(f"text encoder {path!r}: no config.json (and no text_encoder/ sub-folder) — "
                         "pass a transformers model folder or a model root")
@@ -56,6 +60,33 @@ def _resolve(name_or_dir: Optional[str]) -> Tuple[str, str]:
 
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+# A tokenizer is one of these (a fast tokenizer.json, WordPiece vocab.txt, BPE vocab.json + merges.txt,
+# SentencePiece models); a folder with none of them is not a tokenizer.
+TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "spiece.model", "sentencepiece.bpe.model",
+                   "tokenizer.model")
+PROBE = "a photo of a red circle at the top left on a white background"  # known words of any English vocabulary
+
+
+def _tokenizer_files(folder: str) -> list:
+    return [n for n in TOKENIZER_FILES if os.path.isfile(os.path.join(folder, n))]
+
+
+def check_tokenizer(tokenizer, tok_dir: str) -> None:
+    """Refuse a tokenizer that would map every prompt to the same ids: no vocabulary files, a vocabulary of
+    only special tokens, or a probe prompt that becomes nothing but unknown tokens. (transformers builds a
+    5-token BertTokenizer from a bare config.json, and every word becomes [UNK].)"""
+    what = f"tokenizer {tok_dir}"
+    if not _tokenizer_files(tok_dir):
+        raise UserError(f"{what}: no vocabulary file ({', '.join(TOKENIZER_FILES[:3])}, …) — copy the text "
+                        "encoder's tokenizer files there or re-save the model")
+    special = set(tokenizer.all_special_ids)
+    if len(tokenizer) <= len(special) + 2:
+        raise UserError(f"{what}: the vocabulary has only {len(tokenizer)} tokens ({len(special)} of them special) "
+                        "— every prompt would give the same image; use the encoder's real tokenizer")
+    ids = [i for i in tokenizer(PROBE, truncation=True, max_length=64).input_ids if i not in special]
+    if ids and tokenizer.unk_token_id is not None and all(i == tokenizer.unk_token_id for i in ids):
+        raise UserError(f"{what}: {PROBE!r} tokenizes to unknown tokens only — the vocabulary does not match "
+                        "English text; use the encoder's real tokenizer")
 
 
 def _check_safetensors(model_dir: str) -> None:
@@ -112,6 +143,9 @@ class TextEncoder:
                 if getattr(model.config, "is_encoder_decoder", False):  # T5 & co: the encoder half
                     model = model.get_encoder()
             tokenizer = AutoTokenizer.from_pretrained(tok_dir, local_files_only=True)
+            check_tokenizer(tokenizer, tok_dir)
+        except UserError:
+            raise
         except Exception as e:  # transformers raises many kinds; all mean "this folder is not usable"
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise UserError(f"text encoder {model_dir}: cannot load it ({first}) — pass a transformers "
@@ -137,6 +171,7 @@ class TextEncoder:
         """-> context (B, L, D) float32, mask (B, L) bool; L = max_length (padded, truncated)."""
         if isinstance(captions, str):
             captions = [captions]
+        self._warn_if_cut(captions)
         contexts, masks = [], []
         for i in range(0, len(captions), batch_size):
             tok = self.tokenizer(list(captions[i:i + batch_size]), padding="max_length", truncation=True,
@@ -149,6 +184,34 @@ class TextEncoder:
         if not contexts:
             return torch.zeros(0, self.max_length, self.dim), torch.zeros(0, self.max_length, dtype=torch.bool)
         return torch.cat(contexts), torch.cat(masks)
+
+    def dropped_tokens(self, caption: str) -> int:
+        """How many of `caption`'s tokens do not fit in `max_length` (special tokens counted)."""
+        return max(0, len(self.tokenizer(caption, truncation=False, verbose=False).input_ids) - self.max_length)
+
+    def kept_text(self, caption: str) -> str:
+        """The part of `caption` the encoder sees: the caption itself if it fits, else its first max_length
+        tokens (cut at the character where the last kept token ends; decoded for slow tokenizers)."""
+        if not caption or not self.dropped_tokens(caption):
+            return caption
+        if getattr(self.tokenizer, "is_fast", False):
+            tok = self.tokenizer(caption, truncation=True, max_length=self.max_length, return_offsets_mapping=True)
+            return caption[:max(end for _, end in tok["offset_mapping"])].rstrip()
+        ids = self.tokenizer(caption, truncation=True, max_length=self.max_length).input_ids
+        return self.tokenizer.decode(ids, skip_special_tokens=True).strip()
+
+    def _warn_if_cut(self, captions: List[str]) -> None:
+        """Once per encoder: a caption longer than max_length loses its end — say so, with the count."""
+        if getattr(self, "_warned", False):
+            return
+        cut = [(c, n) for c in dict.fromkeys(captions) if c and (n := self.dropped_tokens(c))]
+        if cut:
+            self._warned = True
+            caption, n = max(cut, key=lambda x: x[1])
+            more = f" ({len(cut)} captions cut, at most {n} tokens each)" if len(cut) > 1 else ""
+            print(f"warning: {caption[:40]!r}…: {n} token(s) past the text encoder's max_length {self.max_length} "
+                  f"are dropped{more}; the encoder sees {self.kept_text(caption)[-40:]!r} at the end"
+                  " (said once)", file=sys.stderr)
 
     def null_context(self) -> Tuple[torch.Tensor, torch.Tensor]:
         """The empty caption: (1, L, D), (1, L) — the unconditional branch of CFG."""

@@ -128,12 +128,16 @@ def assert_bitwise(a: dict, b: dict) -> int:
 
 
 def tree_digest(folder) -> dict:
-    """{relative path: sha256} of every file under `folder` (to prove it was left untouched)."""
+    """{relative path: sha256} of every file under `folder` (to prove it was left untouched). The folder's
+    lock file (latentforge.locks: who is working in it) is not the user's data and is left out."""
     import hashlib
 
     folder = Path(folder)
     return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
+            for p in sorted(folder.rglob("*")) if p.is_file() and p.name != LOCK_NAME}
+
+
+LOCK_NAME = ".latentforge.lock"  # latentforge.locks.LOCK_NAME (spelled out: the suite also runs on older trees)
 
 
 # ---- tiny models and data --------------------------------------------------------------------
@@ -218,3 +222,33 @@ def make_world(root) -> World:
     assert main(w.train_argv(ref, "keep_checkpoints=0")) == 0  # every checkpoint kept, to compare against
     w.update(ref=ref, ref_final=weights(ref, MAX_STEPS), ref_losses=losses(ref))
     return w
+
+
+# ---- a tiny text-conditional model folder (second round) ---------------------------------------
+
+BERT_VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "photo", "of", "red", "blue", "green", "circle",
+              "square", "at", "the", "top", "left", "bottom", "right", "on", "white", "black", "background"]
+
+
+def text_model_folder(folder, max_length=16) -> Path:
+    """A tiny BERT text encoder (its real 23-word tokenizer) + tiny UNet + tiny VAE, saved as a model folder."""
+    from transformers import BertConfig, BertModel, BertTokenizer
+
+    from latentforge.config import ScheduleConfig, UNetConfig
+    from latentforge.formats import save_model_folder
+    from latentforge.models import UNet
+    from latentforge.text import TextEncoder
+
+    folder = Path(folder)
+    tok_dir = folder.parent / (folder.name + "-bert")
+    tok_dir.mkdir(parents=True, exist_ok=True)
+    (tok_dir / "vocab.txt").write_text("\n".join(BERT_VOCAB) + "\n")
+    torch.manual_seed(1)
+    bert = BertModel(BertConfig(vocab_size=len(BERT_VOCAB), hidden_size=32, intermediate_size=37, num_hidden_layers=1,
+                                num_attention_heads=4, max_position_embeddings=64))
+    tok = BertTokenizer(str(tok_dir / "vocab.txt"), model_max_length=64)
+    unet = UNet(UNetConfig(channels=(16, 32), layers_per_level=1, attention=(False, True), num_heads=2,
+                           cross_attention_dim=32, norm_groups=8, sample_size=8, in_channels=4, out_channels=4))
+    torch.nn.init.normal_(unet.conv_out.weight, std=0.1)  # a fresh UNet predicts exactly 0
+    return save_model_folder(folder, unet, tiny_vae(), ScheduleConfig(),
+                             text_encoder=TextEncoder(bert, tok, max_length=max_length))

@@ -63,8 +63,10 @@ def run(args):
 
     from ..data.cache import build_cache
     from ..data.images import MAX_PIXELS, MIN_SIZE
+    from ..io import check_out_dir
     from ..models import AutoencoderKL
 
+    check_out_dir(args.out)
     if not os.path.isdir(args.vae):
         raise UserError(f"--vae {args.vae}: no such folder — pass a model folder (with vae/) or a vae/ folder")
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device

@@ -30,7 +30,7 @@ def add_arguments(p):
 
 
 def run(args):
-    from .. import evaluate
+    from .. import evaluate, io
     from ..metrics.adherence import markdown_table
 
     if args.n < 1:
@@ -40,7 +40,7 @@ def run(args):
     benchmark = args.benchmark or (None if args.fid else "shapes")
     if not Path(args.model).is_dir():
         raise UserError(f"--model: {args.model} is not a folder — give a model folder written by 'latentforge train'")
-    out = Path(args.out) if args.out else Path(args.model).resolve().parent / "eval"
+    out = io.check_out_dir(Path(args.out) if args.out else Path(args.model).resolve().parent / "eval")
     extractor = None
     if args.fid:  # check the weights and the folder before spending time on generation
         from ..metrics.inception import load_inception
@@ -58,7 +58,7 @@ def run(args):
         scores = evaluate.evaluate_fid(generate, args.reference, extractor, n=None, seed=args.seed,
                                        batch_size=args.batch_size)
         out.mkdir(parents=True, exist_ok=True)
-        (out / "fid.json").write_text(json.dumps({**scores, "settings": settings}, indent=1) + "\n")
+        io.write_text(out / "fid.json", json.dumps({**scores, "settings": settings}, indent=1) + "\n")
         print(f"FID {scores['fid']:.3f}  KID {scores['kid']:.5f} ± {scores['kid_std']:.5f} "
               f"({scores['n_generated']} generated vs {scores['n_reference']} reference images)")
     print(f"wrote {out}")

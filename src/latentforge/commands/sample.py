@@ -6,7 +6,6 @@ settings in a `parameters` text chunk (A1111 layout), named `00000-<seed>.png`, 
 
 from __future__ import annotations
 
-from pathlib import Path
 
 
 def add_common_arguments(p, cfg_default: float = 5.0):
@@ -112,6 +111,7 @@ def micro_conditioning(args) -> dict:
 def generate(args, mode: str, **inputs) -> int:
     """Load the model, run `mode` (text2img | img2img | inpaint), write one PNG per image."""
     from .. import load, samplers
+    from ..io import check_out_dir
     from ..png import save_png
     from ..errors import UserError
 
@@ -130,6 +130,7 @@ def generate(args, mode: str, **inputs) -> int:
         raise UserError(f"--spacing: unknown {args.spacing!r} — use one of {', '.join(samplers.SPACINGS)}")
     loras = [parse_lora(spec) for spec in args.lora]
     micro = micro_conditioning(args)
+    out = check_out_dir(args.out)  # before the model loads and the images are made, not after
     _quiet_transformers()
     from ..formats.single_file import is_single_file
 
@@ -141,7 +142,6 @@ def generate(args, mode: str, **inputs) -> int:
                                  steps=args.steps, cfg=args.cfg, seed=args.seed, n=args.n,
                                  class_label=args.class_label, karras=args.karras, eta=args.eta,
                                  spacing=args.spacing, width=args.width, height=args.height, **micro, **inputs)
-    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     for i, im in enumerate(images):
         path = save_png(im, out / f"{i:05d}-{args.seed + i}.png", im.info["parameters"])

@@ -19,6 +19,7 @@ def add_arguments(p):
 
 def run(args):
     from ..data import shapes
+    from ..io import check_out_dir
 
     if args.n < 1:
         raise UserError(f"--n {args.n}: must be at least 1")
@@ -26,6 +27,7 @@ def run(args):
         raise UserError(f"--size {args.size}: must be at least 16 pixels")
     if not 0 <= args.jitter <= 0.05:
         raise UserError(f"--jitter {args.jitter}: must be between 0 and 0.05 (shapes must stay in their quadrant)")
+    check_out_dir(args.out)
     shapes.write_dataset(args.out, args.n, args.size, args.seed, args.jitter, canvases=parse_canvases(args.canvas))
     n_combos, n_held = len(shapes.all_combinations()), len(shapes.HELD_OUT)
     print(f"wrote {args.n} images to {args.out} ({n_combos - n_held} seen combinations, "

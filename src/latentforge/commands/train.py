@@ -15,6 +15,8 @@ import sys
 from pathlib import Path
 
 from ..errors import UserError
+from ..io import check_out_dir
+from ..locks import folder_lock
 
 
 def add_arguments(p):
@@ -32,10 +34,19 @@ def add_arguments(p):
     p.add_argument("--tokenizer", help="CLIP tokenizer folder for a single-file --init (it holds none), e.g. an SD "
                                        "model's tokenizer/")
     p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in RUN")
+    add_restart_argument(p)
+    p.add_argument("--allow-changed-data", action="store_true",
+                   help="--resume even though the latent cache changed since the checkpoint (the data order from "
+                        "there on differs from an uninterrupted run's)")
     p.add_argument("--print-config", action="store_true", help="print the resolved settings as TOML and exit")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="settings, e.g. model=tiny lr=3e-4 max_steps=500")
     allow_intermixed(p)
+
+
+def add_restart_argument(p) -> None:
+    p.add_argument("--restart", action="store_true",
+                   help="start RUN over from step 0: its checkpoints/ is moved to checkpoints-set-aside-N/ (kept)")
 
 
 def allow_intermixed(parser) -> None:
@@ -124,13 +135,19 @@ def run(args):
         raise UserError("--out: required — name the run folder, e.g. --out runs/first")
     if not (args.data or args.cache):
         raise UserError("--data or --cache: one is required — pass the data folder or a latent cache")
+    if args.cache and not os.path.isdir(args.cache):
+        raise UserError(f"--cache {args.cache}: no such folder — build one with `latentforge cache` or pass --data")
+    check_out_dir(args.out)
+    with folder_lock(args.out, "latentforge train"):
+        return _run(args, cfg)
+
+
+def _run(args, cfg):
     import torch
 
     from ..train import distributed
     from ..train.loop import train
 
-    if args.cache and not os.path.isdir(args.cache):
-        raise UserError(f"--cache {args.cache}: no such folder — build one with `latentforge cache` or pass --data")
     d = distributed.setup(cfg.device)
     vae = load_vae(cfg.vae_path, d.device)
     cache = args.cache or str(Path(args.out) / "cache")
@@ -146,7 +163,7 @@ def run(args):
     torch.set_grad_enabled(True)
     with disk_full_is_one_line(args.out):
         result = train(cfg, dataset, args.out, resume=args.resume, vae=vae, text_encoder=text_encoder,
-                       progress=not args.quiet)
+                       progress=not args.quiet, restart=args.restart, allow_changed_data=args.allow_changed_data)
     if d.is_main:
         if result.stopped:
             print(f"stopped by {result.stopped} at step {result.step}; checkpoint saved — continue with the same "

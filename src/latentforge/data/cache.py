@@ -39,10 +39,12 @@ from PIL import Image
 from tqdm import tqdm
 
 from ..errors import UserError
+from ..locks import LOCK_NAME, folder_lock
 from . import sources
 from . import buckets as bk
 from .images import MAX_PIXELS, MIN_SIZE, BadImage, load_image, open_checked, oriented_size, to_rgb, to_tensor
-from .shards import CacheCorruptError, ShardStore, fsync_dir, write_json
+from ..io import fsync_dir
+from .shards import CacheCorruptError, ShardStore, write_json
 
 __all__ = ["build_cache", "BucketSpec", "LatentDataset", "CacheReport", "CacheCorruptError", "module_fingerprint"]
 
@@ -132,7 +134,7 @@ def _check_out_folder(out: str) -> Optional[dict]:
         raise UserError(f"{out}: exists and is not a folder — pass a new or existing cache folder as --out")
     os.makedirs(out, exist_ok=True)
     manifest = read_manifest(out)
-    ours = ("latent-", "text-", "skipped.jsonl", MANIFEST)
+    ours = ("latent-", "text-", "skipped.jsonl", MANIFEST, LOCK_NAME)
     strangers = [n for n in os.listdir(out) if not n.startswith(ours)]
     if manifest is None and strangers:
         raise UserError(f"{out}: is not empty and not a latent cache (has {strangers[0]!r}) — "
@@ -156,7 +158,16 @@ def build_cache(data_dir: str, vae, text_encoder: Union[str, object, None] = "de
     size defaults to the VAE's `sample_size`; flip also caches each image's mirror twin.
     strict: any skipped file raises UserError (after writing skipped.jsonl).
     buckets: a BucketSpec caches each image in its aspect-ratio bucket at the area size x size.
+    One process at a time per cache folder (an OS lock, see locks.py); a second one gets one line.
     """
+    params = dict(locals())  # every argument, passed on unchanged
+    _check_out_folder(out)  # a file, or a folder that is not a cache: refused before anything is written there
+    with folder_lock(out, "latentforge cache"):
+        return _build_cache(**params)
+
+
+def _build_cache(data_dir, vae, text_encoder, out, size, batch_size, flip, shard_size, caption_column, labels,
+                 min_size, max_pixels, strict, progress, text_max_length, buckets) -> CacheReport:
     size = int(size or vae.config.sample_size)
     if size % vae.downsample_factor or size < vae.downsample_factor:
         raise UserError(f"--size {size}: must be a positive multiple of the VAE's downsampling factor "

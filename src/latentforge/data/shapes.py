@@ -24,6 +24,8 @@ from PIL import Image, ImageDraw
 from scipy import ndimage
 from tqdm import tqdm
 
+from .. import io
+
 # ---- the caption grammar -------------------------------------------------------------------
 
 COLOURS: Dict[str, Tuple[int, int, int]] = {
@@ -132,9 +134,8 @@ def write_dataset(out: str, n: int, size: int = 32, seed: int = 0, jitter: float
     for i, attrs in enumerate(tqdm(examples(n, seed), total=n, desc="shapes", unit="img")):
         stem = os.path.join(out, f"{i:0{width}d}")
         canvas = canvases[i % len(canvases)] if canvases else None
-        render(attrs, size, rng, jitter, canvas=canvas).save(stem + ".png")
-        with open(stem + ".txt", "w", encoding="utf-8") as f:
-            f.write(caption(attrs) + "\n")
+        io.save_image(render(attrs, size, rng, jitter, canvas=canvas), stem + ".png")
+        io.write_text(stem + ".txt", caption(attrs) + "\n")
         paths.append(stem + ".png")
     return paths
 

@@ -15,44 +15,22 @@ from typing import Callable, Dict, List, Optional
 
 import numpy as np
 
+from .. import io
 from ..errors import UserError
+from ..io import sha256_file
 
 
 class CacheCorruptError(UserError):
     """A cache file does not match the checksum in its manifest."""
 
 
-def sha256_file(path: str, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
-def fsync_dir(folder: str) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def atomic_write(path: str, write: Callable) -> None:
-    """write(f) into `path.tmp-<pid>`, fsync, then rename onto `path` (atomic on POSIX)."""
-    tmp = f"{path}.tmp-{os.getpid()}"
+    """`io.atomic_write` (temporary name, fsync, rename); a failed write is one line, the old file untouched."""
     try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as e:  # disk full, quota, read-only: the old file (if any) is untouched
-        if os.path.exists(tmp):
-            os.remove(tmp)
+        io.atomic_write(path, write)
+    except OSError as e:  # disk full, quota, read-only
         raise UserError(f"{path}: cannot write ({e.strerror or e}) — free disk space (or fix permissions) "
                         "and re-run; finished shards are kept") from None
-    fsync_dir(os.path.dirname(os.path.abspath(path)))
 
 
 def write_json(path: str, obj) -> None:

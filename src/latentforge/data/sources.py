@@ -348,6 +348,6 @@ def summary(skipped: List[Skip]) -> str:
 
 def write_skipped(path: str, skipped: List[Skip]) -> None:
     """One JSON object per line: {"path": ..., "reason": ..., "detail": ...}."""
-    with open(path, "w", encoding="utf-8") as f:
-        for s in skipped:
-            f.write(s.to_json() + "\n")
+    from .. import io
+
+    io.write_text(path, "".join(s.to_json() + "\n" for s in skipped))

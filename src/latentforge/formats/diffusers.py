@@ -71,9 +71,9 @@ def _read_json(path: Path) -> Dict[str, Any]:
 
 
 def _write_json(path: Path, data: Dict[str, Any]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+    from ..io import write_json
+
+    write_json(path, data, indent=2, sort_keys=True)
 
 
 def _unsupported(path: Path, key: str, value, hint: str = "") -> UserError:
@@ -93,15 +93,20 @@ def _uniform(path: Path, d: Dict[str, Any], key: str, default):
 
 def _component_dir(folder, sub: str) -> Path:
     """`folder` itself if it holds config.json, else `folder/sub`, else a UserError naming the folder."""
+    from .identify import describe
+
     folder = Path(folder)
     if not folder.is_dir():
-        raise UserError(f"{folder}: no such folder — pass a model folder (with {MODEL_INDEX_NAME}) or its {sub}/ folder")
-    if (folder / CONFIG_NAME).is_file():
-        return folder
-    if (folder / sub / CONFIG_NAME).is_file():
-        return folder / sub
-    raise UserError(f"{folder}: not a model folder (no {CONFIG_NAME} and no {sub}/{CONFIG_NAME}) — pass a folder "
-                    "written by save_pretrained or a diffusers model folder")
+        what = "no such folder" if not folder.exists() else describe(folder)
+        raise UserError(f"{folder}: {what} — pass a model folder (with {MODEL_INDEX_NAME}) or its {sub}/ folder")
+    for candidate in (folder, folder / sub):
+        if (candidate / CONFIG_NAME).is_file():
+            if "_class_name" not in _read_json(candidate / CONFIG_NAME):  # e.g. a transformers text encoder
+                raise UserError(f"{candidate}: is {describe(candidate)}, not a {sub} — pass a model folder (with "
+                                f"{MODEL_INDEX_NAME}) or its {sub}/ folder")
+            return candidate
+    raise UserError(f"{folder}: is {describe(folder)}, not a model folder (no {CONFIG_NAME} and no {sub}/{CONFIG_NAME}) "
+                    "— pass a folder written by save_pretrained or a diffusers model folder")
 
 
 def _check_class(path: Path, d: Dict[str, Any], expected: str) -> None:
@@ -427,12 +432,12 @@ def load_weights(model: torch.nn.Module, path: Path, dtype: torch.dtype = torch.
 
 
 def save_weights(model: torch.nn.Module, path: Path) -> None:
-    from safetensors.torch import save_file
+    from safetensors.torch import save
+
+    from ..io import atomic_write
 
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(state, str(tmp), metadata={"format": "pt"})
-    os.replace(tmp, path)
+    atomic_write(path, lambda f: f.write(save(state, metadata={"format": "pt"})))
 
 
 # --------------------------------------------------------------------------- components
@@ -553,6 +558,43 @@ def _sdxl_index(index: Dict[str, Any], text_encoder) -> Dict[str, Any]:
     return index
 
 
+# What a component's own files say its type is: (file, key) — the value must equal model_index.json's class.
+_COMPONENT_TYPE = {"unet": (CONFIG_NAME, "_class_name"), "vae": (CONFIG_NAME, "_class_name"),
+                   "scheduler": (SCHEDULER_CONFIG_NAME, "_class_name"), "text_encoder": (CONFIG_NAME, "architectures"),
+                   "tokenizer": ("tokenizer_config.json", "tokenizer_class"),
+                   "text_encoder_2": (CONFIG_NAME, "architectures"),
+                   "tokenizer_2": ("tokenizer_config.json", "tokenizer_class")}
+
+
+def _named_type(folder: Path, part: str):
+    file, key = _COMPONENT_TYPE[part]
+    if not (folder / part / file).is_file():
+        raise UserError(f"{folder / part / file}: file not found — {folder / MODEL_INDEX_NAME} names {part}/; "
+                        "the model folder is incomplete, re-save it")
+    value = _read_json(folder / part / file).get(key)
+    return value[0] if isinstance(value, list) and value else value
+
+
+def check_components(folder: Path, index: Dict[str, Any]) -> None:
+    """Every component model_index.json names (a [library, class] pair that is not [null, null]) must be present,
+    and for the ones we read, of the named type; the UNet and VAE are required. One line says which is not."""
+    for part in ("unet", "vae"):
+        if not isinstance(index.get(part), list) or not (folder / part).is_dir():
+            raise UserError(f"{folder / part}: no such folder — {folder / MODEL_INDEX_NAME} lists a model without its "
+                            f"{part}; re-save it")
+    for part, entry in index.items():
+        if part.startswith("_") or not isinstance(entry, list) or len(entry) != 2 or entry[1] is None:
+            continue
+        if not (folder / part).is_dir():
+            raise UserError(f"{folder / part}: no such folder — {folder / MODEL_INDEX_NAME} names {part} "
+                            f"({entry[1]}); copy it there or re-save the model")
+        if part in _COMPONENT_TYPE:
+            found = _named_type(folder, part)
+            if found is not None and str(found).removesuffix("Fast") != str(entry[1]).removesuffix("Fast"):
+                raise UserError(f"{folder / part}: holds a {found}, but {folder / MODEL_INDEX_NAME} names "
+                                f"{entry[1]} — put the right component there or fix model_index.json")
+
+
 def load_model_folder(folder) -> Dict[str, Any]:
     """-> dict(unet, vae, schedule_config, text_encoder_dir (Path or None), model_index)."""
     folder = Path(folder)
@@ -562,9 +604,7 @@ def load_model_folder(folder) -> Dict[str, Any]:
         raise UserError(f"{folder}: {what} — pass a folder written by latentforge (e.g. runs/x/model) "
                         "or a diffusers Stable Diffusion folder")
     index = _read_json(index_path)
-    for part in ("unet", "vae"):
-        if not (folder / part).is_dir():
-            raise UserError(f"{folder / part}: no such folder — {index_path} lists a model without its {part}; re-save it")
+    check_components(folder, index)
     text_dir = folder / "text_encoder"
     return {
         "unet": load_unet(folder / "unet"),

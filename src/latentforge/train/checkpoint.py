@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import base64
 import errno
-import hashlib
 import json
 import os
 import random
@@ -33,6 +32,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from ..errors import UserError
+from ..io import fsync_dir, fsync_file, sha256_file
 
 MARKER = "COMPLETE"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
@@ -56,9 +56,9 @@ def save(ckpt_root, step: int, tensors: dict[str, dict[str, torch.Tensor]], stat
         for stem, flat in tensors.items():
             path = tmp / f"{stem}.safetensors"
             save_file({k: v.detach().to("cpu").contiguous() for k, v in flat.items()}, str(path))
-            _fsync(path)
+            fsync_file(path)
         _write_synced(tmp / "state.json", json.dumps(state, indent=1))
-        sums = {p.name: _sha256(p) for p in sorted(tmp.iterdir())}
+        sums = {p.name: sha256_file(p) for p in sorted(tmp.iterdir())}
         _write_synced(tmp / MARKER, json.dumps({"step": step, "sha256": sums}, indent=1))
     except (OSError, SafetensorError) as e:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -74,7 +74,7 @@ def save(ckpt_root, step: int, tensors: dict[str, dict[str, torch.Tensor]], stat
         final.rename(old)
         shutil.rmtree(old)
     tmp.rename(final)
-    _fsync_dir(root)
+    fsync_dir(root)
     prune(root, keep)
     return final
 
@@ -121,7 +121,7 @@ def verify(ckpt_dir) -> None:
                                 "resume from another one") from None
     for name, digest in sums.items():
         path = ckpt_dir / name
-        if not path.is_file() or _sha256(path) != digest:
+        if not path.is_file() or sha256_file(path) != digest:
             raise CheckpointCorrupt(f"{path}: checksum mismatch — the file is damaged; "
                                     "resume from another checkpoint")
 
@@ -243,31 +243,9 @@ def _unb64(s: str) -> torch.Tensor:
 
 # ----------------------------------------------------------------------------- fsync helpers
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _write_synced(path: Path, text: str) -> None:
+    """A file inside the temporary checkpoint folder (the folder's rename is what makes it atomic)."""
     with open(path, "w") as f:
         f.write(text)
         f.flush()
         os.fsync(f.fileno())
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        _fsync(path)
-    except OSError:  # some file systems do not allow fsync on a directory
-        pass

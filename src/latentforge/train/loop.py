@@ -26,7 +26,9 @@ from tqdm import tqdm
 from ..config import config_hash, math_dict, to_toml
 from ..errors import UserError
 from ..schedule import NoiseSchedule
+from .. import io
 from . import checkpoint, distributed
+from . import resume as resume_checks
 from .data import Stream
 from .ema import EMA
 from .init import build_unet
@@ -48,16 +50,18 @@ class TrainResult:
 
 
 def train(cfg, dataset, out, *, resume: bool = False, vae=None, text_encoder=None,
-          progress: bool = True) -> TrainResult:
-    """Train a UNet on `dataset` (items like data.cache.LatentDataset) into the run folder `out`."""
+          progress: bool = True, restart: bool = False, allow_changed_data: bool = False) -> TrainResult:
+    """Train a UNet on `dataset` (items like data.cache.LatentDataset) into the run folder `out`.
+    restart / allow_changed_data: see train/resume.py."""
     d = distributed.setup(cfg.device)
     try:
-        return _train(cfg, dataset, Path(out), d, resume, vae, text_encoder, progress)
+        return _train(cfg, dataset, Path(out), d, (resume, restart, allow_changed_data), vae, text_encoder, progress)
     finally:
         distributed.cleanup(d)
 
 
-def _train(cfg, dataset, run: Path, d, resume, vae, text_encoder, progress) -> TrainResult:
+def _train(cfg, dataset, run: Path, d, resume_flags, vae, text_encoder, progress) -> TrainResult:
+    resume, restart, allow_changed_data = resume_flags
     cfg = resolve_for_data(cfg, dataset)
     B, A, W = cfg.batch_size, cfg.grad_accum, d.world_size
     if B % W:
@@ -65,15 +69,12 @@ def _train(cfg, dataset, run: Path, d, resume, vae, text_encoder, progress) -> T
                         "change batch_size or --nproc_per_node")
     check_precision(cfg.precision, d.device)
     ckpt_dir = run / "checkpoints"
-    latest = checkpoint.latest_complete(ckpt_dir)
-    if latest is not None and not resume:
-        raise UserError(f"--out {run}: already holds checkpoints — pass --resume to continue it, "
-                        "or choose a new --out")
-    if latest is None and resume and d.is_main:
-        print(f"--resume: no complete checkpoint in {ckpt_dir} yet — starting from step 0", file=sys.stderr)
-    if d.is_main:
+    warn = (lambda m: print(m, file=sys.stderr)) if d.is_main else (lambda m: None)
+    loaded = resume_checks.prepare(run, cfg, dataset, resume=resume, math=math_dict(cfg), restart=restart,
+                                   allow_changed_data=allow_changed_data, warn=warn, is_main=d.is_main)
+    if d.is_main:  # only now, every check passed: the run folder may be written
         run.mkdir(parents=True, exist_ok=True)
-        (run / "config.toml").write_text(to_toml(cfg))
+        io.write_text(run / "config.toml", to_toml(cfg))
 
     distributed.seed_everything(cfg.seed, d.rank)  # per-rank RNG (the math itself uses `draw`)
     torch.manual_seed(mix(cfg.seed, "init"))  # same initial weights on every rank and device
@@ -87,13 +88,13 @@ def _train(cfg, dataset, run: Path, d, resume, vae, text_encoder, progress) -> T
     null = null_condition(cfg, dataset, text_encoder)
     stream = Stream(dataset, cfg.seed)
     gather = lambda samples: distributed.gather_json(samples, d)  # noqa: E731  (forensics: all ranks' ids)
+    cache_id = resume_checks.cache_identity(dataset)  # recorded in every checkpoint, checked on --resume
 
     step = 0
-    if latest is not None:
-        warn = (lambda m: print(m, file=sys.stderr)) if d.is_main else (lambda m: None)
-        step = _restore(*checkpoint.load_newest_intact(ckpt_dir, warn), cfg, d, unet, ema, opt, guard, scaler)
+    if loaded is not None:
+        step = _restore(*loaded, cfg, d, unet, ema, opt, guard, scaler)
     model = distributed.wrap(unet, d)
-    log = RunLog(run, enabled=d.is_main, resume_step=step if latest is not None else None)
+    log = RunLog(run, enabled=d.is_main, resume_step=step if loaded is not None else None)
 
     bar = tqdm(total=cfg.max_steps, initial=step, disable=not (progress and d.is_main), desc="train", unit="step",
                dynamic_ncols=True)
@@ -145,7 +146,7 @@ def _train(cfg, dataset, run: Path, d, resume, vae, text_encoder, progress) -> T
             stopped = stop.name if distributed.any_true(stop.requested, d) else ""
             if stopped or step % cfg.checkpoint_every == 0 or step == cfg.max_steps:
                 guard.flush(gather)
-                _save(ckpt_dir, step, cfg, d, unet, ema, opt, guard, scaler)
+                _save(ckpt_dir, step, cfg, d, unet, ema, opt, guard, scaler, cache_id)
             if d.is_main and cfg.sample_every and (step % cfg.sample_every == 0 or step == cfg.max_steps):
                 maybe_sample(run, step, cfg, unet, ema, vae, text_encoder, dataset)
             if stopped:
@@ -168,7 +169,7 @@ def _train(cfg, dataset, run: Path, d, resume, vae, text_encoder, progress) -> T
     return TrainResult(run, step, stopped, guard.skipped)
 
 
-def _save(ckpt_dir, step, cfg, d, unet, ema, opt, guard, scaler) -> None:
+def _save(ckpt_dir, step, cfg, d, unet, ema, opt, guard, scaler, cache_id=None) -> None:
     rng = distributed.gather_json(checkpoint.rng_state(), d)  # every rank's RNG, gathered to all
     if d.is_main:
         flat_opt, opt_meta = checkpoint.flatten_optimizer(opt)
@@ -176,15 +177,14 @@ def _save(ckpt_dir, step, cfg, d, unet, ema, opt, guard, scaler) -> None:
                  "config_hash": config_hash(cfg), "math": math_dict(cfg), "optimizer": opt_meta,
                  "lr": {"schedule": cfg.lr_schedule, "value": opt.param_groups[0]["lr"]},
                  "ema_updates": ema.num_updates, "nan_guard": guard.state_dict(), "world_size": d.world_size,
-                 "rng": rng, "scaler": scaler.state_dict() if scaler else None}
+                 "rng": rng, "scaler": scaler.state_dict() if scaler else None, "cache": cache_id}
         checkpoint.save(ckpt_dir, step, {"model": unet.state_dict(), "ema": ema.shadow, "optimizer": flat_opt},
                         state, keep=cfg.keep_checkpoints)
     distributed.barrier(d)
 
 
 def _restore(path, tensors, state, cfg, d, unet, ema, opt, guard, scaler) -> int:
-    if state["config_hash"] != config_hash(cfg):
-        checkpoint.check_config(state, math_dict(cfg), path)
+    """Load a checkpoint that `resume.prepare` has checked into the run's objects; -> its step."""
     unet.load_state_dict(tensors["model"])
     ema.load_state_dict({"shadow": tensors["ema"], "num_updates": state["ema_updates"]})
     checkpoint.unflatten_optimizer(opt, tensors["optimizer"], state["optimizer"])
@@ -193,6 +193,4 @@ def _restore(path, tensors, state, cfg, d, unet, ema, opt, guard, scaler) -> int
         scaler.load_state_dict(state["scaler"])
     if state["world_size"] == d.world_size:
         checkpoint.set_rng_state(state["rng"][d.rank])
-    if state["data_position"] != state["step"] * cfg.grad_accum * cfg.batch_size:
-        raise UserError(f"--resume: {path}/state.json: data position does not match step — the checkpoint is damaged")
     return state["step"]

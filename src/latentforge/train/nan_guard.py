@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from .. import io
 from ..errors import UserError
 
 
@@ -95,7 +96,7 @@ class NanGuard:
         if self.write:
             self.dir.mkdir(parents=True, exist_ok=True)
             record = {"step": step, "loss": repr(loss), "grad_norm": repr(grad_norm), "samples": samples}
-            (self.dir / f"step-{step}.json").write_text(json.dumps(record, indent=1))
+            io.write_text(self.dir / f"step-{step}.json", json.dumps(record, indent=1))
         if self.max_consecutive > 0 and self.consecutive >= self.max_consecutive:
             raise TrainingDiverged(
                 f"training: {self.consecutive} non-finite steps in a row (last at step {step}, loss {loss}, "

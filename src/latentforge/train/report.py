@@ -6,6 +6,9 @@ import json
 import math
 from pathlib import Path
 
+from .. import io
+from ..errors import UserError
+
 
 class RunLog:
     """Append-only metrics (JSON lines + tensorboard). A no-op on ranks other than 0."""
@@ -16,7 +19,7 @@ class RunLog:
         if enabled and resume_step is not None and self.path.exists():
             # Rows logged after the checkpoint we resume from belong to the lost attempt: drop them.
             rows = [r for r in read_metrics(self.path) if r["step"] <= resume_step]
-            self.path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+            io.write_text(self.path, "".join(json.dumps(r) + "\n" for r in rows))
         elif enabled and resume_step is None and self.path.exists():
             self.path.unlink()
         if enabled:
@@ -40,10 +43,19 @@ class RunLog:
 
 
 def read_metrics(path) -> list[dict]:
+    """The rows of metrics.jsonl. A torn last line (the process died mid-append) is skipped, not an error."""
     path = Path(path)
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    rows = []
+    for i, line in enumerate(lines):
+        try:
+            rows.append(json.loads(line))
+        except ValueError:
+            if i < len(lines) - 1:
+                raise UserError(f"{path}: line {i + 1} is not JSON — the log is damaged; delete that line") from None
+    return rows
 
 
 def smooth(values: list[float], window: int) -> list[float]:
@@ -133,7 +145,7 @@ def plot_loss(rows: list[dict], out_png, title: str = "training loss") -> None:
     ax.set_yscale("log")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(out_png)
+    io.save_figure(fig, out_png)
     plt.close(fig)
 
 
@@ -149,5 +161,5 @@ def write_report(run_dir, title: str, facts: dict, metric: str = "loss") -> Path
               f"| {metric} drop | {drop:.1%} |", *validation_summary(rows), "", f"**Verdict:** {progress_verdict(rows)}", "",
               "![loss](loss.png)", ""]
     path = run_dir / "report.md"
-    path.write_text("\n".join(lines))
+    io.write_text(path, "\n".join(lines))
     return path

@@ -19,6 +19,8 @@ from PIL import Image, PngImagePlugin
 
 MAX_CLASS_CELLS = 16  # class-conditional grids show at most this many classes
 
+from .. import io
+
 
 def ema_unet(unet, ema):
     """A copy of `unet` holding the EMA weights, in eval mode."""
@@ -145,5 +147,5 @@ def maybe_sample(run: Path, step: int, cfg, unet, ema, vae=None, text_encoder=No
     info.add_text("latentforge:cells", json.dumps([
         {"label": c.label, "prompt": c.prompt, "class": c.class_label, "source_id": ids.get(c.source),
          "held_out": c.held_out} for c in cells]))
-    grid.save(path, pnginfo=info)
+    io.save_image(grid, path, pnginfo=info)
     return path

@@ -26,7 +26,9 @@ from tqdm import tqdm
 from ..config import config_hash, math_dict, to_toml
 from ..errors import UserError
 from ..models import AutoencoderKL
+from .. import io
 from . import checkpoint, distributed
+from . import resume as resume_checks
 from .lr import lr_for, set_lr
 from .nan_guard import NanGuard
 from .report import RunLog, write_report
@@ -100,7 +102,7 @@ def vae_loss(vae, x, cfg, disc=None, adv: bool = False, generator=None):
     return total, parts, rec
 
 
-def train_vae(cfg, data_dir, out, *, resume: bool = False, progress: bool = True) -> Path:
+def train_vae(cfg, data_dir, out, *, resume: bool = False, progress: bool = True, restart: bool = False) -> Path:
     run = Path(out)
     d = distributed.setup(cfg.device)
     if d.enabled:
@@ -116,12 +118,9 @@ def train_vae(cfg, data_dir, out, *, resume: bool = False, progress: bool = True
     held, train_imgs = images[order[:n_hold]], images[order[n_hold:]]
     cfg = replace(cfg, vae=replace(cfg.vae, sample_size=size))
     ckpt_dir = run / "checkpoints"
-    latest = checkpoint.latest_complete(ckpt_dir)
-    if latest is not None and not resume:
-        raise UserError(f"--out {run}: already holds checkpoints — pass --resume to continue it, "
-                        "or choose a new --out")
-    run.mkdir(parents=True, exist_ok=True)
-    (run / "config.toml").write_text(to_toml(cfg))
+    loaded = resume_checks.prepare(run, cfg, None, resume=resume, math=math_dict(cfg), restart=restart)
+    run.mkdir(parents=True, exist_ok=True)  # every check passed: the run folder may be written now
+    io.write_text(run / "config.toml", to_toml(cfg))
 
     distributed.seed_everything(cfg.seed)
     torch.manual_seed(mix(cfg.seed, "init"))
@@ -133,9 +132,8 @@ def train_vae(cfg, data_dir, out, *, resume: bool = False, progress: bool = True
     guard = NanGuard(run, 5)
     psnr_before = psnr(vae, held) if n_hold else float("nan")
     step = 0
-    if latest is not None:
-        path, tensors, state = checkpoint.load_newest_intact(ckpt_dir, lambda m: print(m, file=sys.stderr))
-        checkpoint.check_config(state, math_dict(cfg), path)
+    if loaded is not None:
+        path, tensors, state = loaded
         vae.load_state_dict(tensors["model"])
         checkpoint.unflatten_optimizer(opt, tensors["optimizer"], state["optimizer"])
         if disc:
@@ -143,7 +141,7 @@ def train_vae(cfg, data_dir, out, *, resume: bool = False, progress: bool = True
             checkpoint.unflatten_optimizer(opt_d, tensors["disc_optimizer"], state["disc_optimizer"])
         checkpoint.set_rng_state(state["rng"][0])
         step, psnr_before = state["step"], state["psnr_before"]
-    log = RunLog(run, resume_step=step if latest is not None else None)
+    log = RunLog(run, resume_step=step if loaded is not None else None)
     B, N = cfg.batch_size, len(train_imgs)
     t0, start = time.perf_counter(), step
     bar = tqdm(total=cfg.max_steps, initial=step, desc="train-vae", unit="step", disable=not progress)
@@ -191,7 +189,7 @@ def train_vae(cfg, data_dir, out, *, resume: bool = False, progress: bool = True
                  f"{cfg.vae.latent_channels} latent channels",
         "held-out PSNR": f"{after:.2f} dB (untrained: {psnr_before:.2f} dB)", "latent scale": f"{scale:.5f}",
         "discriminator": f"from step {cfg.disc_start}" if disc else "off", "config hash": config_hash(cfg)})
-    (run / "psnr.json").write_text(f'{{"held_out_psnr_db": {after}, "untrained_psnr_db": {psnr_before}}}\n')
+    io.write_json(run / "psnr.json", {"held_out_psnr_db": after, "untrained_psnr_db": psnr_before})
     return run / "vae"
 
 
@@ -218,4 +216,4 @@ def _recon_grid(vae, images, path: Path) -> None:
     grid = torch.cat([torch.cat(list(x), dim=2), torch.cat(list(rec), dim=2)], dim=1)  # (3, 2H, n·W)
     arr = ((grid + 1) * 127.5).round().clamp(0, 255).byte().permute(1, 2, 0).cpu().numpy()
     path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(arr).save(path)
+    io.save_image(Image.fromarray(arr), path)

@@ -1,0 +1,127 @@
+"""File writing that a crash cannot half-do: the one place for sha256, fsync and atomic writes.
+
+    io.write_json(path, obj)         # JSON, atomically
+    io.write_text(path, text)        # text, atomically
+    io.save_image(image, path)       # PIL image (PNG, JPEG … from the suffix), atomically
+    io.save_figure(fig, path)        # matplotlib figure, atomically
+    io.atomic_write(path, write)     # anything: write(f) gets a binary file object
+
+Every output goes to a temporary name in the same folder (`<name>.tmp-<pid>`: same file system, so the
+rename is atomic on POSIX), is flushed and fsynced, and only then renamed onto its final name; the folder
+is fsynced after the rename. A SIGKILL or power cut at any moment leaves either the old file (or none)
+or the complete new one under the final name — never a 0-byte or truncated file. On an error the
+temporary file is removed and the OSError propagates (callers turn a full disk into one line).
+
+Output locations are checked before work starts with `check_out_dir` (a `--out` that is a file, or
+that lies under a file, is one line instead of a traceback after the work is done).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import BinaryIO, Callable
+
+from .errors import UserError
+
+__all__ = ["sha256_file", "fsync_file", "fsync_dir", "atomic_write", "write_bytes", "write_text", "write_json",
+           "save_image", "save_figure", "temp_name", "check_out_dir"]
+
+
+def sha256_file(path, chunk: int = 1 << 20) -> str:
+    """Hex sha256 of a file's bytes, read in `chunk`-byte blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def fsync_file(path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_dir(folder) -> None:
+    """fsync a folder (makes a rename in it durable); a file system that refuses is tolerated."""
+    try:
+        fsync_file(folder)
+    except OSError:
+        pass
+
+
+def temp_name(path) -> Path:
+    """The temporary name `atomic_write` uses for `path`: same folder, `<name>.tmp-<pid>`."""
+    path = Path(path)
+    return path.with_name(f"{path.name}.tmp-{os.getpid()}")
+
+
+def atomic_write(path, write: Callable[[BinaryIO], object]) -> Path:
+    """`write(f)` into a temporary file beside `path`, fsync, rename onto `path`, fsync the folder."""
+    path = Path(path)
+    tmp = temp_name(path)
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:  # disk full, permissions, Ctrl-C: the old file (if any) is untouched
+        try:
+            os.remove(tmp)
+        except OSError:
+            pass
+        raise
+    fsync_dir(path.parent if str(path.parent) else ".")
+    return path
+
+
+def write_bytes(path, data: bytes) -> Path:
+    return atomic_write(path, lambda f: f.write(data))
+
+
+def write_text(path, text: str) -> Path:
+    return write_bytes(path, text.encode("utf-8"))
+
+
+def write_json(path, obj, indent: int | None = 1, sort_keys: bool = False) -> Path:
+    return write_text(path, json.dumps(obj, indent=indent, sort_keys=sort_keys, default=str) + "\n")
+
+
+def save_image(image, path, **save_kwargs) -> Path:
+    """A PIL image, its format from the suffix (as `Image.save`), written atomically."""
+    from PIL import Image
+
+    fmt = save_kwargs.pop("format", None) or Image.registered_extensions().get(Path(path).suffix.lower(), "PNG")
+    return atomic_write(path, lambda f: image.save(f, format=fmt, **save_kwargs))
+
+
+def save_figure(fig, path, **savefig_kwargs) -> Path:
+    """A matplotlib figure, written atomically (format from the suffix, PNG by default)."""
+    fmt = Path(path).suffix.lstrip(".").lower() or "png"
+    return atomic_write(path, lambda f: fig.savefig(f, format=fmt, **savefig_kwargs))
+
+
+def check_out_dir(path, flag: str = "--out") -> Path:
+    """Refuse an output folder that cannot be one (it is a file, or lies under a file) before any work.
+    Nothing is created here; the folder may or may not exist."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise UserError(f"{flag} {path}: exists and is a file, not a folder — pass a folder name (a new one, or the "
+                        "folder of an earlier run)")
+    for parent in path.absolute().parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise UserError(f"{flag} {path}: {parent} is a file, not a folder — choose another location")
+            if not os.access(parent, os.W_OK | os.X_OK) and not path.exists():
+                raise UserError(f"{flag} {path}: cannot create it, {parent} is not writable — choose another "
+                                "location (or fix its permissions)")
+            break
+    if path.is_dir() and not os.access(path, os.W_OK | os.X_OK):
+        raise UserError(f"{flag} {path}: the folder is not writable — choose another --out (or fix its permissions)")
+    return path

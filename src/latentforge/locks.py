@@ -1,0 +1,60 @@
+"""One process at a time in a run folder or cache folder: an OS file lock that dies with its process.
+
+    with folder_lock("runs/x", "latentforge train"):
+        ...   # a second `latentforge train --out runs/x` now fails with one line naming this pid
+
+The lock is `fcntl.flock` on `<folder>/.latentforge.lock`. The kernel releases it when the process
+exits however it exits (kill -9 included), so there is never a stale lock to delete by hand; the
+file itself stays (it records the last holder's pid and command, for the message). Only the main
+process of a torchrun group takes it (`RANK` 0): the other ranks share the main rank's folder.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import os
+from pathlib import Path
+
+from .errors import UserError
+
+LOCK_NAME = ".latentforge.lock"
+
+
+class FolderBusy(UserError):
+    """Another process holds the folder's lock."""
+
+
+def _holder(path: Path) -> str:
+    try:
+        text = path.read_text().strip()
+    except OSError:
+        return "another process"
+    pid, _, what = text.partition(" ")
+    return f"pid {pid} ({what})" if pid.isdigit() else "another process"
+
+
+@contextlib.contextmanager
+def folder_lock(folder, what: str, flag: str = "--out"):
+    """Hold an exclusive lock on `folder` (created if missing) for the `with` block."""
+    if os.environ.get("RANK", "0") != "0":  # torchrun: rank 0 holds it for the group
+        yield None
+        return
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / LOCK_NAME
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise
+            raise FolderBusy(f"{flag} {folder}: in use by {_holder(path)} — wait for it to finish (or stop it), "
+                             f"or choose another {flag}") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()} {what}\n".encode())
+        yield path
+    finally:
+        os.close(fd)  # closing the descriptor releases the lock

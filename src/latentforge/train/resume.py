@@ -1,0 +1,150 @@
+"""Resume-or-refuse: every check a `--resume` makes, before anything in the run folder is written.
+
+    loaded = resume.prepare(run, cfg, dataset, resume=True, math=math_dict(cfg))  # (path, tensors, state) | None
+
+The checks, in order (each refusal is one line; none of them writes a byte):
+  - the run folder holds checkpoints but `--resume` was not given -> refuse (or `restart`);
+  - every `step-N` folder is unusable (no COMPLETE marker, a checksum mismatch) -> refuse, listing each
+    with what is wrong; `restart` moves them to `checkpoints-set-aside-K/` (never deleted) and starts over;
+  - a setting that changes the math differs from the checkpoint's -> refuse naming the keys;
+  - the checkpoint's data position does not match its step -> refuse (damaged state.json);
+  - the latent cache is not the one the checkpoint was trained on (latents added, removed, re-encoded
+    or reordered) -> refuse naming what changed; `allow_changed_data` continues with a warning saying
+    that the data order from there on differs from an uninterrupted run.
+
+The checkpoint records the cache's identity (`cache_identity`): the number of latents, the sha256 of
+their ordered (id, key) list, and a short hash per latent, so the refusal can say what changed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import sys
+from pathlib import Path
+
+from ..errors import UserError
+from . import checkpoint
+
+SET_ASIDE = "checkpoints-set-aside-{}"
+_LIST_MAX = 200_000  # latents up to which the per-latent hashes are stored (to name what changed)
+
+
+def _h(text: str, n: int) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:n]
+
+
+def cache_identity(dataset) -> dict | None:
+    """{n, order_sha256, rows: [[id hash, key hash], ...]} of a LatentDataset; None for other datasets."""
+    entries = getattr(dataset, "entries", None)
+    if entries is None:
+        return None
+    pairs = [(str(e["id"]), str(e["key"])) for e in entries]
+    order = hashlib.sha256("\n".join(f"{i}\t{k}" for i, k in pairs).encode()).hexdigest()
+    rows = [[_h(i, 10), k[:12]] for i, k in pairs] if len(pairs) <= _LIST_MAX else None
+    return {"n": len(pairs), "order_sha256": order, "rows": rows}
+
+
+def describe_change(old: dict, dataset) -> str | None:
+    """None when `dataset` is the cache `old` describes; else what changed, in words."""
+    new = cache_identity(dataset)
+    if new is None or old is None or new["order_sha256"] == old["order_sha256"]:
+        return None
+    if old.get("rows") is None or new["rows"] is None:
+        return f"the cache now holds {new['n']} latents (was {old['n']}) and their list differs"
+    old_ids, new_ids = {i: k for i, k in old["rows"]}, {i: k for i, k in new["rows"]}
+    ids = [str(e["id"]) for e in dataset.entries]
+    added = [x for x, (i, _) in zip(ids, new["rows"]) if i not in old_ids]
+    removed = [i for i in old_ids if i not in new_ids]
+    changed = [x for x, (i, k) in zip(ids, new["rows"]) if i in old_ids and old_ids[i] != k]
+    parts = [f"{len(added)} latent(s) added (e.g. {added[0]})" if added else "",
+             f"{len(removed)} removed" if removed else "",
+             f"{len(changed)} re-encoded (e.g. {changed[0]}: the file or its settings changed)" if changed else ""]
+    parts = [p for p in parts if p] or ["the latents were reordered"]
+    return f"{', '.join(parts)}; {old['n']} -> {new['n']} latents"
+
+
+def check_cache(state: dict, dataset, path, allow_changed_data: bool, warn=None) -> None:
+    """Refuse (or, allowed, warn about) a cache that differs from the one the checkpoint was trained on."""
+    change = describe_change(state.get("cache"), dataset)
+    if change is None:
+        return
+    if not allow_changed_data:
+        raise UserError(f"--resume: the latent cache changed since {path} was written ({change}) — resume with the "
+                        "cache it was trained on, or pass --allow-changed-data to continue on this one")
+    (warn or _stderr)(f"warning: --allow-changed-data: the cache changed since {path} ({change}); continuing "
+                      f"from step {state['step']} over {len(dataset)} latents — the data order from here on is not "
+                      "an uninterrupted run's (epochs are re-drawn over the new set)")
+
+
+def _stderr(message: str) -> None:
+    print(message, file=sys.stderr)
+
+
+def step_dirs(ckpt_root) -> list[Path]:
+    """Every `step-N` folder (complete or not), newest first."""
+    root = Path(ckpt_root)
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), d) for d in root.iterdir() if (m := checkpoint._STEP_DIR.match(d.name)) and d.is_dir()]
+    return [d for _, d in sorted(found, reverse=True)]
+
+
+def _problem(ckpt: Path) -> str | None:
+    """What is wrong with a checkpoint folder, or None if it verifies."""
+    if not (ckpt / checkpoint.MARKER).is_file():
+        return f"no {checkpoint.MARKER} marker (written while the process died)"
+    if not (ckpt / "state.json").is_file():
+        return "no state.json"
+    try:
+        checkpoint.verify(ckpt)
+    except UserError as e:
+        return str(e).split(" — ")[0].replace(str(ckpt) + os.sep, "")
+    return None
+
+
+def set_aside(run: Path) -> Path:
+    """Move run/checkpoints to run/checkpoints-set-aside-K (the first free K); nothing is deleted."""
+    k = 1
+    while (run / SET_ASIDE.format(k)).exists():
+        k += 1
+    target = run / SET_ASIDE.format(k)
+    (run / "checkpoints").rename(target)
+    return target
+
+
+def prepare(run, cfg, dataset, *, resume: bool, math: dict, restart: bool = False,
+            allow_changed_data: bool = False, warn=_stderr, is_main: bool = True):
+    """-> (path, tensors, state) of the checkpoint to continue from, or None to start at step 0.
+
+    Every check is made here, before the caller writes config.toml or touches any log."""
+    run = Path(run)
+    ckpts = step_dirs(run / "checkpoints")
+    if ckpts and restart:
+        if is_main:
+            warn(f"warning: --restart: the old checkpoints are kept in {set_aside(run)}; starting from step 0")
+        return None
+    if ckpts and not resume:
+        raise UserError(f"--out {run}: already holds checkpoints — pass --resume to continue it, "
+                        "or choose a new --out (or --restart to set them aside and start over)")
+    if not ckpts:
+        if resume and is_main:
+            warn(f"--resume: no checkpoint in {run / 'checkpoints'} yet — starting from step 0")
+        return None
+    held: list[str] = []  # warnings about damaged newer checkpoints: said only if an older one is used
+    try:
+        loaded = checkpoint.load_newest_intact(run / "checkpoints", held.append)
+    except checkpoint.CheckpointCorrupt:
+        loaded = None
+    if loaded is None:
+        listing = "; ".join(f"{d.name}: {_problem(d) or 'unreadable'}" for d in ckpts)
+        raise UserError(f"--resume: no usable checkpoint in {run / 'checkpoints'} ({listing}) — choose a new --out, "
+                        "or pass --restart to set them aside (kept, not deleted) and start from step 0")
+    for message in held if is_main else ():
+        warn(message)
+    path, tensors, state = loaded
+    checkpoint.check_config(state, math, path)
+    if state["data_position"] != state["step"] * getattr(cfg, "grad_accum", 1) * cfg.batch_size:
+        raise UserError(f"--resume: {path}/state.json: data position does not match step — the checkpoint is damaged")
+    check_cache(state, dataset, path, allow_changed_data, warn if is_main else (lambda m: None))
+    return path, tensors, state
