@@ -8,6 +8,7 @@ A `UserError` (or a user-fixable OSError) becomes one line on stderr and exit st
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import os
 import sys
@@ -92,6 +93,14 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError) as e:
         # An OSError that names a path is the user's to fix: one line, no traceback.
         print(f"error: {e.strerror or e}: {e.filename}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
+            raise
+        # A full (or read-only) disk while writing outputs: every write is atomic (latentforge.io), so nothing
+        # half-written is left under a final name.
+        print(f"error: {e.filename or 'writing the output'}: {e.strerror} — free some space (or pick a writable "
+              "--out) and run the command again", file=sys.stderr)
         return 2
     return int(code or 0)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 from dataclasses import dataclass, field
 from typing import Optional, Tuple, Union
 
@@ -378,6 +379,8 @@ def load_train_config(path=None, overrides=(), cls=None, base=None, init: bool =
         if key in _CHOICES and value not in _CHOICES[key]:
             raise UserError(f"{src}: {key}={value!r} — choose one of {', '.join(_CHOICES[key])}")
         low, high = _RANGES.get(key, (None, None))
+        if isinstance(value, float) and not math.isfinite(value):  # nan passes every comparison
+            raise UserError(f"{src}: {key}={value!r} is not a finite number — give a real value")
         if (low is not None and value < low) or (high is not None and value > high):
             want = f"at least {low}" if high is None else f"between {low} and {high}"
             raise UserError(f"{src}: {key}={value!r} is out of range — use a value {want}")

@@ -44,6 +44,9 @@ def _open(image: ImageLike, flag: str) -> Image.Image:
         with Image.open(path) as im:
             im.load()
             return im.copy()
+    except Image.DecompressionBombError:
+        raise UserError(f"{flag} {path}: over {Image.MAX_IMAGE_PIXELS * 2:,} pixels (a decompression-bomb guard) — "
+                        "resize it to the size you want to generate") from None
     except (OSError, ValueError) as e:
         raise UserError(f"{flag} {path}: not a readable image ({e}) — pass a PNG or JPEG") from None
 

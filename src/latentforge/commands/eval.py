@@ -47,7 +47,11 @@ def run(args):
 
         evaluate.reference_items(args.reference)
         extractor = load_inception(args.inception_weights)
-    generate = evaluate.pipeline_generator(_load_pipeline(args.model), args.sampler, args.steps, args.cfg)
+    pipe = _load_pipeline(args.model)
+    if benchmark == "shapes" and pipe.text_encoder is None:  # its 96 prompts need a text-conditional model
+        raise UserError(f"--model {args.model}: has no text encoder (class-conditional or unconditional) — the shapes "
+                        "benchmark prompts with captions; evaluate a model trained on captioned data, or use --fid")
+    generate = evaluate.pipeline_generator(pipe, args.sampler, args.steps, args.cfg)
     settings = {"model": str(args.model), "sampler": args.sampler, "steps": args.steps, "cfg": args.cfg}
     result = {}
     if benchmark == "shapes":

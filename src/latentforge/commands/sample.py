@@ -130,12 +130,14 @@ def generate(args, mode: str, **inputs) -> int:
         raise UserError(f"--spacing: unknown {args.spacing!r} — use one of {', '.join(samplers.SPACINGS)}")
     loras = [parse_lora(spec) for spec in args.lora]
     micro = micro_conditioning(args)
+    check_numbers(args, inputs)
+    device = check_device(args.device)
     out = check_out_dir(args.out)  # before the model loads and the images are made, not after
     _quiet_transformers()
     from ..formats.single_file import is_single_file
 
     extra = dict(tokenizer=args.tokenizer, prediction_type=args.prediction_type) if is_single_file(args.model) else {}
-    pipe = load(args.model, device=args.device, **extra)
+    pipe = load(args.model, device=device, **extra)
     for file, scale in loras:
         pipe.with_lora(file, scale)
     images = getattr(pipe, mode)(prompt=args.prompt, negative_prompt=args.negative, sampler=args.sampler,
@@ -143,10 +145,53 @@ def generate(args, mode: str, **inputs) -> int:
                                  class_label=args.class_label, karras=args.karras, eta=args.eta,
                                  spacing=args.spacing, width=args.width, height=args.height, **micro, **inputs)
     out.mkdir(parents=True, exist_ok=True)
+    first = next_index(out)  # an earlier run's images in the same folder are kept, never overwritten
     for i, im in enumerate(images):
-        path = save_png(im, out / f"{i:05d}-{args.seed + i}.png", im.info["parameters"])
+        path = save_png(im, out / f"{first + i:05d}-{args.seed + i}.png", im.info["parameters"])
         print(path)
     return 0
+
+
+def check_numbers(args, inputs) -> None:
+    """nan/inf guidance or η gives a black image without a word; a seed past 64 bits a traceback."""
+    import math
+
+    from ..errors import UserError
+
+    for flag, value in (("--cfg", args.cfg), ("--eta", args.eta), ("--strength", inputs.get("strength", 1.0))):
+        if not math.isfinite(value):
+            raise UserError(f"{flag} {value}: not a finite number — give a real value")
+    if args.eta < 0:
+        raise UserError(f"--eta {args.eta}: must be at least 0 (0 deterministic … 1 DDPM-like)")
+    if not 0 <= args.seed <= 2 ** 64 - args.n:
+        raise UserError(f"--seed {args.seed}: must be between 0 and 2^64 - n (each image i uses seed + i)")
+
+
+def check_device(text):
+    """None (cuda if available) or a device that exists here; a typo or a missing GPU is one line."""
+    import torch
+
+    from ..errors import UserError
+
+    if text is None:
+        return None
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        raise UserError(f"--device {text}: not a device — use cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and (not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()):
+        raise UserError(f"--device {text}: no such CUDA device here — use --device cpu")
+    if device.type not in ("cpu", "cuda"):
+        raise UserError(f"--device {text}: only cpu and cuda are supported")
+    return device
+
+
+def next_index(out) -> int:
+    """1 + the highest `NNNNN-` number of the PNGs already in `out` (0 for an empty folder)."""
+    import re
+
+    numbers = [int(m.group(1)) for p in out.iterdir() if (m := re.match(r"^(\d{5,})-.*\.png$", p.name))]
+    return max(numbers, default=-1) + 1
 
 
 def _quiet_transformers():

@@ -17,6 +17,20 @@ def add_arguments(p):
                    help="WxH[,WxH...]: draw image i on the i-th canvas in turn instead of --size squares")
 
 
+def check_not_users(out) -> None:
+    """Writing 00000.png, 00000.txt … into a folder of the user's would overwrite their files: only a new or
+    empty folder, or an earlier shapes data set (nothing but NNNNN.png / NNNNN.txt), is written into."""
+    import os
+    import re
+
+    if not os.path.isdir(out):
+        return
+    other = sorted(n for n in os.listdir(out) if not re.fullmatch(r"\d{5,}\.(png|txt)", n))
+    if other:
+        raise UserError(f"--out {out}: holds files that are not a shapes data set (e.g. {other[0]!r}) — pass a new "
+                        "or empty folder (an earlier `latentforge shapes` folder is rewritten)")
+
+
 def run(args):
     from ..data import shapes
     from ..io import check_out_dir
@@ -28,6 +42,7 @@ def run(args):
     if not 0 <= args.jitter <= 0.05:
         raise UserError(f"--jitter {args.jitter}: must be between 0 and 0.05 (shapes must stay in their quadrant)")
     check_out_dir(args.out)
+    check_not_users(args.out)
     shapes.write_dataset(args.out, args.n, args.size, args.seed, args.jitter, canvases=parse_canvases(args.canvas))
     n_combos, n_held = len(shapes.all_combinations()), len(shapes.HELD_OUT)
     print(f"wrote {args.n} images to {args.out} ({n_combos - n_held} seen combinations, "

@@ -44,6 +44,11 @@ def add_arguments(p):
     allow_intermixed(p)
 
 
+def _inside(path, folder) -> bool:
+    path, folder = Path(path).resolve(), Path(folder).resolve()
+    return path == folder or folder in path.parents
+
+
 def add_restart_argument(p) -> None:
     p.add_argument("--restart", action="store_true",
                    help="start RUN over from step 0: its checkpoints/ is moved to checkpoints-set-aside-N/ (kept)")
@@ -138,6 +143,9 @@ def run(args):
     if args.cache and not os.path.isdir(args.cache):
         raise UserError(f"--cache {args.cache}: no such folder — build one with `latentforge cache` or pass --data")
     check_out_dir(args.out)
+    if args.data and _inside(args.out, args.data):
+        raise UserError(f"--out {args.out}: is inside --data {args.data} — the run's samples and plots would become "
+                        "training images on the next cache build; put the run folder elsewhere")
     with folder_lock(args.out, "latentforge train"):
         return _run(args, cfg)
 
