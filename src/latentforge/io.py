@@ -5,6 +5,7 @@
     io.save_image(image, path)       # PIL image (PNG, JPEG … from the suffix), atomically
     io.save_figure(fig, path)        # matplotlib figure, atomically
     io.atomic_write(path, write)     # anything: write(f) gets a binary file object
+    with io.atomic_path(path) as tmp: save_file(tensors, tmp)   # writers that want a file name
 
 Every output goes to a temporary name in the same folder (`<name>.tmp-<pid>`: same file system, so the
 rename is atomic on POSIX), is flushed and fsynced, and only then renamed onto its final name; the folder
@@ -18,6 +19,7 @@ that lies under a file, is one line instead of a traceback after the work is don
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -26,7 +28,7 @@ from typing import BinaryIO, Callable
 
 from .errors import UserError
 
-__all__ = ["sha256_file", "fsync_file", "fsync_dir", "atomic_write", "write_bytes", "write_text", "write_json",
+__all__ = ["sha256_file", "fsync_file", "fsync_dir", "atomic_write", "atomic_path", "write_bytes", "write_text", "write_json",
            "save_image", "save_figure", "temp_name", "check_out_dir"]
 
 
@@ -79,6 +81,25 @@ def atomic_write(path, write: Callable[[BinaryIO], object]) -> Path:
         raise
     fsync_dir(path.parent if str(path.parent) else ".")
     return path
+
+
+@contextlib.contextmanager
+def atomic_path(path):
+    """For writers that want a file name (safetensors' save_file): yields the temporary name; when the block
+    ends the file is fsynced and renamed onto `path` — or removed, if the block raised."""
+    path = Path(path)
+    tmp = temp_name(path)
+    try:
+        yield tmp
+        fsync_file(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.remove(tmp)
+        except OSError:
+            pass
+        raise
+    fsync_dir(path.parent if str(path.parent) else ".")
 
 
 def write_bytes(path, data: bytes) -> Path:

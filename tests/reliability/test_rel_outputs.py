@@ -66,10 +66,18 @@ WRITERS = {"write_text", "write_bytes", "savefig", "save", "save_file"}  # as me
 BARE_WRITERS = {"save_file"}  # as plain names (safetensors' `save` only returns bytes)
 
 
+def _is_atomic_path(node) -> bool:
+    f = getattr(node, "func", None)
+    return (isinstance(f, ast.Attribute) and f.attr == "atomic_path") or (isinstance(f, ast.Name) and f.id == "atomic_path")
+
+
 def _writes(tree):
     """(function name, line, what) of each call that writes a file directly."""
     for fn in [n for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))]:
-        for call in [n for n in ast.walk(fn) if isinstance(n, ast.Call)]:
+        guarded = {id(c) for w in ast.walk(fn) if isinstance(w, ast.With) and any(_is_atomic_path(i.context_expr)
+                                                                                 for i in w.items)
+                   for c in ast.walk(w)}  # inside `with io.atomic_path(...) as tmp:` the name is a temporary one
+        for call in [n for n in ast.walk(fn) if isinstance(n, ast.Call) and id(n) not in guarded]:
             f = call.func
             name = f.attr if isinstance(f, ast.Attribute) else f.id if isinstance(f, ast.Name) else ""
             receiver = f.value.id if isinstance(f, ast.Attribute) and isinstance(f.value, ast.Name) else ""

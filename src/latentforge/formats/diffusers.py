@@ -432,12 +432,13 @@ def load_weights(model: torch.nn.Module, path: Path, dtype: torch.dtype = torch.
 
 
 def save_weights(model: torch.nn.Module, path: Path) -> None:
-    from safetensors.torch import save
+    from safetensors.torch import save_file
 
-    from ..io import atomic_write
+    from ..io import atomic_path
 
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    atomic_write(path, lambda f: f.write(save(state, metadata={"format": "pt"})))
+    with atomic_path(path) as tmp:
+        save_file(state, str(tmp), metadata={"format": "pt"})
 
 
 # --------------------------------------------------------------------------- components

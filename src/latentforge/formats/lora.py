@@ -110,10 +110,11 @@ def _write(path: Path, tensors: Dict[str, torch.Tensor], metadata: Optional[Dict
 
     if not tensors:
         raise UserError(f"{path}: the model carries no adapter to save — inject or load one first")
+    from ..io import atomic_path
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata={"format": "pt", **{k: str(v) for k, v in (metadata or {}).items()}})
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata={"format": "pt", **{k: str(v) for k, v in (metadata or {}).items()}})
     return path
 
 

@@ -575,10 +575,11 @@ def save_single_file(path, unet, vae, text_model, schedule_config: ScheduleConfi
                         "SD tools would sample it wrongly; keep the diffusers folder")
     path = Path(path)
     state = single_file_state(unet, vae, text_model, schedule_config, dtype, where=str(path))
+    from ..io import atomic_path
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(state, str(tmp), metadata={"format": "pt"})
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        save_file(state, str(tmp), metadata={"format": "pt"})
     return path
 
 

@@ -78,7 +78,7 @@ def _train(cfg, dataset, run: Path, d, resume_flags, vae, text_encoder, progress
 
     distributed.seed_everything(cfg.seed, d.rank)  # per-rank RNG (the math itself uses `draw`)
     torch.manual_seed(mix(cfg.seed, "init"))  # same initial weights on every rank and device
-    unet = build_unet(cfg, fresh=latest is None).to(d.device)  # random, or the --init model's weights
+    unet = build_unet(cfg, fresh=loaded is None).to(d.device)  # random, or the --init model's weights
     unet.enable_gradient_checkpointing(cfg.gradient_checkpointing)
     ema = EMA(unet, cfg.ema_decay, cfg.ema_warmup)
     opt = make_optimizer(unet, cfg, d.device)
