@@ -72,6 +72,36 @@ SECTIONS = [
      "`stopped by SIGTERM at step S; checkpoint saved`, a complete checkpoint at exactly that step boundary "
      "(S within 3 steps of the last step logged before the signal; nothing logged after S), and a `--resume` ending bitwise equal to "
      "the reference.", "signal_"),
+    ("9. Second round: broken model folders, folders of the wrong kind, prompts that do not fit",
+     "test_rel_model_folders.py", "",
+     "A tiny text-conditional model folder (a 23-word BERT tokenizer) is damaged five ways and given to "
+     "`latentforge sample`: tokenizer/ deleted (transformers would build a 5-token tokenizer from the encoder's "
+     "config.json: every word [UNK], every prompt the same image), tokenizer/ without a vocabulary file, a "
+     "5-token vocabulary, model_index.json naming another text-encoder class, and a component named but absent. "
+     "Required: exit 2, one `error:` line naming the part, no image written; the intact folder gives different "
+     "images for different prompts (the control). Folders of other kinds given as `--vae` must be named for what "
+     "they are. A prompt of 35 tokens for a max_length of 16: one warning naming the 19 dropped tokens, and the "
+     "PNG's `parameters` record the 14 words the encoder saw.", ("model_folder_", "long_prompt")),
+    ("10. Second round: --resume that must refuse, and one process per run folder", "test_rel_resume.py", "",
+     "From a copy of the reference run stopped at step 8: the cache re-built with one image added, one removed "
+     "and one re-encoded (refused naming each, or with `--allow-changed-data` continued with a warning about the "
+     "order); a resume refused for changed math (the run folder must stay byte-identical, and the correct resume "
+     "then works); every checkpoint unusable (step-8 without COMPLETE, a flipped bit in step-4: refused listing "
+     "both; without --resume refused too; `--restart` sets them aside byte for byte and starts over). A second "
+     "`train` on the --out of a running child: one line naming the child's pid; after kill -9 of the child the "
+     "next `--resume` runs (the OS lock died with it).", ("resume_", "lock_train_run")),
+    ("11. Second round: outputs written atomically, --out checked first, one process per cache / VAE run",
+     "test_rel_outputs.py", "",
+     "A child `latentforge sample` whose PNG encoder writes half the file and then SIGKILLs its own process: no "
+     "file may be left under a final name. A static check of src/latentforge: every file write goes through "
+     "latentforge.io (temporary name in the same folder, fsync, rename), with three listed exceptions. `--out` "
+     "naming an existing file, or a path under a file, in eight commands: one line naming it, before any model "
+     "is loaded, the file unchanged. A second `cache` / `train-vae` on a folder a child holds: one line naming "
+     "the child's pid; after its kill -9 the cache runs.", ("atomic_", "out_is_a_file", "lock_cache", "lock_train_vae")),
+    ("12. Second round: more wrong turns, found by trying the CLI", "test_rel_wrong_turns.py", "",
+     "Faults found in this round by running the real commands the way a careless user (or an unlucky machine) "
+     "would; `before` is what the code before this round did with the same command, `now` what the test saw.",
+     ("wrong_turn_",)),
 ]
 
 
@@ -134,7 +164,8 @@ def render(figures: Path, junit: Path, timing: str | None) -> str:
         out += ["| test | status | seconds | failure |", "|---|---|---|---|"]
         out += [f"| `{clean(n)}` | {s} | {t:.1f} | {clean(m)} |" for n, (s, t, m) in tests]
         out.append("")
-        out += figures_for(figures, fig)
+        for prefix in (fig,) if isinstance(fig, str) else fig:
+            out += figures_for(figures, prefix)
     return "\n".join(out) + "\n"
 
 
@@ -168,11 +199,19 @@ def figures_for(folder: Path, prefix: str) -> list[str]:
             d = json.loads(f.read_text())
             lines += [f"Figures (`{f.stem}`):", ""] + [f"- {k}: {clean(v)}" for k, v in d.items()] + [""]
         return lines
+    nested = [f for f in found if all(isinstance(v, dict) for v in json.loads(f.read_text()).values())]
+    lines = []
+    for f in nested:  # one record = a table of its own (a row per case)
+        rows = [{"case": k, **v} for k, v in json.loads(f.read_text()).items()]
+        lines += [f"Figures (`{f.stem}`):", ""] + table(rows) + [""]
+    found = [f for f in found if f not in nested]
+    if not found:
+        return lines
     rows = [{"case": f.stem[len(prefix):] or f.stem, **json.loads(f.read_text())} for f in found]
     groups: dict = {}  # one table per kind of row (same keys)
     for r in rows:
         groups.setdefault(tuple(r), []).append(r)
-    lines = ["Figures:", ""]
+    lines += ["Figures:", ""]
     for group in groups.values():
         lines += table(group) + [""]
     return lines

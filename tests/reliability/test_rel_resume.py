@@ -140,7 +140,7 @@ def test_a_second_train_on_the_same_run_folder_is_refused_until_the_first_dies(w
         child.communicate()
     t = time.perf_counter()
     code2, lines2 = run_cli(world.train_argv(run, "--resume", f"max_steps={max(logged_steps(run)) + 1}"), capsys)
-    record("lock_train", second_process=verdict, stderr=" / ".join(lines), first_kept_training=still_training,
+    record("lock_train_run", second_process=verdict, stderr=" / ".join(lines), first_kept_training=still_training,
            after_kill_9_exit=code2, after_kill_9_seconds=round(time.perf_counter() - t, 1))
     assert verdict == "ok", lines
     assert still_training
