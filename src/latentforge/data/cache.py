@@ -17,8 +17,9 @@ trusts: a killed run leaves a consistent manifest (`complete: false`) that the n
     ds = LatentDataset("cache/")   # dict(latent, context, mask, label, id), never touches images
 
 With `buckets=BucketSpec()` every image goes to its aspect-ratio bucket at the area size² (see
-data/buckets.py) instead of a size x size square; each entry then records `bucket`, and SDXL's
-`original_size` (H, W), `crop_top_left` (top, left) and `target_size` (H, W).
+data/buckets.py) instead of a size x size square; each entry then records `bucket`. Every entry (square
+or bucketed) records SDXL's `original_size` (H, W), `crop_top_left` (top, left) and `target_size` (H, W);
+items carry them as `time_ids` (6,) (models.unet.time_ids), the micro-conditioning of SDXL training.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import dataclasses
 import glob
 import hashlib
 import json
+import math
 import os
 import random
 import sys
@@ -40,6 +42,7 @@ from tqdm import tqdm
 
 from ..errors import UserError
 from ..locks import LOCK_NAME, folder_lock
+from ..models.unet import time_ids
 from . import sources
 from . import buckets as bk
 from .images import MAX_PIXELS, MIN_SIZE, BadImage, load_image, open_checked, oriented_size, to_rgb, to_tensor
@@ -364,7 +367,7 @@ def _encode_images(items, vae, latents: LatentStores, settings, size, batch_size
             report.skipped.append(sources.Skip(where, reason, detail))
             _fail_if_strict(strict, report.out, report.skipped)
             continue
-        bucket = placed.bucket.name if placed else ""
+        bucket = placed.bucket.name if spec else ""
         for flipped, key in todo:
             queued.add(key)
             batches.setdefault(bucket, []).append(
@@ -373,7 +376,7 @@ def _encode_images(items, vae, latents: LatentStores, settings, size, batch_size
                 run_batch(bucket)
         report.reused += len(twins) - len(todo)
         entries += [{"id": item.id + ("#flip" if f else ""), "key": k, "flip": f, "caption": item.caption,
-                     "label": item.label, **((placed.flipped() if f else placed).record() if placed else {})}
+                     "label": item.label, **_micro_record(placed.flipped() if f else placed, bucketed=bool(spec))}
                     for f, k in twins]
     for bucket in sorted(batches):
         run_batch(bucket)
@@ -382,14 +385,25 @@ def _encode_images(items, vae, latents: LatentStores, settings, size, batch_size
 
 
 def _prepare(data: bytes, name: str, size: int, spec, blist, file_hash: str, pixels: bool):
-    """(the image to encode or None if not `pixels`, its bucket Placement or None for square caches)."""
-    if spec is None:
-        return (load_image(data, size, name=name) if pixels else None), None
+    """(the image to encode or None if not `pixels`, its Placement). Square caches: the placement of
+    `load_image`'s shorter-side resize + center crop, in a size x size "bucket" (for the SDXL record)."""
     img = open_checked(data, name)
+    if spec is None:
+        w, h = oriented_size(img)  # from the header: a reused latent needs no pixel decode
+        placed = bk.place(w, h, [bk.Bucket(size, size)], "center", max_upscale=math.inf)
+        return (load_image(data, size, name=name) if pixels else None), placed
     w, h = oriented_size(img)  # from the header: a reused latent needs no pixel decode
     rng = random.Random(int(file_hash[:16], 16)) if spec["crop"] == "random" else None
     placed = bk.place(w, h, blist, spec["crop"], rng, spec["max_upscale"])
     return (bk.fit(to_rgb(img), placed) if pixels else None), placed
+
+
+def _micro_record(placed, bucketed: bool) -> dict:
+    """An entry's SDXL fields: original_size, crop_top_left, target_size (+ its bucket in bucketed caches)."""
+    record = placed.record()
+    if not bucketed:
+        record.pop("bucket")  # square caches have one latent store
+    return record
 
 
 def _collect_garbage(out: str, keep: set) -> None:
@@ -451,6 +465,8 @@ class LatentDataset(torch.utils.data.Dataset):
             item["mask"] = torch.from_numpy(row["mask"].copy())  # (L,)
             if "pooled" in row:
                 item["pooled"] = torch.from_numpy(row["pooled"].copy())  # (P,)
+        if e.get("original_size") is not None:  # SDXL micro-conditioning: (6,) size/crop numbers
+            item["time_ids"] = time_ids(e["original_size"], e["crop_top_left"], e["target_size"])
         if e.get("label") is not None:
             item["label"] = int(e["label"])
         return item

@@ -182,7 +182,7 @@ def collate(items: List[dict], positions: Optional[List[int]] = None) -> Batch:
         label = None  # -1 = "no label": an unconditional item
     return Batch(latent=stack("latent").float(), context=stack("context"), mask=stack("mask"),
                  label=None if label is None else label.long(), ids=[str(it.get("id")) for it in items],
-                 positions=positions)
+                 positions=positions, pooled=stack("pooled"), time_ids=stack("time_ids"))
 
 
 class InMemoryLatents(torch.utils.data.Dataset):

@@ -29,7 +29,8 @@ from ..config import ScheduleConfig, TrainConfig, UNetConfig
 from ..errors import UserError
 
 # UNetConfig fields the data decides (resolve_for_data) and fields that are training settings, not weights.
-_FROM_DATA = {"in_channels", "out_channels", "cross_attention_dim", "num_class_embeds", "mid_attention", "sample_size"}
+_FROM_DATA = {"in_channels", "out_channels", "cross_attention_dim", "num_class_embeds", "mid_attention", "sample_size",
+              "addition_input_dim"}
 _NOT_ARCHITECTURE = {"freeze", "sample_size"}
 
 
@@ -120,6 +121,7 @@ _DATA_HINT = {
     "cross_attention_dim": "cache the captions with the model's own text encoder (leave out --text-encoder)",
     "num_class_embeds": "this model is not class-conditional this way; use captioned data",
     "mid_attention": "the model is text-conditional: use captioned data (image + .txt)",
+    "addition_input_dim": "cache the captions with the model's own two text encoders (leave out --text-encoder)",
 }
 
 

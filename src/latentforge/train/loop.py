@@ -114,7 +114,8 @@ def _train(cfg, dataset, run: Path, d, resume_flags, vae, text_encoder, progress
                 sync = model.no_sync() if d.enabled and micro < A - 1 else contextlib.nullcontext()
                 with sync:
                     loss = train_step(model, batch.to(d.device), draws, ac, cfg.schedule.prediction_type,
-                                      cfg.min_snr_gamma, autocast_dtype(cfg.precision))
+                                      cfg.min_snr_gamma, autocast_dtype(cfg.precision),
+                                      micro=cfg.unet.addition_input_dim is not None)
                     (scaler.scale(loss / A) if scaler else loss / A).backward()
                 losses.append(loss.detach().float())
             loss = distributed.mean_tensor(torch.stack(losses).mean(), d)  # on the device, no host read

@@ -41,7 +41,23 @@ def resolve_for_data(cfg, dataset):
                                    num_class_embeds=num_classes(dataset) + 1)
     else:
         unet = dataclasses.replace(unet, cross_attention_dim=None, mid_attention=False, num_class_embeds=None)
+    if unet.addition_time_embed_dim is not None:
+        unet = _micro_conditioning(unet, item, cond, cfg.model)
     return dataclasses.replace(cfg, conditioning=cond, unet=unet)
+
+
+def _micro_conditioning(unet, item, cond: str, model: str):
+    """An SDXL-style UNet needs the pooled text (P,) and the size/crop ids (K,) of every item:
+    addition_input_dim = P + K · addition_time_embed_dim."""
+    if cond != "text" or item.get("pooled") is None:
+        raise UserError(f"model={model}: this UNet is micro-conditioned (SDXL) and needs pooled text embeddings — "
+                        "cache captioned data with an SDXL model's two text encoders (--text-encoder or --init "
+                        "pointing at a folder with text_encoder_2/)")
+    if item.get("time_ids") is None:
+        raise UserError(f"model={model}: the cache records no original size / crop of its images (an older cache) — "
+                        "re-run latentforge cache on it (it reuses every latent and adds them)")
+    pooled, k = int(torch.as_tensor(item["pooled"]).shape[-1]), int(torch.as_tensor(item["time_ids"]).shape[-1])
+    return dataclasses.replace(unet, addition_input_dim=pooled + k * unet.addition_time_embed_dim)
 
 
 def num_classes(dataset) -> int:
@@ -52,22 +68,25 @@ def num_classes(dataset) -> int:
 
 
 def null_condition(cfg, dataset, text_encoder=None):
-    """(null_context (L, D), null_mask (L,), null_label) for `apply_dropout`; Nones where unused."""
+    """(null_context (L, D), null_mask (L,), null_label, null_pooled (P,)) for `apply_dropout`; Nones where unused."""
     if cfg.conditioning == "class":
-        return None, None, cfg.unet.num_class_embeds - 1
+        return None, None, cfg.unet.num_class_embeds - 1, None
     if cfg.conditioning != "text":
-        return None, None, None
+        return None, None, None, None
+    pooled = getattr(dataset, "null_pooled", None)
+    if pooled is None and text_encoder is not None and getattr(text_encoder, "pooled_dim", None) is not None:
+        pooled = text_encoder.null_pooled()[2][0]  # (P,)
     context = getattr(dataset, "null_context", None)
     mask = getattr(dataset, "null_mask", None)
     if context is None:
         if text_encoder is None:
             raise UserError("caption_dropout: the cache has no null (empty-caption) context and no text encoder was "
                             "given — rebuild the cache, or set caption_dropout=0")
-        context, mask = text_encoder.encode([""])
+        context, mask = text_encoder.null_context()
         context, mask = context[0], mask[0]
     context = torch.as_tensor(context).float()
     mask = torch.ones(context.shape[0], dtype=torch.bool) if mask is None else torch.as_tensor(mask).bool()
-    return context, mask, None
+    return context, mask, None, None if pooled is None else torch.as_tensor(pooled).float()
 
 
 def make_optimizer(model, cfg, device: torch.device) -> torch.optim.Optimizer:

@@ -28,11 +28,20 @@ class Batch:
     label: Optional[torch.Tensor] = None  # (B,) long class labels
     ids: Optional[List[str]] = None
     positions: Optional[List[int]] = None  # stream positions (seed the per-sample draws)
+    pooled: Optional[torch.Tensor] = None  # (B, P) pooled text embedding (SDXL)
+    time_ids: Optional[torch.Tensor] = None  # (B, 6) original size, crop, target size (SDXL)
 
     def to(self, device) -> "Batch":
         move = lambda x: x.to(device, non_blocking=True) if torch.is_tensor(x) else x  # noqa: E731
         return replace(self, latent=move(self.latent), context=move(self.context), mask=move(self.mask),
-                       label=move(self.label))
+                       label=move(self.label), pooled=move(self.pooled), time_ids=move(self.time_ids))
+
+    def conditions(self, micro: bool) -> dict:
+        """The UNet's keyword arguments besides the context; `micro`: the SDXL UNet's text_embeds + time_ids."""
+        kw = {"class_labels": self.label}
+        if micro:
+            kw.update(text_embeds=self.pooled, time_ids=self.time_ids)
+        return kw
 
 
 @dataclass
@@ -66,11 +75,15 @@ def draw(cfg, positions: List[int], shape, num_timesteps: int) -> Draws:
     return Draws(torch.cat(ts), torch.stack(noises), torch.cat(drops))
 
 
-def apply_dropout(batch: Batch, drop: torch.Tensor, null_context=None, null_mask=None, null_label=None) -> Batch:
-    """Replace the condition of the dropped samples with the null one (text "" or the null class)."""
+def apply_dropout(batch: Batch, drop: torch.Tensor, null_context=None, null_mask=None, null_label=None,
+                  null_pooled=None) -> Batch:
+    """Replace the condition of the dropped samples with the null one (text "" or the null class; SDXL: the
+    zeroed context and pooled embedding, as its original training drops them; size/crop ids are kept)."""
     if not any(drop.tolist()):  # drop is host data (draws are made on the CPU)
         return batch
-    context, mask, label = batch.context, batch.mask, batch.label
+    context, mask, label, pooled = batch.context, batch.mask, batch.label, batch.pooled
+    if pooled is not None and null_pooled is not None:
+        pooled = torch.where(drop[:, None].to(pooled.device), null_pooled.to(pooled), pooled)  # (B, P)
     if context is not None:
         keep = ~drop[:, None, None]
         context = torch.where(keep, context, null_context.to(context))  # (B, L, D)
@@ -78,19 +91,22 @@ def apply_dropout(batch: Batch, drop: torch.Tensor, null_context=None, null_mask
             mask = torch.where(~drop[:, None], mask, null_mask.to(mask))  # (B, L)
     if label is not None:
         label = torch.where(drop, torch.full_like(label, null_label), label)  # (B,)
-    return replace(batch, context=context, mask=mask, label=label)
+    return replace(batch, context=context, mask=mask, label=label, pooled=pooled)
 
 
 def train_step(model, batch: Batch, draws: Draws, alphas_cumprod: torch.Tensor, prediction_type: str = "epsilon",
-               min_snr_gamma: float = 0.0, autocast_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
-    """Loss of one (micro-)batch as a float32 scalar; call `.backward()` on it."""
+               min_snr_gamma: float = 0.0, autocast_dtype: Optional[torch.dtype] = None,
+               micro: Optional[bool] = None) -> torch.Tensor:
+    """Loss of one (micro-)batch as a float32 scalar; call `.backward()` on it. `micro` (default: the batch has
+    pooled text and time ids) passes SDXL's micro-conditioning to the UNet."""
+    micro = batch.pooled is not None and batch.time_ids is not None if micro is None else micro
     x0, noise, t = batch.latent, draws.noise.to(batch.latent), draws.t.to(batch.latent.device)
     ac = alphas_cumprod.to(x0.device)
     x_t = add_noise(x0, noise, t, ac)  # (B, C, h, w)
     with torch.autocast(x0.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
         # No context mask: captions are padded to a fixed length and, as in SD and diffusers'
         # pipeline, the UNet attends to the padding too — training and sampling must agree.
-        pred = model(x_t, t, batch.context, class_labels=batch.label)  # (B, C, h, w)
+        pred = model(x_t, t, batch.context, **batch.conditions(micro))  # (B, C, h, w)
     err = (pred.float() - target(prediction_type, x0, noise, t, ac)).square().mean(dim=(1, 2, 3))  # (B,)
     if min_snr_gamma > 0:  # Hang et al. 2023
         err = err * min_snr_weight(t, ac, min_snr_gamma, prediction_type)

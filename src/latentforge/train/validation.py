@@ -106,7 +106,7 @@ def validation_loss(model, val, alphas_cumprod: torch.Tensor, prediction_type: s
         noise, t = noise.to(x0), ts[[k for _, k in chunk]].to(device)  # (b, C, h, w), (b,)
         x_t = add_noise(x0, noise, t, ac)
         with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-            pred = model(x_t, t, batch.context, class_labels=batch.label)  # (b, C, h, w)
+            pred = model(x_t, t, batch.context, **batch.conditions(batch.pooled is not None))  # (b, C, h, w)
         err = (pred.float() - target(prediction_type, x0, noise, t, ac)).square().mean(dim=(1, 2, 3))  # (b,)
         total, count = total + err.double().sum().item(), count + len(chunk)
     return total / count if count else math.nan
