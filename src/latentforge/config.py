@@ -268,13 +268,17 @@ SITUATION_DEFAULTS = {
         {"lr": 1e-5, "lr_schedule": "constant", "warmup_steps": 0},
         "fine-tuning a pretrained model (--init): diffusers' train_text_to_image.py recipe "
         "(learning_rate 1e-5, constant schedule, no warmup)"),
+    "adapter": (
+        {"lr": 1e-4, "lr_schedule": "constant", "warmup_steps": 0},
+        "training an adapter on a pretrained model (--init, adapter=): diffusers' train_text_to_image_lora.py "
+        "recipe (learning_rate 1e-4, constant schedule, no warmup)"),
 }
 SMALL_PRESETS = ("tiny", "small")  # presets small enough to train from scratch on one machine
 
 
 def situation_notes(cfg, init: bool = False) -> dict:
     """{key: where its value comes from} for the situational defaults `cfg` holds (for --print-config)."""
-    chosen = situation(cfg.model, init)
+    chosen = situation(cfg.model, init, getattr(cfg, "adapter", "none") != "none")
     if chosen is None:
         return {}
     values, reason = SITUATION_DEFAULTS[chosen]
@@ -282,10 +286,11 @@ def situation_notes(cfg, init: bool = False) -> dict:
     return {"": f"situation {chosen}: {reason}", **notes} if notes else {}
 
 
-def situation(model: str, init: bool) -> Optional[str]:
-    """Which entry of SITUATION_DEFAULTS applies: --init runs fine-tune; small presets from scratch."""
+def situation(model: str, init: bool, adapter: bool = False) -> Optional[str]:
+    """Which entry of SITUATION_DEFAULTS applies: --init runs fine-tune (or train an adapter); small presets
+    from scratch."""
     if init:
-        return "finetune"
+        return "adapter" if adapter else "finetune"
     return "scratch-small" if model in SMALL_PRESETS else None
 
 
@@ -356,7 +361,7 @@ def load_train_config(path=None, overrides=(), cls=None, base=None, init: bool =
     if not isinstance(name, str) or name not in PRESETS:
         raise UserError(f"{src}: model={name!r} is not a preset — choose one of {', '.join(PRESETS)}")
     if cls is TrainConfig and (base is None or init):
-        chosen = situation(name, init)
+        chosen = situation(name, init, raw.get("adapter", ("none",))[0] != "none")
         for key, value in (SITUATION_DEFAULTS[chosen][0] if chosen else {}).items():
             raw.setdefault(key, (value, f"default for this situation ({chosen})"))
     sections = [f.name for f in dataclasses.fields(cls) if dataclasses.is_dataclass(getattr(cfg, f.name))]

@@ -33,6 +33,8 @@ def add_arguments(p):
                                    ".safetensors (its UNet, schedule, VAE and text encoder; same as init=...)")
     p.add_argument("--tokenizer", help="CLIP tokenizer folder for a single-file --init (it holds none), e.g. an SD "
                                        "model's tokenizer/")
+    p.add_argument("--merge", action="store_true",
+                   help="with adapter=: also write model/ with the adapter merged in (same as lora.merge=true)")
     p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in RUN")
     add_restart_argument(p)
     p.add_argument("--allow-changed-data", action="store_true",
@@ -85,6 +87,8 @@ def resolve_config(args, cls=None):
     for flag, key in (("vae", "vae_path"), ("text_encoder", "text_encoder"), ("init", "init")):
         if getattr(args, flag, None):
             overrides.append(f"{key}={getattr(args, flag)}")
+    if getattr(args, "merge", False):
+        overrides.append("lora.merge=true")
     overrides = [_quote(o) for o in overrides]
     cfg = load_train_config(path, overrides, cls=cls)  # (TrainConfig: the from-scratch situational defaults)
     if getattr(cfg, "init", "") and not resumed:  # config.toml of a run already holds what --init gave
@@ -98,6 +102,10 @@ def resolve_config(args, cls=None):
             raise UserError(f"model={cfg.model}: a preset cannot be combined with --init {init.source} — the model "
                             "brings its own architecture and schedule; drop model=")
         check_against_init(cfg.unet, init)
+    if cls is TrainConfig:
+        from ..train.adapter import check
+
+        check(cfg)  # before a --data cache is built
     return cfg
 
 

@@ -16,10 +16,11 @@ import torch
 
 
 class EMA:
-    def __init__(self, model: torch.nn.Module, decay: float = 0.9999, warmup: bool = True):
+    def __init__(self, model: torch.nn.Module, decay: float = 0.9999, warmup: bool = True, keys=None):
         self.decay, self.warmup = decay, warmup
         # Shadow copies in fp32 of every parameter and floating buffer, keyed like state_dict().
-        self.shadow = {k: v.detach().clone().float() for k, v in _floating_state(model).items()}
+        self.shadow = {k: v.detach().clone().float() for k, v in _floating_state(model).items()
+                       if keys is None or k in keys}  # `keys`: e.g. an adapter's parameters only
         device = next(iter(self.shadow.values())).device if self.shadow else torch.device("cpu")
         self._n = torch.zeros((), dtype=torch.float64, device=device)  # updates so far, on the device
 

@@ -27,7 +27,7 @@ from ..config import config_hash, math_dict, to_toml
 from ..errors import UserError
 from ..schedule import NoiseSchedule
 from .. import io
-from . import checkpoint, distributed
+from . import adapter, checkpoint, distributed
 from . import resume as resume_checks
 from .data import Stream
 from .ema import EMA
@@ -68,6 +68,7 @@ def _train(cfg, dataset, run: Path, d, resume_flags, vae, text_encoder, progress
         raise UserError(f"batch_size={B}: must be divisible by the {W} processes — "
                         "change batch_size or --nproc_per_node")
     check_precision(cfg.precision, d.device)
+    adapter.check(cfg)
     ckpt_dir = run / "checkpoints"
     warn = (lambda m: print(m, file=sys.stderr)) if d.is_main else (lambda m: None)
     loaded = resume_checks.prepare(run, cfg, dataset, resume=resume, math=math_dict(cfg), restart=restart,
@@ -78,9 +79,11 @@ def _train(cfg, dataset, run: Path, d, resume_flags, vae, text_encoder, progress
 
     distributed.seed_everything(cfg.seed, d.rank)  # per-rank RNG (the math itself uses `draw`)
     torch.manual_seed(mix(cfg.seed, "init"))  # same initial weights on every rank and device
-    unet = build_unet(cfg, fresh=loaded is None).to(d.device)  # random, or the --init model's weights
+    # random, or the --init model's weights; an adapter run always starts from the --init weights
+    unet = build_unet(cfg, fresh=loaded is None or adapter.enabled(cfg)).to(d.device)
+    keys = adapter.attach(cfg, unet) if adapter.enabled(cfg) else None  # only the adapter trains
     unet.enable_gradient_checkpointing(cfg.gradient_checkpointing)
-    ema = EMA(unet, cfg.ema_decay, cfg.ema_warmup)
+    ema = EMA(unet, cfg.ema_decay, cfg.ema_warmup, keys=keys)
     opt = make_optimizer(unet, cfg, d.device)
     scaler = torch.amp.GradScaler("cuda") if cfg.precision == "fp16" else None
     guard = NanGuard(run, cfg.nan_max_consecutive, write=d.is_main)
@@ -157,6 +160,11 @@ def _train(cfg, dataset, run: Path, d, resume_flags, vae, text_encoder, progress
     log.close()
     if d.is_main:
         done = step == cfg.max_steps and vae is not None
+        if step == cfg.max_steps and adapter.enabled(cfg):
+            adapter.write_outputs(run, cfg, unet, ema, step, cfg.unet.sample_size * (vae.downsample_factor if vae else 8))
+            done = done and cfg.lora.merge
+            unet = adapter.merged_unet(unet, ema) if done else unet
+            ema = None if done else ema
         if done:
             export_model(run, cfg, unet, ema, vae, text_encoder)
         write_report(run, "UNet training", {
@@ -179,14 +187,16 @@ def _save(ckpt_dir, step, cfg, d, unet, ema, opt, guard, scaler, cache_id=None) 
                  "lr": {"schedule": cfg.lr_schedule, "value": opt.param_groups[0]["lr"]},
                  "ema_updates": ema.num_updates, "nan_guard": guard.state_dict(), "world_size": d.world_size,
                  "rng": rng, "scaler": scaler.state_dict() if scaler else None, "cache": cache_id}
-        checkpoint.save(ckpt_dir, step, {"model": unet.state_dict(), "ema": ema.shadow, "optimizer": flat_opt},
+        weights = unet.state_dict()
+        weights = {k: weights[k] for k in ema.shadow} if adapter.enabled(cfg) else weights  # the adapter only
+        checkpoint.save(ckpt_dir, step, {"model": weights, "ema": ema.shadow, "optimizer": flat_opt},
                         state, keep=cfg.keep_checkpoints)
     distributed.barrier(d)
 
 
 def _restore(path, tensors, state, cfg, d, unet, ema, opt, guard, scaler) -> int:
     """Load a checkpoint that `resume.prepare` has checked into the run's objects; -> its step."""
-    unet.load_state_dict(tensors["model"])
+    unet.load_state_dict(tensors["model"], strict=not adapter.enabled(cfg))  # an adapter run: the adapter only
     ema.load_state_dict({"shadow": tensors["ema"], "num_updates": state["ema_updates"]})
     checkpoint.unflatten_optimizer(opt, tensors["optimizer"], state["optimizer"])
     guard.load_state_dict(state["nan_guard"])

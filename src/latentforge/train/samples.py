@@ -25,7 +25,8 @@ from .. import io
 def ema_unet(unet, ema):
     """A copy of `unet` holding the EMA weights, in eval mode."""
     model = copy.deepcopy(unet)
-    ema.copy_to(model)
+    if ema is not None:  # None: `unet` already holds the weights to use (a merged adapter)
+        ema.copy_to(model)
     return model.eval().requires_grad_(False)
 
 

@@ -1,0 +1,117 @@
+"""LoRA vs full fine-tuning of the SD 1.5-size UNet on this CPU: trainable parameters, optimizer-state bytes,
+step time and peak memory for LoRA rank 4 / 16 / 64 (targets=attention, diffusers' default) against the full
+fine-tune (issue 12, point 5).
+
+One step = what `latentforge train` runs: `train.step.train_step` (forward + MSE) + backward + gradient
+clipping + the optimizer from `train.setup.make_optimizer` (fused AdamW) over the trainable parameters, on
+the `sd15` preset UNet (859.5 M parameters, random weights), batch 1, 32×32×4 latents, a 77×768 context.
+Each arm runs alone in a fresh subprocess: build, one warm-up step (optimizer state appears), `--steps`
+timed steps; median step time on the wall clock and in process CPU time; peak RSS (VmHWM). With
+MALLOC_MMAP_THRESHOLD_=65536 freed tensors go back to the OS, so RSS follows the live tensors.
+
+    flock /tmp/lf-heavy.lock .venv/bin/python bench/bench_lora.py --steps 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_common as common  # noqa: E402
+from bench_finetune import _status_mib  # noqa: E402
+
+from latentforge import adapters  # noqa: E402
+from latentforge.config import PRESETS, TrainConfig  # noqa: E402
+from latentforge.models import UNet  # noqa: E402
+from latentforge.schedule import NoiseSchedule  # noqa: E402
+from latentforge.train.setup import make_optimizer  # noqa: E402
+from latentforge.train.step import Batch, Draws, train_step  # noqa: E402
+
+
+
+def _optimizer_bytes(opt) -> int:
+    return sum(v.numel() * v.element_size() for s in opt.state.values() for v in s.values() if torch.is_tensor(v))
+
+
+def one_arm(arm: str, steps: int, preset: str = "sd15", latent: int = 32) -> dict:
+    """In this (fresh) process: parameters, optimizer state, step times and memory of one arm."""
+    torch.manual_seed(0)
+    cfg = TrainConfig(model=preset, unet=PRESETS[preset].unet, lr=1e-4)
+    unet = UNet(cfg.unet).train()
+    if arm != "full":
+        rank = int(arm[4:])
+        adapters.inject(unet, "lora", rank=rank, alpha=rank, targets="attention")
+    params = [p for p in unet.parameters() if p.requires_grad]
+    opt = make_optimizer(unet, cfg, torch.device("cpu"))
+    ac = NoiseSchedule.from_config(cfg.schedule).alphas_cumprod
+    g = torch.Generator().manual_seed(1)
+    batch = Batch(latent=torch.randn(1, 4, latent, latent, generator=g),
+                  context=torch.randn(1, 77, cfg.unet.cross_attention_dim, generator=g))
+    draws = Draws(t=torch.randint(0, 1000, (1,), generator=g), noise=torch.randn(1, 4, latent, latent, generator=g),
+                  drop=torch.zeros(1, dtype=torch.bool))
+
+    def step():
+        loss = train_step(unet, batch, draws, ac, "epsilon", 0.0, None)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss.item()
+
+    step()  # warm-up: optimizer state appears
+    wall, cpu = [], []
+    for _ in range(steps):
+        c0, w0 = time.process_time(), time.perf_counter()
+        step()
+        wall.append(time.perf_counter() - w0)
+        cpu.append(time.process_time() - c0)
+    return {"arm": arm, "parameters": sum(p.numel() for p in unet.parameters()),
+            "trainable": sum(p.numel() for p in params), "optimizer_bytes": _optimizer_bytes(opt),
+            "wall_s": statistics.median(wall), "cpu_s": statistics.median(cpu), "peak_rss_mib": _status_mib("VmHWM")}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--steps", type=int, default=3, help="timed steps per arm (after one warm-up step)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads per arm (default 1)")
+    p.add_argument("--preset", default="sd15", help="UNet preset (default sd15; tiny for a smoke run)")
+    p.add_argument("--ranks", default="4,16,64", help="LoRA ranks to compare with the full fine-tune")
+    p.add_argument("--arm", default=None, help=argparse.SUPPRESS)  # run one arm, print JSON
+    args = p.parse_args()
+    common.set_threads(args.threads)
+    if args.arm:
+        print(json.dumps(one_arm(args.arm, args.steps, args.preset)))
+        return
+    t0, results = time.perf_counter(), {}
+    env = {"MALLOC_MMAP_THRESHOLD_": "65536", "OMP_NUM_THREADS": str(args.threads)}
+    for arm in ["full"] + [f"lora{r}" for r in args.ranks.split(",")]:
+        results[arm] = common.run_json_subprocess([str(Path(__file__)), "--arm", arm, "--steps", str(args.steps),
+                                                   "--threads", str(args.threads), "--preset", args.preset],
+                                                  timeout=3600, env=env)
+        print(json.dumps(results[arm]), file=sys.stderr)
+    full = results["full"]
+    rows = [[a, f"{r['trainable']:,}", f"{r['optimizer_bytes'] / 2**20:,.1f}", f"{r['wall_s']:.2f}", f"{r['cpu_s']:.2f}",
+             f"{r['peak_rss_mib'] / 1024:.2f}", f"{r['peak_rss_mib'] / full['peak_rss_mib']:.2f}",
+             f"{r['cpu_s'] / full['cpu_s']:.2f}"] for a, r in results.items()]
+    print("machine: " + ", ".join(f"{k} {v}" for k, v in common.machine().items()))
+    print(f"{args.preset} UNet {full['parameters']:,} parameters, batch 1, {32}×{32}×4 latents, fp32, LoRA on "
+          f"attention (to_q/k/v/out.0, alpha = rank), {args.steps} timed steps per arm (median), "
+          f"{args.threads} torch thread(s)\n")
+    print(common.table(["arm", "trainable parameters", "optimizer state MiB", "step wall s", "step CPU s",
+                        "peak RSS GiB", "RSS / full", "CPU time / full"], rows))
+    r16 = results.get("lora16")
+    if r16:
+        print(f"\nGoal (rank 16): peak RSS ≤ 0.4× full — {r16['peak_rss_mib'] / full['peak_rss_mib']:.2f}×; "
+              f"step time ≤ 0.8× full — {r16['cpu_s'] / full['cpu_s']:.2f}× (CPU time).")
+    print(f"\n*Section time: {time.perf_counter() - t0:.0f} s.*")
+
+
+if __name__ == "__main__":
+    main()
