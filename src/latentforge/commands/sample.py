@@ -70,6 +70,8 @@ def parse_size(text, flag: str = "--size"):
 
 def parse_lora(spec: str):
     """'FILE[:SCALE]' -> (Path, float); a missing file is one line now, before the model loads."""
+    from pathlib import Path
+
     from ..errors import UserError
 
     file, sep, scale = spec.rpartition(":")
