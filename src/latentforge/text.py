@@ -110,7 +110,45 @@ def _quiet_transformers() -> None:
     hf_logging.set_verbosity_warning()
 
 
-class TextEncoder:
+class CaptionLength:
+    """What a caption longer than `max_length` loses (shared by TextEncoder and DualTextEncoder): the dropped
+    token count, the part the encoder sees (what a PNG records), and one warning per encoder."""
+
+    @property
+    def _first_tokenizer(self):
+        return self.tokenizer if hasattr(self, "tokenizer") else self.tokenizers[0]
+
+    def dropped_tokens(self, caption: str) -> int:
+        """How many of `caption`'s tokens do not fit in `max_length` (special tokens counted)."""
+        return max(0, len(self._first_tokenizer(caption, truncation=False, verbose=False).input_ids) - self.max_length)
+
+    def kept_text(self, caption: str) -> str:
+        """The part of `caption` the encoder sees: the caption itself if it fits, else its first max_length
+        tokens (cut at the character where the last kept token ends; decoded for slow tokenizers)."""
+        if not caption or not self.dropped_tokens(caption):
+            return caption
+        tok = self._first_tokenizer
+        if getattr(tok, "is_fast", False):
+            offsets = tok(caption, truncation=True, max_length=self.max_length, return_offsets_mapping=True)
+            return caption[:max(end for _, end in offsets["offset_mapping"])].rstrip()
+        ids = tok(caption, truncation=True, max_length=self.max_length).input_ids
+        return tok.decode(ids, skip_special_tokens=True).strip()
+
+    def _warn_if_cut(self, captions: List[str]) -> None:
+        """Once per encoder: a caption longer than max_length loses its end — say so, with the count."""
+        if getattr(self, "_warned", False):
+            return
+        cut = [(c, n) for c in dict.fromkeys(captions) if c and (n := self.dropped_tokens(c))]
+        if cut:
+            self._warned = True
+            caption, n = max(cut, key=lambda x: x[1])
+            more = f" ({len(cut)} captions cut, at most {n} tokens each)" if len(cut) > 1 else ""
+            print(f"warning: {caption[:40]!r}…: {n} token(s) past the text encoder's max_length {self.max_length} "
+                  f"are dropped{more}; the encoder sees {self.kept_text(caption)[-40:]!r} at the end"
+                  " (said once)", file=sys.stderr)
+
+
+class TextEncoder(CaptionLength):
     """A frozen transformers text model + its tokenizer. Not an nn.Module: it is never trained."""
 
     def __init__(self, model, tokenizer, max_length: Optional[int] = None, source: str = ""):
@@ -185,34 +223,6 @@ class TextEncoder:
             return torch.zeros(0, self.max_length, self.dim), torch.zeros(0, self.max_length, dtype=torch.bool)
         return torch.cat(contexts), torch.cat(masks)
 
-    def dropped_tokens(self, caption: str) -> int:
-        """How many of `caption`'s tokens do not fit in `max_length` (special tokens counted)."""
-        return max(0, len(self.tokenizer(caption, truncation=False, verbose=False).input_ids) - self.max_length)
-
-    def kept_text(self, caption: str) -> str:
-        """The part of `caption` the encoder sees: the caption itself if it fits, else its first max_length
-        tokens (cut at the character where the last kept token ends; decoded for slow tokenizers)."""
-        if not caption or not self.dropped_tokens(caption):
-            return caption
-        if getattr(self.tokenizer, "is_fast", False):
-            tok = self.tokenizer(caption, truncation=True, max_length=self.max_length, return_offsets_mapping=True)
-            return caption[:max(end for _, end in tok["offset_mapping"])].rstrip()
-        ids = self.tokenizer(caption, truncation=True, max_length=self.max_length).input_ids
-        return self.tokenizer.decode(ids, skip_special_tokens=True).strip()
-
-    def _warn_if_cut(self, captions: List[str]) -> None:
-        """Once per encoder: a caption longer than max_length loses its end — say so, with the count."""
-        if getattr(self, "_warned", False):
-            return
-        cut = [(c, n) for c in dict.fromkeys(captions) if c and (n := self.dropped_tokens(c))]
-        if cut:
-            self._warned = True
-            caption, n = max(cut, key=lambda x: x[1])
-            more = f" ({len(cut)} captions cut, at most {n} tokens each)" if len(cut) > 1 else ""
-            print(f"warning: {caption[:40]!r}…: {n} token(s) past the text encoder's max_length {self.max_length} "
-                  f"are dropped{more}; the encoder sees {self.kept_text(caption)[-40:]!r} at the end"
-                  " (said once)", file=sys.stderr)
-
     def null_context(self) -> Tuple[torch.Tensor, torch.Tensor]:
         """The empty caption: (1, L, D), (1, L) — the unconditional branch of CFG."""
         return self.encode([""])
@@ -256,7 +266,7 @@ def _model_hash(h, model, tokenizer) -> None:
         h.update(v.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
 
 
-class DualTextEncoder:
+class DualTextEncoder(CaptionLength):
     """SDXL's two text encoders (Podell et al. 2023, §2.1): CLIP ViT-L (`CLIPTextModel`, text_encoder/) and
     OpenCLIP ViT-bigG (`CLIPTextModelWithProjection`, text_encoder_2/), run as diffusers'
     StableDiffusionXLPipeline.encode_prompt runs them: no attention mask, the penultimate hidden states of
@@ -300,6 +310,7 @@ class DualTextEncoder:
                 first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
                 raise UserError(f"text encoder {model_dir}: cannot load it as {model_cls.__name__} ({first}) — "
                                 "pass an SDXL model root with two CLIP text encoders") from None
+            check_tokenizer(tokenizers[-1], tok_dir)
         if force_zeros_for_empty_prompt is None:
             index = os.path.join(root, "model_index.json")
             force_zeros_for_empty_prompt = True
@@ -331,6 +342,7 @@ class DualTextEncoder:
         """-> context (B, L, D1 + D2) float32, mask (B, L) bool, pooled (B, P) float32."""
         if isinstance(captions, str):
             captions = [captions]
+        self._warn_if_cut(captions)
         contexts, masks, pooled = [], [], []
         for i in range(0, len(captions), batch_size):
             chunk, hidden, mask = list(captions[i:i + batch_size]), [], None

@@ -455,11 +455,15 @@ def load_tokenizer(tokenizer):
         folder = folder / "tokenizer"
     if not folder.is_dir():
         raise UserError(f"--tokenizer {tokenizer}: no such folder — pass a CLIP tokenizer folder")
+    from ..text import check_tokenizer
+
     try:
-        return AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+        loaded = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
     except Exception as e:  # transformers raises many kinds; all mean "not a tokenizer folder"
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"--tokenizer {tokenizer}: cannot load it ({first}) — pass a CLIP tokenizer folder") from None
+    check_tokenizer(loaded, str(folder))  # a folder with no vocabulary gives a tokenizer of [UNK]s
+    return loaded
 
 
 def load_single_file(path, tokenizer=None, prediction_type: Optional[str] = None) -> SingleFile:
