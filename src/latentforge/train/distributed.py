@@ -69,10 +69,6 @@ def wrap(model: torch.nn.Module, d: Dist) -> torch.nn.Module:
     return DDP(model, device_ids=[d.local_rank] if d.device.type == "cuda" else None)
 
 
-def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    return getattr(model, "module", model)
-
-
 def barrier(d: Dist) -> None:
     if d.enabled:
         dist.barrier()

@@ -30,7 +30,3 @@ def lr_for(cfg, step: int) -> float:
     """`lr_at` with the settings of a TrainConfig / VAETrainConfig."""
     return lr_at(step, cfg.lr, cfg.lr_schedule, cfg.warmup_steps, cfg.max_steps, cfg.min_lr)
 
-
-def set_lr(optimizer, lr: float) -> None:
-    for group in optimizer.param_groups:
-        group["lr"] = lr

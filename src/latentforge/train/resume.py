@@ -1,6 +1,12 @@
-"""Resume-or-refuse: every check a `--resume` makes, before anything in the run folder is written.
+"""Resume-or-refuse: every check a `--resume` makes, before anything in the run folder is written; and the
+one save / restore path of a TrainState, shared by the UNet loop (train/loop.py) and the VAE loop (train/vae.py).
 
     loaded = resume.prepare(run, cfg, dataset, resume=True, math=math_dict(cfg))  # (path, tensors, state) | None
+    resume.restore(loaded, d, state)              # weights, EMA, optimizer, guard, scaler, step, this rank's RNG
+    resume.save(run, cfg, d, state, data_position, extra={"cache": cache_identity(dataset)})
+
+A checkpoint = TrainState.state_dict() (weights, EMA, optimizer, guard, scaler, step) + data position, config
+hash + math keys, lr, every rank's RNG state, world size, and the caller's extras (files and JSON keys).
 
 The checks, in order (each refusal is one line; none of them writes a byte):
   - the run folder holds checkpoints but `--resume` was not given -> refuse (or `restart`);
@@ -23,8 +29,9 @@ import os
 import sys
 from pathlib import Path
 
+from ..config import config_hash, math_dict
 from ..errors import UserError
-from . import checkpoint
+from . import checkpoint, distributed
 
 SET_ASIDE = "checkpoints-set-aside-{}"
 _LIST_MAX = 200_000  # latents up to which the per-latent hashes are stored (to name what changed)
@@ -148,3 +155,27 @@ def prepare(run, cfg, dataset, *, resume: bool, math: dict, restart: bool = Fals
         raise UserError(f"--resume: {path}/state.json: data position does not match step — the checkpoint is damaged")
     check_cache(state, dataset, path, allow_changed_data, warn if is_main else (lambda m: None))
     return path, tensors, state
+
+
+def save(run: Path, cfg, d, state, data_position: int, tensors=None, extra=None) -> None:
+    """Write checkpoints/step-<state.step> (rank 0; every rank's RNG is gathered first). `tensors` / `extra`:
+    more file stems / JSON keys (the VAE's discriminator, the cache identity)."""
+    state.flush()  # the guard's pending verdicts (a collective: every rank saves at the same step)
+    rng = distributed.gather_json(checkpoint.rng_state(), d)  # every rank's RNG, gathered to all
+    if d.is_main:
+        weights, meta = state.state_dict()
+        meta.update(data_position=data_position, config_hash=config_hash(cfg), math=math_dict(cfg),
+                    lr={"schedule": cfg.lr_schedule, "value": state.optimizer.param_groups[0]["lr"]},
+                    world_size=d.world_size, rng=rng, **(extra or {}))
+        checkpoint.save(Path(run) / "checkpoints", state.step, {**weights, **(tensors or {})}, meta,
+                        keep=cfg.keep_checkpoints)
+    distributed.barrier(d)
+
+
+def restore(loaded, d, state) -> None:
+    """Load a checkpoint that `prepare` has checked, `(path, tensors, meta)`, into `state`, and this rank's RNG
+    (when the world size is unchanged: otherwise the per-rank streams are new, the math is not)."""
+    _, tensors, meta = loaded
+    state.load_state_dict(tensors, meta)
+    if meta["world_size"] == d.world_size:
+        checkpoint.set_rng_state(meta["rng"][d.rank])

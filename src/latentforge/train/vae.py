@@ -11,10 +11,9 @@ PSNR on held-out images goes into report.md.
 
 from __future__ import annotations
 
-import math
 import sys
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -23,15 +22,16 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from .. import io
 from ..config import config_hash, math_dict, to_toml
 from ..errors import UserError
 from ..models import AutoencoderKL
-from .. import io
-from . import checkpoint, distributed
-from . import resume as resume_checks
-from .lr import lr_for, set_lr
+from . import checkpoint, distributed, resume as runs
+from .data import Stream
+from .lr import lr_for
 from .nan_guard import NanGuard
 from .report import RunLog, write_report
+from .state import Part, TrainState
 from .step import mix
 
 
@@ -107,103 +107,123 @@ def train_vae(cfg, data_dir, out, *, resume: bool = False, progress: bool = True
     d = distributed.setup(cfg.device)
     if d.enabled:
         raise UserError("train-vae: runs on one process — start it without torchrun")
-    size = cfg.image_size
-    f = 2 ** (len(cfg.vae.channels) - 1)
+    size, f = cfg.image_size, 2 ** (len(cfg.vae.channels) - 1)
     if size % f:
         raise UserError(f"image_size={size}: must be a multiple of the VAE's downsampling factor {f}")
-    images, ids = load_images(data_dir, size, progress)
-    g = torch.Generator().manual_seed(mix(cfg.seed, "holdout"))
-    order = torch.randperm(len(images), generator=g)
-    n_hold = min(cfg.holdout, len(images) // 5)
-    held, train_imgs = images[order[:n_hold]], images[order[n_hold:]]
+    data = _split(cfg, *load_images(data_dir, size, progress))
     cfg = replace(cfg, vae=replace(cfg.vae, sample_size=size))
-    ckpt_dir = run / "checkpoints"
-    loaded = resume_checks.prepare(run, cfg, None, resume=resume, math=math_dict(cfg), restart=restart)
+    loaded = runs.prepare(run, cfg, None, resume=resume, math=math_dict(cfg), restart=restart)
     run.mkdir(parents=True, exist_ok=True)  # every check passed: the run folder may be written now
     io.write_text(run / "config.toml", to_toml(cfg))
+    state, disc = _build(cfg, run, d)
+    vae = state.part.module
+    psnr_before = psnr(vae, data.held) if len(data.held) else float("nan")
+    if loaded is not None:
+        _, tensors, meta = loaded
+        runs.restore(loaded, d, state)
+        if disc:
+            disc.module.load_state_dict(tensors["disc"])
+            checkpoint.unflatten_optimizer(disc.optimizer, tensors["disc_optimizer"], meta["disc_optimizer"])
+        psnr_before = meta["psnr_before"]
+    log = RunLog(run, resume_step=state.step if loaded is not None else None)
+    t0, start = time.perf_counter(), state.step
+    bar = tqdm(total=cfg.max_steps, initial=state.step, desc="train-vae", unit="step", disable=not progress)
+    while state.step < cfg.max_steps:
+        lr = state.set_lr(lr_for(cfg, state.step))
+        parts = _vae_step(cfg, state, disc, data, d.device)
+        step = state.step
+        if step % cfg.log_every == 0 or step == cfg.max_steps:
+            log.log({"step": step, "lr": lr, **parts})
+            ips = (step - start) * cfg.batch_size / (time.perf_counter() - t0)
+            bar.set_postfix(loss=f"{parts['loss']:.4f}", img_s=f"{ips:.1f}")
+        bar.update(1)
+        if step % cfg.checkpoint_every == 0 or step == cfg.max_steps:
+            _save(run, cfg, d, state, disc, psnr_before)
+        if cfg.sample_every and len(data.held) and (step % cfg.sample_every == 0 or step == cfg.max_steps):
+            _recon_grid(vae, data.held[:8], run / "samples" / f"step-{step}.png")
+    bar.close()
+    log.close()
+    _finish(run, cfg, vae, data, psnr_before, state.step)
+    return run / "vae"
 
+
+@dataclass
+class _Images:
+    train: torch.Tensor  # (N, 3, H, W) uint8
+    held: torch.Tensor  # (n_hold, 3, H, W) uint8, for PSNR and the reconstruction grids
+    train_ids: list
+    stream: Stream  # the order of the training images (every one once per epoch)
+
+
+def _split(cfg, images: torch.Tensor, ids: list) -> _Images:
+    """A held-out split (at most a fifth, seeded), the rest for training in the stream's order."""
+    order = torch.randperm(len(images), generator=torch.Generator().manual_seed(mix(cfg.seed, "holdout")))
+    n_hold = min(cfg.holdout, len(images) // 5)
+    train = images[order[n_hold:]]
+    return _Images(train, images[order[:n_hold]], [ids[i] for i in order[n_hold:].tolist()], Stream(train, cfg.seed))
+
+
+@dataclass
+class _Disc:
+    module: PatchDiscriminator
+    optimizer: torch.optim.Optimizer
+
+
+def _build(cfg, run: Path, d) -> tuple[TrainState, _Disc | None]:
     distributed.seed_everything(cfg.seed)
     torch.manual_seed(mix(cfg.seed, "init"))
     vae = AutoencoderKL(cfg.vae).to(d.device)
     disc = PatchDiscriminator(cfg.disc_channels, cfg.disc_layers).to(d.device) if cfg.discriminator else None
     adam = dict(betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps, weight_decay=cfg.weight_decay)
-    opt = torch.optim.AdamW(vae.parameters(), lr=cfg.lr, **adam)
-    opt_d = torch.optim.AdamW(disc.parameters(), lr=cfg.lr, **adam) if disc else None
-    guard = NanGuard(run, 5)
-    psnr_before = psnr(vae, held) if n_hold else float("nan")
-    step = 0
-    if loaded is not None:
-        path, tensors, state = loaded
-        vae.load_state_dict(tensors["model"])
-        checkpoint.unflatten_optimizer(opt, tensors["optimizer"], state["optimizer"])
-        if disc:
-            disc.load_state_dict(tensors["disc"])
-            checkpoint.unflatten_optimizer(opt_d, tensors["disc_optimizer"], state["disc_optimizer"])
-        checkpoint.set_rng_state(state["rng"][0])
-        step, psnr_before = state["step"], state["psnr_before"]
-    log = RunLog(run, resume_step=step if loaded is not None else None)
-    B, N = cfg.batch_size, len(train_imgs)
-    t0, start = time.perf_counter(), step
-    bar = tqdm(total=cfg.max_steps, initial=step, desc="train-vae", unit="step", disable=not progress)
-    while step < cfg.max_steps:
-        set_lr(opt, lr := lr_for(cfg, step))
-        idx = [int(torch.randperm(N, generator=torch.Generator().manual_seed(mix(cfg.seed, "epoch", p // N)))[p % N])
-               for p in range(step * B, (step + 1) * B)]  # every training image once per epoch
-        x = to_float(train_imgs[idx]).to(d.device)  # (B, 3, H, W)
-        gen = torch.Generator(d.device).manual_seed(mix(cfg.seed, "posterior", step))
-        adv = disc is not None and step >= cfg.disc_start
-        loss, parts, rec = vae_loss(vae, x, cfg, disc, adv, gen)
-        loss.backward()
-        clip = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
-        gnorm = torch.nn.utils.clip_grad_norm_(vae.parameters(), clip).item()
-        if guard.finite(loss.item(), gnorm):
-            opt.step()
-            guard.ok()
-        else:
-            guard.skip(step, [{"id": ids[order[n_hold + i]], "t": None} for i in idx], loss.item(), gnorm)
-        opt.zero_grad(set_to_none=True)
-        if disc is not None and step >= cfg.disc_start:  # hinge discriminator loss (Lim & Ye 2017)
-            d_loss = F.relu(1 - disc(x)).mean() + F.relu(1 + disc(rec.detach())).mean()
-            d_loss.backward()
-            opt_d.step()
-            opt_d.zero_grad(set_to_none=True)
-            parts["d_loss"] = d_loss
-        step += 1
-        if step % cfg.log_every == 0 or step == cfg.max_steps:
-            log.log({"step": step, "loss": loss.item(), "lr": lr, "grad_norm": gnorm,
-                     **{k: v.item() for k, v in parts.items()}})
-            bar.set_postfix(loss=f"{loss.item():.4f}", img_s=f"{(step - start) * B / (time.perf_counter() - t0):.1f}")
-        bar.update(1)
-        if step % cfg.checkpoint_every == 0 or step == cfg.max_steps:
-            _save(ckpt_dir, step, cfg, vae, opt, disc, opt_d, psnr_before)
-        if cfg.sample_every and n_hold and (step % cfg.sample_every == 0 or step == cfg.max_steps):
-            _recon_grid(vae, held[:8], run / "samples" / f"step-{step}.png")
-    bar.close()
-    log.close()
-    scale = vae.calibrate_latent_scale(to_float(train_imgs[:256]))  # unit-variance latents for the UNet
+    state = TrainState([Part("vae", vae)], torch.optim.AdamW(vae.parameters(), lr=cfg.lr, **adam),
+                       NanGuard(run, 5), None, cfg.grad_clip)
+    return state, (_Disc(disc, torch.optim.AdamW(disc.parameters(), lr=cfg.lr, **adam)) if disc else None)
+
+
+def _vae_step(cfg, state: TrainState, disc: _Disc | None, data: _Images, device) -> dict:
+    """One optimizer step of the VAE (guarded), then one of the discriminator once it is on. Returns the
+    loss parts as floats."""
+    step, B = state.step, cfg.batch_size
+    idx = [data.stream.index(p) for p in data.stream.positions(step, 0, 1, B, 0, 1)]
+    x = to_float(data.train[idx]).to(device)  # (B, 3, H, W)
+    gen = torch.Generator(device).manual_seed(mix(cfg.seed, "posterior", step))
+    adv = disc is not None and step >= cfg.disc_start
+    loss, parts, rec = vae_loss(state.part.module, x, cfg, disc.module if disc else None, adv, gen)
+    state.backward(loss)
+    state.optimizer_step(loss.detach(), [{"id": data.train_ids[i], "t": None} for i in idx])
+    _, gnorm = state.flush()  # one process, a small model: read the verdict every step
+    if adv:  # hinge discriminator loss (Lim & Ye 2017)
+        d_loss = F.relu(1 - disc.module(x)).mean() + F.relu(1 + disc.module(rec.detach())).mean()
+        d_loss.backward()
+        disc.optimizer.step()
+        disc.optimizer.zero_grad(set_to_none=True)
+        parts["d_loss"] = d_loss
+    return {"loss": loss.item(), "grad_norm": gnorm, **{k: v.item() for k, v in parts.items()}}
+
+
+def _save(run: Path, cfg, d, state: TrainState, disc: _Disc | None, psnr_before: float) -> None:
+    tensors, extra = {}, {"psnr_before": psnr_before}
+    if disc is not None:
+        flat_d, meta_d = checkpoint.flatten_optimizer(disc.optimizer)
+        tensors.update(disc=disc.module.state_dict(), disc_optimizer=flat_d)
+        extra["disc_optimizer"] = meta_d
+    runs.save(run, cfg, d, state, state.step * cfg.batch_size, tensors, extra)
+
+
+def _finish(run: Path, cfg, vae, data: _Images, psnr_before: float, step: int) -> None:
+    """Calibrate the latent scale, write vae/, report.md and psnr.json."""
+    scale = vae.calibrate_latent_scale(to_float(data.train[:256]))  # unit-variance latents for the UNet
     vae.eval().save_pretrained(str(run / "vae"))
-    after = psnr(vae, held) if n_hold else float("nan")
+    after = psnr(vae, data.held) if len(data.held) else float("nan")
+    size, f = cfg.image_size, 2 ** (len(cfg.vae.channels) - 1)
     write_report(run, "VAE training", {
-        "steps": step, "images": f"{N} for training, {n_hold} held out, {size}x{size} px",
+        "steps": step, "images": f"{len(data.train)} for training, {len(data.held)} held out, {size}x{size} px",
         "model": f"preset {cfg.model}, {vae.num_parameters():,} parameters, {f}x downsampling, "
                  f"{cfg.vae.latent_channels} latent channels",
         "held-out PSNR": f"{after:.2f} dB (untrained: {psnr_before:.2f} dB)", "latent scale": f"{scale:.5f}",
-        "discriminator": f"from step {cfg.disc_start}" if disc else "off", "config hash": config_hash(cfg)})
+        "discriminator": f"from step {cfg.disc_start}" if cfg.discriminator else "off",
+        "config hash": config_hash(cfg)})
     io.write_json(run / "psnr.json", {"held_out_psnr_db": after, "untrained_psnr_db": psnr_before})
-    return run / "vae"
-
-
-def _save(ckpt_dir, step, cfg, vae, opt, disc, opt_d, psnr_before) -> None:
-    flat, meta = checkpoint.flatten_optimizer(opt)
-    tensors = {"model": vae.state_dict(), "optimizer": flat}
-    state = {"step": step, "data_position": step * cfg.batch_size, "config_hash": config_hash(cfg),
-             "math": math_dict(cfg), "optimizer": meta, "rng": [checkpoint.rng_state()], "world_size": 1,
-             "psnr_before": psnr_before}
-    if disc is not None:
-        flat_d, meta_d = checkpoint.flatten_optimizer(opt_d)
-        tensors.update(disc=disc.state_dict(), disc_optimizer=flat_d)
-        state["disc_optimizer"] = meta_d
-    checkpoint.save(ckpt_dir, step, tensors, state, keep=cfg.keep_checkpoints)
 
 
 @torch.no_grad()
