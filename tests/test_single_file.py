@@ -250,9 +250,9 @@ def _tiny_file(path: Path, keys) -> Path:
 
 
 BAD = {
-    "sdxl": (["model.diffusion_model.input_blocks.0.0.weight", "first_stage_model.encoder.conv_in.weight",
-              "conditioner.embedders.0.transformer.text_model.embeddings.token_embedding.weight",
-              "conditioner.embedders.1.model.positional_embedding"], "Stable Diffusion XL"),
+    # SDXL-base is supported (tests/test_single_file_sdxl.py); the refiner's one-OpenCLIP layout is not
+    "sdxl_refiner": (["model.diffusion_model.input_blocks.0.0.weight", "first_stage_model.encoder.conv_in.weight",
+                      "conditioner.embedders.0.model.positional_embedding"], "another text-encoder layout"),
     "sd3": (["model.diffusion_model.joint_blocks.0.context_block.adaLN_modulation.1.bias",
              "first_stage_model.encoder.conv_in.weight"], "Stable Diffusion 3"),
     "lora": (["lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight",

@@ -7,6 +7,9 @@ networks under the prefixes of the original LDM code:
     first_stage_model.*           the VAE         (encoder.down.i.block.j / decoder.up.i …)
     cond_stage_model.transformer.*  SD 1.x text encoder (transformers' CLIPTextModel, names unchanged)
     cond_stage_model.model.*        SD 2.x text encoder (OpenCLIP ViT-H; q, k, v fused into in_proj)
+    conditioner.embedders.0.transformer.*, conditioner.embedders.1.model.*   SDXL's two (CLIP ViT-L, OpenCLIP
+                                    ViT-bigG with its text_projection); the UNet's `label_emb.0` is the
+                                    micro-conditioning MLP (our `add_embedding`)
 
 Each map here is data: a list of `Rule(ours, theirs, renames)` — a key prefix on each side and a
 table of renamed pieces below it — built from the network's config, because where a block sits in
@@ -25,6 +28,8 @@ UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
 CLIP_PREFIX = "cond_stage_model.transformer."  # SD 1.x: CLIP ViT-L/14, transformers' own key names
 OPENCLIP_PREFIX = "cond_stage_model.model."  # SD 2.x: OpenCLIP ViT-H/14
+SDXL_CLIP_PREFIX = "conditioner.embedders.0.transformer."  # SDXL: CLIP ViT-L/14, as SD 1.x
+SDXL_OPENCLIP_PREFIX = "conditioner.embedders.1.model."  # SDXL: OpenCLIP ViT-bigG/14 + its text_projection
 
 # Pieces renamed below a block prefix: ours -> theirs.
 UNET_RESNET = (("norm1", "in_layers.0"), ("conv1", "in_layers.2"), ("time_emb_proj", "emb_layers.1"),
@@ -90,7 +95,8 @@ def unet_rules(levels: int, layers: int, attention: Sequence[bool]) -> KeyMap:
     p = UNET_PREFIX
     rules = [Rule("time_embedding.linear_1.", p + "time_embed.0."), Rule("time_embedding.linear_2.", p + "time_embed.2."),
              Rule("conv_in.", p + "input_blocks.0.0."), Rule("conv_norm_out.", p + "out.0."),
-             Rule("conv_out.", p + "out.2.")]
+             Rule("conv_out.", p + "out.2."),
+             Rule("add_embedding.linear_1.", p + "label_emb.0.0."), Rule("add_embedding.linear_2.", p + "label_emb.0.2.")]
     for b in range(levels):
         for j in range(layers):
             i = 1 + b * (layers + 1) + j
@@ -139,18 +145,22 @@ def vae_rules(levels: int) -> KeyMap:
 # --------------------------------------------------------------------------- text encoders
 
 
-def clip_rules() -> KeyMap:
-    """SD 1.x: the file holds transformers' CLIPTextModel keys under one prefix."""
-    return [Rule("text_model.", CLIP_PREFIX + "text_model.")]
+def clip_rules(prefix: str = CLIP_PREFIX) -> KeyMap:
+    """SD 1.x (and SDXL's first encoder): transformers' CLIPTextModel keys under one prefix."""
+    return [Rule("text_model.", prefix + "text_model.")]
 
 
-def openclip_rules(layers: int) -> KeyMap:
+def openclip_rules(layers: int, prefix: str = OPENCLIP_PREFIX, projection: bool = False) -> KeyMap:
     """SD 2.x: OpenCLIP's text tower ⇄ transformers' CLIPTextModel (q/k/v fused in the file, see
-    single_file.py). `text_projection` and the final block SD 2.x does not use are not ours."""
-    p = OPENCLIP_PREFIX
+    single_file.py). `text_projection` and the final block SD 2.x does not use are not ours. SDXL's
+    second encoder (`projection`): CLIPTextModelWithProjection, whose Linear `text_projection.weight` is the
+    file's `text_projection` matrix transposed (single_file.py)."""
+    p = prefix
     rules = [Rule("text_model.embeddings.token_embedding.", p + "token_embedding."),
              Rule("text_model.embeddings.position_embedding.weight", p + "positional_embedding"),
              Rule("text_model.final_layer_norm.", p + "ln_final.")]
+    if projection:
+        rules.append(Rule("text_projection.weight", p + "text_projection"))
     for i in range(layers):
         rules.append(Rule(f"text_model.encoder.layers.{i}.", f"{p}transformer.resblocks.{i}.", OPENCLIP_LAYER))
     return rules

@@ -73,8 +73,11 @@ def _both(*prefixes: str) -> Callable[[List[str]], bool]:
 FAMILIES: List[Family] = [
     Family("lora", "a LoRA/LyCORIS adapter, not a full model", _contains("lora_", ".lora.", "lora_A", "hada_", "lokr_"),
            hint="load a full checkpoint; adapters are not read yet"),
-    Family("sdxl", "Stable Diffusion XL (conditioner.embedders.*)", _has("conditioner.embedders."),
-           hint="SDXL is not supported yet; use an SD 1.x or 2.x checkpoint"),
+    Family("sdxl", "Stable Diffusion XL", _both(K.UNET_PREFIX, K.VAE_PREFIX, K.SDXL_CLIP_PREFIX, K.SDXL_OPENCLIP_PREFIX),
+           "sdxl", True),
+    Family("sdxl-other", "an SDXL-family model with another text-encoder layout, e.g. the refiner "
+           "(conditioner.embedders.*)", _has("conditioner.embedders."),
+           hint="only SDXL-base's two-encoder layout is supported; use an SDXL base or SD 1.x/2.x checkpoint"),
     Family("sd3", "Stable Diffusion 3 (joint_blocks.*)", _contains("joint_blocks."),
            hint="SD3 is not supported; use an SD 1.x or 2.x checkpoint"),
     Family("flux", "a Flux model (double_blocks.*)", _contains("double_blocks."),
@@ -170,8 +173,11 @@ def _indices(keys, prefix: str) -> List[int]:
     return sorted(out)
 
 
-def infer_unet_config(unet: Dict[str, Any], family: str, v_prediction: bool, path) -> UNetConfig:
-    """UNetConfig from the LDM UNet's shapes (keys without `model.diffusion_model.`)."""
+def infer_unet_config(unet: Dict[str, Any], family: str, v_prediction: bool, path,
+                      pooled_dim: Optional[int] = None) -> UNetConfig:
+    """UNetConfig from the LDM UNet's shapes (keys without `model.diffusion_model.`). SDXL (sgm's
+    sd_xl_base.yaml): depth per level, 64-channel heads, `label_emb.0` = the micro-conditioning MLP on
+    `pooled_dim` + 6 size/crop numbers."""
     try:
         blocks = _indices(unet, "input_blocks.")
         downs = [i for i in blocks if f"input_blocks.{i}.0.op.weight" in unet]
@@ -180,19 +186,25 @@ def infer_unet_config(unet: Dict[str, Any], family: str, v_prediction: bool, pat
         firsts = [1 + b * (layers + 1) for b in range(levels)]
         channels = tuple(int(unet[f"input_blocks.{i}.0.out_layers.3.weight"].shape[0]) for i in firsts)
         attention = tuple(f"input_blocks.{i}.1.proj_in.weight" in unet for i in firsts)
-        depths = {len(_indices(unet, f"input_blocks.{i}.1.transformer_blocks.")) for i, a in zip(firsts, attention) if a}
+        per_level = [len(_indices(unet, f"input_blocks.{i}.1.transformer_blocks.")) if a else 0
+                     for i, a in zip(firsts, attention)]
+        depths = {d for d in per_level if d}
         to_k = next(v for k, v in unet.items() if k.endswith("attn2.to_k.weight"))
         proj = next(v for k, v in unet.items() if k.endswith(".1.proj_in.weight"))
         conv_in, conv_out = unet["input_blocks.0.0.weight"], unet["out.2.weight"]
     except (KeyError, StopIteration, ZeroDivisionError, IndexError) as e:
         raise UserError(f"{path}: the UNet (model.diffusion_model.*) is incomplete or not SD-shaped (missing {e}) — "
                         "the file may be damaged; download it again") from None
-    if len(depths) != 1:
-        raise UserError(f"{path}: transformer depth differs per level ({sorted(depths)}) — that is an SDXL-style "
-                        "UNet, not supported yet")
     if int(conv_in.shape[1]) != 4:
         raise UserError(f"{path}: appears to be an inpainting or other special model (UNet takes "
                         f"{int(conv_in.shape[1])} input channels, not 4) — not supported yet")
+    if family == "sdxl":
+        from .sdxl_file import sdxl_unet_config
+
+        return sdxl_unet_config(unet, channels, layers, attention, per_level, int(to_k.shape[1]), pooled_dim, path)
+    if len(depths) != 1:
+        raise UserError(f"{path}: transformer depth differs per level ({sorted(depths)}) — that is an SDXL-style "
+                        "UNet without SDXL's text encoders, not supported")
     sd2 = family == "sd2"
     return UNetConfig(
         in_channels=int(conv_in.shape[1]), out_channels=int(conv_out.shape[0]), channels=channels,
@@ -204,7 +216,7 @@ def infer_unet_config(unet: Dict[str, Any], family: str, v_prediction: bool, pat
     )
 
 
-def infer_vae_config(vae: Dict[str, Any], path) -> VAEConfig:
+def infer_vae_config(vae: Dict[str, Any], path, scaling_factor: float = 0.18215) -> VAEConfig:
     """VAEConfig from the LDM autoencoder's shapes (keys without `first_stage_model.`)."""
     try:
         levels = _indices(vae, "encoder.down.")
@@ -216,13 +228,14 @@ def infer_vae_config(vae: Dict[str, Any], path) -> VAEConfig:
         raise UserError(f"{path}: the VAE (first_stage_model.*) is incomplete (missing {e}) — the file may be damaged; "
                         "download it again") from None
     return VAEConfig(in_channels=cin, out_channels=cout, latent_channels=z, channels=channels, layers_per_level=layers,
-                     norm_groups=32, scaling_factor=0.18215, sample_size=512,
+                     norm_groups=32, scaling_factor=scaling_factor, sample_size=512,
                      mid_attention="encoder.mid.attn_1.q.weight" in vae,
                      use_quant_conv="quant_conv.weight" in vae, use_post_quant_conv="post_quant_conv.weight" in vae)
 
 
 def infer_text_config(text: Dict[str, Any], layout: str, path):
-    """transformers CLIPTextConfig from our-layout text keys (`text_model.*`)."""
+    """transformers CLIPTextConfig from our-layout text keys (`text_model.*`, + `text_projection.weight` for SDXL's
+    second encoder)."""
     from transformers import CLIPTextConfig
 
     p = "text_model."
@@ -239,7 +252,8 @@ def infer_text_config(text: Dict[str, Any], layout: str, path):
         num_attention_heads=max(int(hidden) // 64, 1), max_position_embeddings=positions,
         hidden_act="gelu" if layout == "openclip" else "quick_gelu",  # OpenCLIP ViT-H / OpenAI CLIP ViT-L
         bos_token_id=int(vocab) - 2, eos_token_id=int(vocab) - 1, pad_token_id=1,
-        projection_dim=1024 if layout == "openclip" else 768,
+        projection_dim=int(text["text_projection.weight"].shape[0]) if "text_projection.weight" in text
+        else 1024 if layout == "openclip" else 768,
     )
 
 
@@ -288,7 +302,8 @@ def _fuse_qkv(state: Dict[str, Any]) -> Dict[str, Any]:
 # copies, transformers' position_ids, OpenCLIP's contrastive head): never read as weights.
 IGNORED_PREFIXES = ("model_ema.", "betas", "alphas_cumprod", "sqrt_", "log_one_minus", "posterior_", "logvar",
                     "lvlb_weights", "global_step", V_PRED_KEY, ZTSNR_KEY, "cond_stage_model.model.text_projection",
-                    "cond_stage_model.model.logit_scale", f"{K.OPENCLIP_PREFIX}transformer.resblocks.{OPENCLIP_UNUSED_BLOCK}.")
+                    "cond_stage_model.model.logit_scale", f"{K.OPENCLIP_PREFIX}transformer.resblocks.{OPENCLIP_UNUSED_BLOCK}.",
+                    f"{K.SDXL_OPENCLIP_PREFIX}logit_scale")
 IGNORED_SUFFIXES = ("position_ids",)
 
 
@@ -332,20 +347,20 @@ def _build(cls, cfg, path):
         raise UserError(f"{path}: {e}") from None
 
 
-def _unet_from(state, family: Family, v_prediction: bool, path):
+def _unet_from(state, family: Family, v_prediction: bool, path, pooled_dim: Optional[int] = None):
     from ..models.unet import UNet
 
-    cfg = infer_unet_config(_sub(state, K.UNET_PREFIX), family.name, v_prediction, path)
+    cfg = infer_unet_config(_sub(state, K.UNET_PREFIX), family.name, v_prediction, path, pooled_dim)
     rules = K.unet_rules(len(cfg.channels), cfg.layers_per_level, cfg.attention)
     model = _build(UNet, cfg, path)
     _load_into(model, _component(state, rules, K.UNET_PREFIX, path), rules, path, meta=True)
     return model
 
 
-def _vae_from(state, path):
+def _vae_from(state, path, scaling_factor: float = 0.18215):
     from ..models.vae import AutoencoderKL
 
-    cfg = infer_vae_config(_sub(state, K.VAE_PREFIX), path)
+    cfg = infer_vae_config(_sub(state, K.VAE_PREFIX), path, scaling_factor)
     rules = K.vae_rules(len(cfg.channels))
     model = _build(AutoencoderKL, cfg, path)
     _load_into(model, _vae_attention_to_linear(_component(state, rules, K.VAE_PREFIX, path)), rules, path, meta=True)
@@ -426,18 +441,25 @@ class SingleFile:
     """What `load_single_file` returns: the three networks (float32, eval mode), the schedule, the family."""
 
     path: Path
-    family: str  # "sd1" | "sd2" (see FAMILIES)
+    family: str  # "sd1" | "sd2" | "sdxl" (see FAMILIES)
     unet: Any  # models.unet.UNet
     vae: Any  # models.vae.AutoencoderKL
     text_model: Any  # transformers.CLIPTextModel
     tokenizer: Any  # a transformers CLIP tokenizer, or None when none was given
     schedule_config: ScheduleConfig
     scheduler_config: Dict[str, Any] = field(default_factory=dict)  # scheduler_config.json contents
+    text_model_2: Any = None  # SDXL: transformers.CLIPTextModelWithProjection
+    tokenizer_2: Any = None  # SDXL: its tokenizer
 
     def text_encoder(self, max_length: Optional[int] = None):
-        """The text model + tokenizer as a `text.TextEncoder` (a UserError if no tokenizer was given)."""
+        """The text model + tokenizer as a `text.TextEncoder` (SDXL: a `text.DualTextEncoder`; a UserError if no
+        tokenizer was given)."""
         from ..text import TextEncoder
 
+        if self.text_model_2 is not None:
+            from .sdxl_file import dual_text_encoder
+
+            return dual_text_encoder(self, max_length)
         if self.tokenizer is None:
             raise UserError(f"{self.path}: a single file holds no tokenizer — pass --tokenizer DIR (tokenizer=DIR): "
                             "a CLIP tokenizer folder, e.g. the tokenizer/ of any SD 1.x/2.x diffusers model")
@@ -467,7 +489,8 @@ def load_tokenizer(tokenizer):
 
 
 def load_single_file(path, tokenizer=None, prediction_type: Optional[str] = None) -> SingleFile:
-    """Read an SD 1.x/2.x single-file checkpoint into our UNet and VAE and a transformers CLIPTextModel.
+    """Read an SD 1.x/2.x single-file checkpoint into our UNet and VAE and a transformers CLIPTextModel
+    (SDXL: and a CLIPTextModelWithProjection; `tokenizer` is then an SDXL model root, see sdxl_file.py).
 
     `tokenizer`: a CLIP tokenizer folder (or object) — a single file does not carry one. `prediction_type`
     overrides the rule in the module docstring. Any other family, a damaged file or a pickle that needs
@@ -476,7 +499,8 @@ def load_single_file(path, tokenizer=None, prediction_type: Optional[str] = None
     path = Path(path)
     state = read_checkpoint(path)
     family = identify(path, list(state))
-    return LOADERS[family.name](path, state, family, load_tokenizer(tokenizer), prediction_type)
+    tok = tokenizer if family.name == "sdxl" else load_tokenizer(tokenizer)  # SDXL reads two (sdxl_file.py)
+    return LOADERS[family.name](path, state, family, tok, prediction_type)
 
 
 def _load_sd(path: Path, state: Dict[str, Any], family: Family, tokenizer, prediction_type) -> SingleFile:
@@ -494,7 +518,13 @@ def _load_sd(path: Path, state: Dict[str, Any], family: Family, tokenizer, predi
 
 # family name -> loader(path, state, family, tokenizer, prediction_type) -> SingleFile, for each supported
 # row of FAMILIES (a new family adds its row there and its loader here).
-LOADERS: Dict[str, Callable[..., SingleFile]] = {"sd1": _load_sd, "sd2": _load_sd}
+def _load_sdxl(*args) -> SingleFile:
+    from .sdxl_file import load_sdxl
+
+    return load_sdxl(*args)
+
+
+LOADERS: Dict[str, Callable[..., SingleFile]] = {"sd1": _load_sd, "sd2": _load_sd, "sdxl": _load_sdxl}
 
 
 def is_single_file(path) -> bool:
@@ -529,6 +559,7 @@ def _check_exportable(unet, vae, layout: str, where: str) -> None:
         (c.cross_attention_dim is None, "the UNet has no cross-attention (SD files are text-conditional)"),
         (not c.mid_attention, "the UNet has no mid-block attention"),
         (c.num_class_embeds is not None, "the UNet is class-conditional"),
+        (c.addition_input_dim is not None, "the UNet is micro-conditioned (SDXL) but there is one text encoder"),
         (c.norm_groups != 32 or vae.config.norm_groups != 32, "GroupNorm groups are not 32"),
         (tuple(level_heads(c)) != want and any(c.attention), f"the UNet's heads per level {level_heads(c)} are not the "
          f"{'64-channel heads of SD 2.x' if layout == 'openclip' else '8 heads of SD 1.x'} that SD tools assume"),
@@ -542,19 +573,24 @@ def _check_exportable(unet, vae, layout: str, where: str) -> None:
 def single_file_state(unet, vae, text_model, schedule_config: ScheduleConfig, dtype=torch.float16,
                       where: str = "model") -> Dict[str, torch.Tensor]:
     """Our three networks -> one state dict in the original layout (the key names A1111 and ComfyUI read)."""
-    layout, text = _text_layout(text_model, where)
-    _check_exportable(unet, vae, layout, where)
     if schedule_config.prediction_type == "sample":
         raise UserError(f"{where}: x0-prediction (prediction_type=sample) cannot be marked in a single file — keep "
                         "the diffusers folder")
     c = unet.config
     parts = [(unet.state_dict(), K.unet_rules(len(c.channels), c.layers_per_level, c.attention), None),
              (_vae_attention_to_conv(vae.state_dict()), K.vae_rules(len(vae.config.channels)), None)]
-    tstate = _text_state(text)
-    if layout == "openclip":
-        parts.append((tstate, K.openclip_rules(text.config.num_hidden_layers), _fuse_qkv))
+    if hasattr(text_model, "models"):  # SDXL's DualTextEncoder
+        from .sdxl_file import sdxl_text_parts
+
+        parts += sdxl_text_parts(unet, vae, text_model, where)
     else:
-        parts.append((tstate, K.clip_rules(), None))
+        layout, text = _text_layout(text_model, where)
+        _check_exportable(unet, vae, layout, where)
+        tstate = _text_state(text)
+        if layout == "openclip":
+            parts.append((tstate, K.openclip_rules(text.config.num_hidden_layers), _fuse_qkv))
+        else:
+            parts.append((tstate, K.clip_rules(), None))
     out: Dict[str, torch.Tensor] = {}
     for state, rules, post in parts:
         mapped, unmapped = K.map_state(state, rules, forward=True)
