@@ -148,3 +148,31 @@ def test_bad_rank_target_kind_are_one_line_errors():
         A.inject(_unet(), "lorra", rank=2, alpha=1)
     with pytest.raises(UserError, match=r"DoRA is a LoRA option"):
         A.inject(_unet(), "loha", rank=2, alpha=1, dora=True)
+
+
+@pytest.mark.parametrize("kind", ["loha", "lokr"])
+@pytest.mark.parametrize("layer", [lambda: nn.Linear(64, 48), lambda: nn.Conv2d(32, 48, 3, padding=1)])
+def test_loha_lokr_equal_peft_on_the_same_factors(kind, layer):
+    """PEFT's LoHa/LoKr layers (same factor shapes as ours, alpha/r scaling) as the oracle."""
+    from peft import LoHaConfig, LoKrConfig, inject_adapter_in_model, get_peft_model_state_dict
+
+    torch.manual_seed(0)
+    base = nn.Sequential(layer())
+    config = (LoHaConfig if kind == "loha" else LoKrConfig)(r=2, alpha=3, target_modules=["0"])
+    theirs = inject_adapter_in_model(config, copy.deepcopy(base))
+    with torch.no_grad():
+        for n, p in theirs.named_parameters():
+            if "hada_" in n or "lokr_" in n:
+                p.normal_(0, 0.3)
+    state = {k.split(".", 1)[1]: v for k, v in get_peft_model_state_dict(theirs).items()}
+    full = "lokr_w2" in state
+    ours = A.KINDS[kind](base[0], rank=2, alpha=3, **({"factors": tuple(state["lokr_w1"].shape), "full": full}
+                                                      if kind == "lokr" else {}))
+    own = {k: v for k, v in ours.state_dict().items() if not k.startswith("base.") and k != "alpha"}
+    assert set(own) == set(state)
+    ours.load_state_dict({k: v.reshape(own[k].shape) for k, v in state.items()}, strict=False)
+    x = torch.randn(2, 9, 64) if isinstance(base[0], nn.Linear) else torch.randn(2, 32, 6, 6)
+    with torch.no_grad():
+        expect = theirs(x)
+        assert (expect - base(x)).abs().max() > 1e-3
+        torch.testing.assert_close(ours(x), expect, rtol=1e-4, atol=1e-5)

@@ -125,3 +125,22 @@ def test_lora_for_another_architecture_names_the_first_mismatched_key(tmp_path, 
     assert not list(A.adapters(pipe.unet))  # nothing applied
     with pytest.raises(UserError, match=r"--lora .*missing.safetensors: no such file"):
         pipe.with_lora(tmp_path / "missing.safetensors")
+
+
+def test_lycoris_full_lokr_factors_are_read_at_scale_one(tmp_path):
+    """A LyCORIS LoKr key set with a full w2 (`lokr_w1`, `lokr_w2`): ΔW = w1 ⊗ w2 at scale 1, as ComfyUI
+    applies it (its alpha is ignored without a decomposed factor)."""
+    from safetensors.torch import save_file
+
+    from latentforge.models import UNet
+
+    torch.manual_seed(0)
+    unet = UNet(UNET).eval()
+    path = "down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_v"  # (32, 32)
+    w1, w2 = torch.randn(4, 4), torch.randn(8, 8) * 0.1
+    name = F.kohya_name("unet", path)
+    file = tmp_path / "lokr.safetensors"
+    save_file({f"{name}.lokr_w1": w1, f"{name}.lokr_w2": w2, f"{name}.alpha": torch.tensor(7.0)}, str(file))
+    expect = unet.get_submodule(path).weight + torch.kron(w1, w2)
+    F.apply(F.read(file), {"unet": unet})
+    torch.testing.assert_close(unet.get_submodule(path).weight, expect)

@@ -242,7 +242,8 @@ class LoKr(Adapter):
     kind = "lokr"
 
     def __init__(self, base: nn.Module, rank: int, alpha: float, dropout: float = 0.0,
-                 generator: Optional[torch.Generator] = None, factors: Optional[Tuple[int, int]] = None):
+                 generator: Optional[torch.Generator] = None, factors: Optional[Tuple[int, int]] = None,
+                 full: bool = False):
         super().__init__(base, rank, alpha, dropout)
         w = self.layer.weight
         if factors is None:
@@ -253,18 +254,25 @@ class LoKr(Adapter):
             (o1, i1) = factors
             o2, i2 = w.shape[0] // o1, w.shape[1] // i1
         k = w[0, 0].numel()  # kernel positions (1 for Linear)
-        self._check_rank(min(o2, i2 * k), f"the LoKr factor's smaller side ({o2}x{i2 * k})")
         kw = dict(device=w.device, dtype=w.dtype)
         self.lokr_w1 = nn.Parameter(torch.empty(o1, i1, **kw))
-        self.lokr_w2_a = nn.Parameter(torch.empty(o2, rank, **kw))
-        self.lokr_w2_b = nn.Parameter(torch.zeros(rank, i2 * k, **kw))  # ΔW = 0 at init
+        if full:  # LyCORIS' full w2 (its files use it when the factor is small): (o2, i2[, k, k])
+            self.lokr_w2 = nn.Parameter(torch.zeros(o2, i2, *w.shape[2:], **kw))
+        else:
+            self._check_rank(min(o2, i2 * k), f"the LoKr factor's smaller side ({o2}x{i2 * k})")
+            self.lokr_w2_a = nn.Parameter(torch.empty(o2, rank, **kw))
+            self.lokr_w2_b = nn.Parameter(torch.zeros(rank, i2 * k, **kw))  # ΔW = 0 at init
         with torch.no_grad():
             _kaiming(self.lokr_w1, generator)
-            _kaiming(self.lokr_w2_a, generator)
+            if not full:
+                _kaiming(self.lokr_w2_a, generator)
 
     def delta_weight(self) -> torch.Tensor:
         w = self.layer.weight
-        w2 = (self.lokr_w2_a @ self.lokr_w2_b).view(self.lokr_w2_a.shape[0], -1, *w.shape[2:])  # (o2, i2, k, k)
+        if hasattr(self, "lokr_w2"):
+            w2 = self.lokr_w2.view(self.lokr_w2.shape[0], -1, *w.shape[2:])  # (o2, i2, k, k)
+        else:
+            w2 = (self.lokr_w2_a @ self.lokr_w2_b).view(self.lokr_w2_a.shape[0], -1, *w.shape[2:])
         w1 = self.lokr_w1.view(*self.lokr_w1.shape, *([1] * (w.ndim - 2)))  # (o1, i1, 1, 1)
         return torch.kron(w1, w2)  # (o1·o2, i1·i2, k, k)
 

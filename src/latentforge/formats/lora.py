@@ -35,7 +35,7 @@ _TO_DIFFUSERS = {"lora_down.weight": "lora_A.weight", "lora_up.weight": "lora_B.
                  "dora_scale": "lora_magnitude_vector"}
 _FROM_DIFFUSERS = {v: k for k, v in _TO_DIFFUSERS.items()}
 _SUFFIXES = ("lora_down.weight", "lora_up.weight", "alpha", "dora_scale", "hada_w1_a", "hada_w1_b", "hada_w2_a",
-             "hada_w2_b", "lokr_w1", "lokr_w2_a", "lokr_w2_b")
+             "hada_w2_b", "lokr_w1", "lokr_w2", "lokr_w2_a", "lokr_w2_b")
 
 
 @dataclass
@@ -208,6 +208,9 @@ def _kind(entry: Dict[str, torch.Tensor]) -> Tuple[str, int]:
         return "loha", entry["hada_w1_b"].shape[0]
     if "lokr_w2_b" in entry:
         return "lokr", entry["lokr_w2_b"].shape[0]
+    if "lokr_w2" in entry:  # full factors: LyCORIS and ComfyUI apply them at scale 1 (alpha/rank = 1)
+        entry["alpha"] = torch.tensor(1.0)
+        return "lokr", 1
     raise ValueError(f"incomplete adapter (keys {sorted(entry)})")
 
 
@@ -238,7 +241,7 @@ def _resolve(f: AdapterFile, components: Dict[str, nn.Module], key: Tuple[str, s
         alpha = float(entry.pop("alpha", torch.tensor(float(rank))))
         options = {"dora": "dora_scale" in entry} if kind == "lora" else {}
         if kind == "lokr":
-            options["factors"] = tuple(entry["lokr_w1"].shape)
+            options.update(factors=tuple(entry["lokr_w1"].shape), full="lokr_w2" in entry)
         probe = KINDS[kind](plain_layer(module), rank, alpha, **options)  # shapes this layer needs
     except (ValueError, KeyError) as e:
         raise bad(str(e)) from None
