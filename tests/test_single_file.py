@@ -288,6 +288,8 @@ def test_truncated_and_pickled_files_are_named(exported, tmp_path, capsys):
 
 def test_missing_tokenizer_and_incomplete_file(exported, tmp_path):
     _, good = exported["sd1"]
+    with pytest.raises(UserError, match="no such file"):
+        Pipeline.from_pretrained(tmp_path / "typo.safetensors", device="cpu")
     with pytest.raises(UserError, match="--tokenizer"):
         Pipeline.from_pretrained(good, device="cpu")
     state = load_file(str(good))

@@ -528,8 +528,9 @@ LOADERS: Dict[str, Callable[..., SingleFile]] = {"sd1": _load_sd, "sd2": _load_s
 
 
 def is_single_file(path) -> bool:
+    """A checkpoint file by its name (a missing one too, so that its error names the file, not a folder)."""
     path = Path(path)
-    return path.is_file() and path.suffix in SUFFIXES
+    return not path.is_dir() and path.suffix in SUFFIXES
 
 
 # --------------------------------------------------------------------------- our models -> a single file
