@@ -126,3 +126,28 @@ def test_micro_conditioned_model_without_pooled_text_is_one_line(world, tmp_path
     assert main(["train", "--data", str(world["data"]), "--vae", str(world["model"]), "--out", str(run), "--quiet",
                  "model=sdxl-tiny", "max_steps=1", f"image_size={RES}"]) == 2
     assert "needs pooled text embeddings" in capsys.readouterr().err
+
+
+def test_sdxl_lora_from_init_samples_like_diffusers_with_the_lora(world):
+    """adapter=lora on an SDXL --init: the adapter file, loaded by diffusers' load_lora_weights into its SDXL
+    pipeline, gives the image our pipeline gives with it (and not the base model's)."""
+    import diffusers
+
+    from latentforge.pipelines import Pipeline
+
+    run = world["root"] / "lora_run"
+    assert main(["train", "--init", str(world["model"]), "--data", str(world["data"]), "--out", str(run), "--quiet",
+                 "adapter=lora", f"batch_size={B}", "max_steps=3", "lr=3e-2", "warmup_steps=0", "sample_every=0",
+                 "checkpoint_every=3", f"image_size={RES}"]) == 0
+    ours = Pipeline.from_pretrained(world["model"], device="cpu")
+    latents = torch.randn(1, 4, RES // 2, RES // 2, generator=torch.Generator().manual_seed(1))
+    kw = dict(sampler="euler", steps=3, cfg=3.0, size=(RES, RES), latents=latents, output="pt")
+    base = ours.text2img("lower newer", **kw)
+    got = ours.with_lora(next((run / "lora").glob("*.safetensors"))).text2img("lower newer", **kw)
+    ref_pipe = diffusers.StableDiffusionXLPipeline.from_pretrained(world["model"])
+    ref_pipe.set_progress_bar_config(disable=True)
+    ref_pipe.load_lora_weights(str(run / "lora"))
+    ref = ref_pipe("lower newer", latents=latents, num_inference_steps=3, guidance_scale=3.0, height=RES, width=RES,
+                   output_type="pt").images
+    assert (got - base).abs().max() > 1e-3  # the adapter was trained and matters
+    torch.testing.assert_close(got, ref, atol=1e-3, rtol=0)
