@@ -162,7 +162,9 @@ class Attention(nn.Module):
         q, k, v = self._project_qkv(x, context)  # (B, N, inner), (B, L, inner) ×2
         q, k, v = (u.unflatten(-1, (self.heads, -1)).transpose(1, 2) for u in (q, k, v))  # (B, h, ·, d)
         dtype = q.dtype
-        if self.upcast and dtype != torch.float32:
+        # fp32 kernel when asked (SD 2.1) and for bf16 on CPU, whose bf16 flash-attention backward runs several
+        # times slower than fp32's (profiled on the `small` UNet, torch 2.13, docs/BENCHMARKS.md)
+        if (self.upcast or q.device.type == "cpu") and dtype != torch.float32:
             q, k, v = q.float(), k.float(), v.float()
         bias = None if mask is None or context is None else _key_padding_bias(mask, q.dtype)  # (B, 1, 1, L)
         d = q.shape[-1]

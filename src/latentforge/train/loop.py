@@ -32,6 +32,7 @@ from .data import Stream
 from .init import build_unet
 from .lr import lr_for
 from .nan_guard import NanGuard
+from .precision import LowPrecisionCompute
 from .report import RunLog, write_report
 from .samples import export_model, maybe_sample
 from .setup import autocast_dtype, check_precision, make_optimizer, null_condition, resolve_for_data
@@ -70,6 +71,7 @@ class _Run:
     vae: object = None
     text_encoder: object = None
     cache_id: object = None  # the cache's identity, recorded in every checkpoint and checked on --resume
+    lowp: object = None  # precision=bf16 on CPU: the bf16 compute copy of the UNet (precision.py)
 
     @property
     def images_per_step(self) -> int:
@@ -89,7 +91,9 @@ def _train(cfg, dataset, run_dir: Path, d, resume_flags, vae, text_encoder, prog
     null, stream = null_condition(cfg, dataset, text_encoder), Stream(dataset, cfg.seed)
     if loaded is not None:
         runs.restore(loaded, d, state)
-    model = distributed.wrap(state.part.module, d)
+    if cfg.precision == "bf16" and d.device.type == "cpu":  # bf16 compute copy, fp32 masters; CUDA: autocast
+        r.lowp = LowPrecisionCompute(state.part.module, torch.bfloat16)
+    model = distributed.wrap(r.lowp.compute if r.lowp else state.part.module, d)
     log = RunLog(run_dir, enabled=d.is_main, resume_step=state.step if loaded is not None else None)
     bar = tqdm(total=cfg.max_steps, initial=state.step, disable=not (progress and d.is_main), desc="train",
                unit="step", dynamic_ncols=True)
@@ -99,6 +103,8 @@ def _train(cfg, dataset, run_dir: Path, d, resume_flags, vae, text_encoder, prog
             lr = state.set_lr(lr_for(cfg, state.step))
             loss, picked = _accumulate(r, state, model, stream, ac, null)
             state.optimizer_step(loss, picked)
+            if r.lowp:
+                r.lowp.weights_to_compute()  # round the fp32 masters into the bf16 copy
             if state.step % cfg.log_every == 0 or state.step == cfg.max_steps:
                 loss, gnorm = state.flush()  # the host reads the device here, once per log step
                 seen = state.step * r.images_per_step
@@ -162,10 +168,13 @@ def _accumulate(r: _Run, state: TrainState, model, stream: Stream, ac, null) -> 
         sync = model.no_sync() if d.enabled and micro < A - 1 else contextlib.nullcontext()
         with sync:
             loss = train_step(model, batch.to(d.device), draws, ac, cfg.schedule.prediction_type,
-                              cfg.min_snr_gamma, autocast_dtype(cfg.precision),
-                              micro=cfg.unet.addition_input_dim is not None)
+                              cfg.min_snr_gamma, None if r.lowp else autocast_dtype(cfg.precision),
+                              micro=cfg.unet.addition_input_dim is not None,
+                              compute_dtype=r.lowp.dtype if r.lowp else None)
             state.backward(loss, A)
         losses.append(loss.detach().float())
+    if r.lowp:
+        r.lowp.grads_to_master()  # fp32 gradients on the master weights: clip, guard and AdamW act there
     return distributed.mean_tensor(torch.stack(losses).mean(), d), picked  # on the device, no host read
 
 

@@ -96,9 +96,10 @@ def apply_dropout(batch: Batch, drop: torch.Tensor, null_context=None, null_mask
 
 def train_step(model, batch: Batch, draws: Draws, alphas_cumprod: torch.Tensor, prediction_type: str = "epsilon",
                min_snr_gamma: float = 0.0, autocast_dtype: Optional[torch.dtype] = None,
-               micro: Optional[bool] = None) -> torch.Tensor:
+               micro: Optional[bool] = None, compute_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
     """Loss of one (micro-)batch as a float32 scalar; call `.backward()` on it. `micro` (default: the batch has
-    pooled text and time ids) passes SDXL's micro-conditioning to the UNet."""
+    pooled text and time ids) passes SDXL's micro-conditioning to the UNet. `compute_dtype`: the dtype of a
+    model whose weights are already in low precision (train/precision.py): its float inputs are cast to it."""
     micro = batch.pooled is not None and batch.time_ids is not None if micro is None else micro
     x0, noise, t = batch.latent, draws.noise.to(batch.latent), draws.t.to(batch.latent.device)
     ac = alphas_cumprod.to(x0.device)
@@ -106,7 +107,9 @@ def train_step(model, batch: Batch, draws: Draws, alphas_cumprod: torch.Tensor, 
     with torch.autocast(x0.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
         # No context mask: captions are padded to a fixed length and, as in SD and diffusers'
         # pipeline, the UNet attends to the padding too — training and sampling must agree.
-        pred = model(x_t, t, batch.context, **batch.conditions(micro))  # (B, C, h, w)
+        cast = lambda u: u.to(compute_dtype) if compute_dtype and torch.is_tensor(u) and u.is_floating_point() else u  # noqa: E731
+        conditions = {k: cast(v) for k, v in batch.conditions(micro).items()}
+        pred = model(cast(x_t), t, cast(batch.context), **conditions)  # (B, C, h, w)
     err = (pred.float() - target(prediction_type, x0, noise, t, ac)).square().mean(dim=(1, 2, 3))  # (B,)
     if min_snr_gamma > 0:  # Hang et al. 2023
         err = err * min_snr_weight(t, ac, min_snr_gamma, prediction_type)
