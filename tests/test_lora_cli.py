@@ -39,6 +39,9 @@ def test_sample_with_lora_flag_equals_with_lora(setup, tmp_path):
     base = np.asarray(Pipeline.from_pretrained(folder, device="cpu").text2img("lower", steps=3, size=(32, 32),
                                                                              seed=4)[0])
     assert np.array_equal(got, expect) and not np.array_equal(got, base)
+    from latentforge.png import parse_parameters, read_parameters
+
+    assert parse_parameters(read_parameters(tmp_path / "00000-4.png"))["LoRA"] == "style:0.5"
 
 
 def test_merge_writes_a_plain_model_that_samples_like_the_adapter(setup, tmp_path):

@@ -144,3 +144,35 @@ def test_lycoris_full_lokr_factors_are_read_at_scale_one(tmp_path):
     expect = unet.get_submodule(path).weight + torch.kron(w1, w2)
     F.apply(F.read(file), {"unet": unet})
     torch.testing.assert_close(unet.get_submodule(path).weight, expect)
+
+
+def test_two_text_encoders_use_kohya_te1_te2_and_clip_text_model_names(tmp_path):
+    """SDXL's second text encoder: lora_te2_ (kohya) / text_encoder_2. (diffusers); CLIP layers are written as
+    text_model.encoder.layers.N…; kohya's lora_te1_ spelling of the first encoder is read too."""
+    from safetensors.torch import load_file, save_file
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    def clip(seed):
+        torch.manual_seed(seed)
+        return CLIPTextModel(CLIPTextConfig(vocab_size=30, hidden_size=16, intermediate_size=20, num_hidden_layers=1,
+                                            num_attention_heads=2, max_position_embeddings=8)).eval()
+
+    one, two = clip(0), clip(1)
+    for m in (one, two):
+        A.inject(m, "lora", rank=2, alpha=2, targets="attention", text=True)
+        with torch.no_grad():
+            for p in A.adapter_parameters(m):
+                p.normal_(0, 0.2)
+    file = F.save_kohya(tmp_path / "xl.safetensors", {"text_encoder": one, "text_encoder_2": two})
+    keys = list(load_file(str(file)))
+    assert any(k.startswith("lora_te_text_model_encoder_layers_0_self_attn_q_proj.") for k in keys)
+    assert any(k.startswith("lora_te2_text_model_encoder_layers_0_self_attn_q_proj.") for k in keys)
+    te1 = tmp_path / "te1.safetensors"  # the same file in the lora_te1_ spelling
+    save_file({k.replace("lora_te_", "lora_te1_"): v for k, v in load_file(str(file)).items()}, str(te1))
+    ids = torch.tensor([[1, 4, 5, 2]])
+    for f in (file, te1):
+        fresh = {"text_encoder": clip(0), "text_encoder_2": clip(1)}
+        F.apply(F.read(f), fresh)
+        with torch.no_grad():
+            for name, m in (("text_encoder", one), ("text_encoder_2", two)):
+                assert torch.equal(fresh[name](ids).last_hidden_state, m(ids).last_hidden_state)

@@ -71,6 +71,7 @@ class Pipeline:
         self.unet, self.vae, self.schedule, self.text_encoder = unet.eval(), vae.eval(), schedule, text_encoder
         self.scheduler_config = dict(scheduler_config or {})
         self.name = name
+        self.loras: List[str] = []  # "file:scale" of the adapters applied by with_lora
         warn_unhonoured(self.scheduler_config, where=f"{name or 'model'}/scheduler")
         # diffusers' StableDiffusionPipeline gives the UNet no attention mask (captions are padded to a
         # fixed length); keep False for identical images there, True if the model was trained with it.
@@ -130,6 +131,7 @@ class Pipeline:
         from .formats import lora
 
         lora.apply(lora.read(file), self._adaptable(), scale)
+        self.loras.append(f"{Path(file).stem}:{float(scale):g}")  # recorded in the PNG parameters
         return self
 
     def without_lora(self) -> "Pipeline":
@@ -137,6 +139,7 @@ class Pipeline:
 
         for model in self._adaptable().values():
             remove(model)
+        self.loras = []
         return self
 
     def _adaptable(self) -> dict:
@@ -259,6 +262,7 @@ class Pipeline:
                 "Denoising strength": float(strength) if init is not None else None,
                 "Eta": float(eta) if sampler == "ddim" and eta else None,
                 "Class": class_label, "Guidance rescale": float(guidance_rescale) if guidance_rescale else None,
+                "LoRA": " + ".join(self.loras) or None,
             })
         return pils
 

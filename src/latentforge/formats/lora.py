@@ -30,7 +30,11 @@ from ..adapters.layers import KINDS, Adapter, LoKr, LoRA, plain_layer
 from ..errors import UserError
 
 DIFFUSERS_NAME = "pytorch_lora_weights.safetensors"
-PREFIX = {"unet": ("unet.", "lora_unet_"), "text_encoder": ("text_encoder.", "lora_te_")}
+# component -> (diffusers prefix, kohya prefix); SDXL kohya files name the two text encoders lora_te1_/lora_te2_
+PREFIX = {"unet": ("unet.", "lora_unet_"), "text_encoder": ("text_encoder.", "lora_te_"),
+          "text_encoder_2": ("text_encoder_2.", "lora_te2_")}
+_KOHYA_COMPONENT = {"lora_unet_": "unet", "lora_te_": "text_encoder", "lora_te1_": "text_encoder",
+                    "lora_te2_": "text_encoder_2"}
 _TO_DIFFUSERS = {"lora_down.weight": "lora_A.weight", "lora_up.weight": "lora_B.weight",
                  "dora_scale": "lora_magnitude_vector"}
 _FROM_DIFFUSERS = {v: k for k, v in _TO_DIFFUSERS.items()}
@@ -88,7 +92,7 @@ def _alias(comp: str, model: nn.Module) -> str:
     ComfyUI, diffusers) name CLIP layers text_model.encoder.layers.N…, so we write and read that spelling."""
     config = getattr(model, "config", None)
     clip = getattr(config, "model_type", "") in ("clip_text_model", "clip")
-    return "text_model." if comp == "text_encoder" and clip and not hasattr(model, "text_model") else ""
+    return "text_model." if comp.startswith("text_encoder") and clip and not hasattr(model, "text_model") else ""
 
 
 def kohya_name(component: str, module_path: str) -> str:
@@ -150,7 +154,7 @@ def read(path) -> AdapterFile:
             metadata = dict(f.metadata() or {})
     except (SafetensorError, OSError, ValueError) as e:
         raise UserError(f"--lora {path}: not a readable safetensors file ({e}) — pass a LoRA .safetensors") from None
-    kohya = any(k.startswith(("lora_unet_", "lora_te_")) for k in tensors)
+    kohya = any(k.startswith(tuple(_KOHYA_COMPONENT)) for k in tensors)
     out = AdapterFile(path, "kohya" if kohya else "diffusers", metadata=metadata)
     for key, value in tensors.items():
         comp, module, suffix = (_split_kohya if kohya else _split_diffusers)(path, key)
@@ -162,11 +166,12 @@ def read(path) -> AdapterFile:
 
 
 def _split_kohya(path: Path, key: str) -> Tuple[str, str, str]:
-    comp = "unet" if key.startswith("lora_unet_") else "text_encoder" if key.startswith("lora_te_") else None
+    prefix = next((p for p in _KOHYA_COMPONENT if key.startswith(p)), None)
     name, _, suffix = key.partition(".")
-    if comp is None or suffix not in _SUFFIXES:
+    if prefix is None or suffix not in _SUFFIXES:
         raise UserError(f"--lora {path}: unsupported key {key} — latentforge reads LoRA, LoCon, LoHa, LoKr and DoRA")
-    return comp, name, suffix  # module: still the kohya name, resolved against the model in apply()
+    comp = _KOHYA_COMPONENT[prefix]  # module: the kohya name in our spelling, resolved against the model in apply()
+    return comp, PREFIX[comp][1] + name[len(prefix):], suffix
 
 
 def _split_diffusers(path: Path, key: str) -> Tuple[str, str, str]:
