@@ -72,9 +72,9 @@ def _ours_run(name, pred, steps, z, seed, eta=0.0, karras=False, final_sigma="ze
     vp = S.get_sampler(name).family != "k"  # diffusers' DDPM/DDIM/DPM keep x_t = x/√(1+σ²)
 
     def keep(d):
-        xs.append(d["x"] / (d["sigma_next"] ** 2 + 1).sqrt() if vp else d["x"])
+        xs.append(S.SamplingPlan.to_unet_scale(d["x"], d["sigma_next"]) if vp else d["x"])
 
-    S.sample(name, plan.denoiser(model_fn, sched.alphas_cumprod, pred), z * plan.init_sigma, plan.sigmas,
+    S.sample(name, plan.denoiser(model_fn, sched.alphas_cumprod, pred), plan.start(z), plan.sigmas,
              callback=keep, generator=torch.Generator().manual_seed(seed), eta=eta, disable=True)
     return xs, plan.timesteps
 
@@ -221,3 +221,16 @@ def test_denoiser_turns_an_ideal_unet_into_the_ideal_denoiser(pred):
     var = SD_DATA**4 / (SD_DATA**2 + p.sigmas[-2] ** 2)  # see _gaussian_run
     torch.testing.assert_close(out.mean(0), MU, atol=1e-3, rtol=0)
     torch.testing.assert_close(out.var(0), var.expand(2), atol=0.03 * var, rtol=0)
+
+
+def test_sigma_table_matches_kdiffusion_definition():
+    """σ_t = √((1-ᾱ_t)/ᾱ_t) and back: diffusers' Euler scheduler stores the same σ table (reversed, then 0)."""
+    from diffusers import EulerDiscreteScheduler
+
+    sched = NoiseSchedule.from_config(ScheduleConfig())
+    sig = S.sigma_table(sched.alphas_cumprod)
+    assert torch.all(sig[1:] > sig[:-1])
+    torch.testing.assert_close(S.sigma_to_alpha_cumprod(sig), sched.alphas_cumprod, atol=1e-6, rtol=0)
+    ref = EulerDiscreteScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+    torch.testing.assert_close(sig, ref.sigmas[:-1].flip(0).float(), atol=1e-6, rtol=1e-6)
+

@@ -94,18 +94,6 @@ def test_snr_and_min_snr_weights_closed_form():
                                torch.tensor([2 / 5, 1 / 2, 0.25 / 1.25, 0.0]))
 
 
-def test_sigmas_match_kdiffusion_definition():
-    sched = S.NoiseSchedule.from_config(ScheduleConfig())
-    sig = sched.sigmas
-    assert torch.all(sig[1:] > sig[:-1])
-    torch.testing.assert_close(S.sigma_to_alpha_cumprod(sig), sched.alphas_cumprod, atol=1e-6, rtol=0)
-    # diffusers' Euler scheduler stores the same σ table (reversed)
-    from diffusers import EulerDiscreteScheduler
-    ref = EulerDiscreteScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
-    ref_sig = ((1 - ref.alphas_cumprod) / ref.alphas_cumprod) ** 0.5
-    torch.testing.assert_close(sig, ref_sig, atol=1e-6, rtol=1e-6)
-
-
 def test_bad_names_are_user_errors():
     with pytest.raises(UserError, match="beta_schedule"):
         S.NoiseSchedule.from_config(ScheduleConfig(beta_schedule="quadratic"))

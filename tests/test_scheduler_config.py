@@ -46,8 +46,8 @@ def _ours(name, config, steps, z, seed):
     plan = S.plan(ac, name, steps, **opts.plan_kwargs())
     vp, xs = S.get_sampler(name).family != "k", []  # diffusers' DDPM/DDIM/DPM keep x_t = x/√(1+σ²)
     S.sample(name, plan.denoiser(model_fn, ac, config.get("prediction_type", "epsilon"), **opts.denoiser_kwargs()),
-             z * plan.init_sigma, plan.sigmas, callback=lambda d: xs.append(
-                 d["x"] / (d["sigma_next"] ** 2 + 1).sqrt() if vp else d["x"]),
+             plan.start(z), plan.sigmas, callback=lambda d: xs.append(
+                 S.SamplingPlan.to_unet_scale(d["x"], d["sigma_next"]) if vp else d["x"]),
              generator=torch.Generator().manual_seed(seed), disable=True, **opts.solver_kwargs(steps))
     return xs
 

@@ -223,11 +223,9 @@ class Pipeline:
         x0 = None
         if init is not None:
             x0 = self.vae.encode(to_tensor(init).to(self.device)).expand(n, -1, -1, -1)  # (n, C, h, w)
-        if first == 0:  # full strength: pure noise, as text→image (diffusers' `is_strength_max`)
-            x = noise * plan.init_sigma
-        else:
+        if first:  # below full strength: x0 noised part-way down (full: pure noise, diffusers' `is_strength_max`)
             plan = plan.start_at(first)
-            x = x0 + noise * plan.sigmas[0]  # = add_noise(x0, noise, t) / √ᾱ_t
+        x = plan.start(noise, x0 if first else None)
         cond, uncond = self._conditions(prompt, negative_prompt, class_label, n)
         self._micro_conditioning(cond, uncond, (H, W), n, **micro)
         model_fn = classifier_free_guidance(lambda x, t, **c: self.unet(x, t, **c), cond, uncond, cfg,
@@ -237,13 +235,13 @@ class Pipeline:
             keep = self._latent_mask(mask, x0.shape[-2:])  # (1, 1, h, w): 1 = repaint
 
             def after_step(x, sigma_next):  # the known region, noised to the level x is now at
-                return keep * x + (1 - keep) * (x0 + noise * sigma_next)
+                return keep * x + (1 - keep) * plan.noised(x0, noise, sigma_next)
 
         denoiser = plan.denoiser(model_fn, ac, self.schedule.prediction_type, **opts.denoiser_kwargs())
         x = samplers.sample(sampler, denoiser, x, plan.sigmas, generator=gens, eta=eta if sampler == "ddim" else None,
                             after_step=after_step, disable=None if progress is None else not progress,
                             **opts.solver_kwargs(steps))
-        out = x / (plan.sigmas[-1] ** 2 + 1).sqrt()  # x_t = x/√(1+σ²); σ_last = 0 unless "sigma_min"
+        out = plan.finish(x)  # (n, C, h, w) at the UNet's scale
         if keep is not None:
             out = keep * out + (1 - keep) * x0
         if output == "latent":

@@ -102,6 +102,11 @@ def sigma_table(alphas_cumprod: torch.Tensor) -> torch.Tensor:
     return ((1 - ac) / ac) ** 0.5
 
 
+def sigma_to_alpha_cumprod(sigma: torch.Tensor) -> torch.Tensor:
+    """Inverse of `sigma_table`: ᾱ = 1/(1+σ²) (Karras et al. 2022, Table 1 'VP')."""
+    return 1 / (1 + sigma**2)
+
+
 # ----------------------------------------------------------------------------- sigma plans
 
 @dataclass(frozen=True)
@@ -131,6 +136,26 @@ class SamplingPlan:
         """The same plan begun `index` steps down (image→image); the start is then x0 + σ·noise."""
         return SamplingPlan(self.sigmas[index:], self.timesteps[index:], float(self.sigmas[index]),
                             self.interpolation, self.quantize)
+
+    def start(self, noise: torch.Tensor, x0: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The sampler's first x: noise · init_sigma (text→image), or x0 noised to the plan's first σ
+        (image→image on a plan begun part-way down, `start_at`)."""
+        return noise * self.init_sigma if x0 is None else self.noised(x0, noise, self.sigmas[0])
+
+    @staticmethod
+    def noised(x0: torch.Tensor, noise: torch.Tensor, sigma) -> torch.Tensor:
+        """x0 at noise level σ in k-diffusion coordinates: x0 + σ·ε (= add_noise(x0, ε, t) / √ᾱ_t)."""
+        return x0 + noise * sigma
+
+    def finish(self, x: torch.Tensor) -> torch.Tensor:
+        """The sampler's last x back to the UNet's (and VAE's) scale; the last σ is 0 unless the plan ends
+        at σ_min."""
+        return self.to_unet_scale(x, self.sigmas[-1])
+
+    @staticmethod
+    def to_unet_scale(x: torch.Tensor, sigma) -> torch.Tensor:
+        """k-diffusion x at noise level σ -> the UNet's x_t = x · √ᾱ = x / √(1+σ²)."""
+        return x / (torch.as_tensor(sigma) ** 2 + 1).sqrt()
 
 
 def spaced_timesteps(steps: int, T: int, spacing: str, steps_offset: int = 0, family: str = "k") -> np.ndarray:

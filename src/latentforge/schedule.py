@@ -4,7 +4,7 @@
 
 Notation used throughout: α = √ᾱ_t (signal scale), σ = √(1-ᾱ_t) (noise scale). The k-diffusion
 view of the same process divides by α: x_t / α = x0 + σ_k · ε with σ_k = √((1-ᾱ)/ᾱ) (Karras et al.
-2022), which is what the samplers integrate over.
+2022), which is what the samplers integrate over; that conversion (both ways) lives in samplers.py only.
 
 Everything takes `alphas_cumprod` (ᾱ, a float32 (T,) tensor) explicitly; `NoiseSchedule` just
 bundles it with the betas and the prediction type. Prediction types use diffusers' names:
@@ -85,11 +85,6 @@ class NoiseSchedule:
     @property
     def num_train_timesteps(self) -> int:
         return self.betas.shape[0]
-
-    @property
-    def sigmas(self) -> torch.Tensor:
-        """k-diffusion noise levels σ_t = √((1-ᾱ_t)/ᾱ_t), (T,), increasing in t."""
-        return to_sigmas(self.alphas_cumprod)
 
 
 # ----------------------------------------------------------------------------- noising and targets
@@ -186,15 +181,3 @@ def min_snr_weight(t, ac: torch.Tensor, gamma: float, prediction_type: str) -> t
     if prediction_type == "v_prediction":
         return s.clamp(max=gamma) / (s + 1)
     raise UserError(f"prediction_type: unknown {prediction_type!r} — use one of {', '.join(PREDICTION_TYPES)}")
-
-
-# ----------------------------------------------------------------------------- k-diffusion σ view
-
-def to_sigmas(ac: torch.Tensor) -> torch.Tensor:
-    """σ_t = √((1-ᾱ_t)/ᾱ_t) (Karras et al. 2022, Table 1 'VP'); inf where ᾱ_t = 0."""
-    return ((1 - ac) / ac) ** 0.5
-
-
-def sigma_to_alpha_cumprod(sigma: torch.Tensor) -> torch.Tensor:
-    """Inverse of `to_sigmas`: ᾱ = 1/(1+σ²)."""
-    return 1 / (1 + sigma**2)
