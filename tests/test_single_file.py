@@ -369,3 +369,35 @@ def test_full_size_vae_and_text_encoders_map_exactly():
         back = SF.infer_text_config(SF._text_state(text), layout, "f")
         assert (back.hidden_size, back.num_hidden_layers, back.intermediate_size, back.num_attention_heads,
                 back.hidden_act) == (hidden, layers, inner, hidden // 64, tc.hidden_act)
+
+
+def test_export_refuses_what_other_tools_would_read_differently(tmp_path):
+    """The single-file layout carries no architecture: heads, GroupNorm groups, the text encoder's kind and
+    the schedule must be what SD tools assume, or the export is refused in one line (nothing written)."""
+    from transformers import BertConfig, BertModel
+
+    from latentforge.config import ScheduleConfig, UNetConfig, VAEConfig
+    from latentforge.formats.single_file import save_single_file
+    from latentforge.models import AutoencoderKL, UNet
+
+    unet_cfg = UNetConfig(channels=(32, 64), layers_per_level=1, attention=(True, False), num_heads=8,
+                          cross_attention_dim=64, norm_groups=32, sample_size=8)
+    vae = AutoencoderKL(VAEConfig(channels=(32, 32), layers_per_level=1, norm_groups=32, sample_size=16))
+    _, _, clip = _components("sd1")
+    bert = BertModel(BertConfig(vocab_size=30, hidden_size=64, num_hidden_layers=1, num_attention_heads=1,
+                                intermediate_size=64))
+    from latentforge.config import replace
+
+    cases = [
+        (UNet(replace(unet_cfg, num_heads=4)), clip, ScheduleConfig(), "8 heads of SD 1.x"),
+        (UNet(replace(unet_cfg, norm_groups=16)), clip, ScheduleConfig(), "GroupNorm groups"),
+        (UNet(unet_cfg), bert, ScheduleConfig(), "CLIP text encoder only"),
+        (UNet(unet_cfg), clip, ScheduleConfig(prediction_type="sample"), "x0-prediction"),
+        (UNet(unet_cfg), clip, ScheduleConfig(beta_schedule="linear", beta_start=0.0001, beta_end=0.02), "not SD's"),
+    ]
+    for unet, text, schedule, why in cases:
+        out = tmp_path / "x.safetensors"
+        with pytest.raises(UserError, match=why):
+            save_single_file(out, unet, vae, text, schedule)
+        assert not out.exists()
+    save_single_file(tmp_path / "ok.safetensors", UNet(unet_cfg), vae, clip, ScheduleConfig())  # the baseline
