@@ -101,7 +101,7 @@ def test_linear_linear_paths_agree_with_materialised_delta():
                      (nn.Conv2d(4, 6, 1), torch.randn(2, 9, 4, generator=g))]:
         a = A.LoRA(layer, rank=3, alpha=3)
         randomize_module(a)
-        torch.testing.assert_close(a.delta_output(x), a._apply(x, a.delta_weight()), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(a.delta_output(x), a._op(x, a.delta_weight()), rtol=1e-5, atol=1e-6)
 
 
 def randomize_module(a):
@@ -135,6 +135,8 @@ def test_only_adapter_parameters_train():
     assert all(p.grad is None for n, p in unet.named_parameters() if ".base." in n or "lora" not in n)
     keys = A.adapter_state_dict(unet)
     assert keys and all(k.endswith(("lora_down.weight", "lora_up.weight", "alpha")) for k in keys)
+    unet.to(torch.float64)  # nn.Module machinery (.to, .float, …) reaches the adapters
+    assert all(p.dtype == torch.float64 for p in A.adapter_parameters(unet))
     A.remove(unet)
     assert not list(A.adapters(unet)) and set(unet.state_dict()) == set(_unet().state_dict())
 

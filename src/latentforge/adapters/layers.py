@@ -73,7 +73,7 @@ class Adapter(nn.Module):
 
     def delta_output(self, x: torch.Tensor) -> torch.Tensor:
         """ΔW x, unscaled (same layout as the base output). Default: materialise ΔW, apply the op."""
-        return self._apply(x, self.delta_weight())
+        return self._op(x, self.delta_weight())
 
     def merged_weight(self, w: torch.Tensor) -> torch.Tensor:
         """The weight that gives this adapter's output with no adapter: W + s·ΔW."""
@@ -119,7 +119,7 @@ class Adapter(nn.Module):
         """True when a 1×1 conv is applied to (B, N, C) tokens as a Linear (SpatialTransformer.proj_in)."""
         return isinstance(self.layer, nn.Conv2d) and x.ndim == 3
 
-    def _apply(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    def _op(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         """The plain layer's operation with weight `w` and no bias."""
         layer = self.layer
         if isinstance(layer, nn.Linear) or self._tokens(x):
