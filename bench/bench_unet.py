@@ -46,6 +46,7 @@ import bench_common as common  # noqa: E402
 from latentforge.config import PRESETS, ScheduleConfig, TrainConfig, UNetConfig  # noqa: E402
 from latentforge.models import UNet  # noqa: E402
 from latentforge.schedule import NoiseSchedule  # noqa: E402
+from latentforge.train.precision import LowPrecisionCompute  # noqa: E402
 from latentforge.train.setup import make_optimizer  # noqa: E402
 from latentforge.train.step import Batch, Draws, train_step  # noqa: E402
 
@@ -149,6 +150,40 @@ def ours_step(model, cfg: BenchConfig, device: torch.device, dtype, optimizer=No
         opt.zero_grad(set_to_none=True)
 
     return step
+
+
+def bf16_step(model, cfg: BenchConfig, device: torch.device, dtype, mode: str = "masters"):
+    """latentforge in bf16 on CPU. mode `masters`: what `precision=bf16` trains with (bf16 compute copy, fp32
+    master weights and AdamW, train/precision.py); `autocast`: torch.autocast over fp32 weights;
+    `masters+channels_last`: the first with NHWC activations and weights."""
+    x0, noise, t, ctx = make_batch(cfg, device)
+    ac = NoiseSchedule.from_config(ScheduleConfig()).alphas_cumprod.to(device)
+    opt = make_optimizer(model, TrainConfig(lr=1e-4), device)
+    draws = Draws(t=t, noise=noise, drop=torch.zeros_like(t, dtype=torch.bool))
+    if mode == "autocast":
+        batch = Batch(latent=x0, context=ctx)
+        return lambda: (train_step(model, batch, draws, ac, autocast_dtype=torch.bfloat16).backward(), opt.step(),
+                        opt.zero_grad(set_to_none=True))
+    lowp = LowPrecisionCompute(model, torch.bfloat16)
+    if mode.endswith("channels_last"):
+        lowp.compute.to(memory_format=torch.channels_last)
+        x0, noise = x0.contiguous(memory_format=torch.channels_last), noise.contiguous(memory_format=torch.channels_last)
+    batch = Batch(latent=x0, context=ctx)
+
+    def step():
+        train_step(lowp.compute, batch, draws, ac, compute_dtype=torch.bfloat16).backward()
+        lowp.grads_to_master()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        lowp.weights_to_compute()
+
+    return step
+
+
+# bf16 arms (CPU): extra arms in the same interleaved rounds as the fp32 latentforge and diffusers steps.
+PRECISION_ARMS = {"latentforge bf16 (precision=bf16: bf16 copy, fp32 masters)": "masters",
+                  "latentforge bf16 autocast (fp32 weights)": "autocast",
+                  "latentforge bf16 masters + channels_last": "masters+channels_last"}
 
 
 def diffusers_step(model, cfg: BenchConfig, device: torch.device, dtype):
@@ -275,15 +310,22 @@ def run_memory_subprocess(arm: str, config: str, device: str, dtype: str, batch:
 def run(configs=("small", "issue7"), device: str = "cpu", dtype: str = "fp32", repeats: int = 7, warmup: int = 2,
         steps_per_sample: int = 1, memory: bool = True, batch: Optional[int] = None,
         peak_tflops: Optional[float] = None, progress: bool = True, ablations: Sequence[str] = (),
-        profile: Sequence[str] = ()) -> dict:
+        profile: Sequence[str] = (), precision: Sequence[str] = (), gemm_size: int = 2048) -> dict:
     """Both arms on each config; `ablations`/`profile`: the configs that also get ABLATIONS arms / a profile."""
     dev = torch.device(device)
     peak = peak_tflops or gpu_peak_tflops(dev, dtype)
+    gemm = common.gemm_rate(("fp32", "bf16"), n=gemm_size, device=dev)  # this machine's limit, this run
     rows = []
     for name in configs:
         cfg = CONFIGS[name] if not batch else replace(CONFIGS[name], batch=batch)
         row = compare(name, cfg, dev, DTYPES[dtype], repeats, warmup, steps_per_sample, progress,
-                      with_ablations=name in ablations, with_profile=name in profile)
+                      with_ablations=name in ablations, with_profile=name in profile,
+                      with_precision=name in precision and dev.type == "cpu" and dtype == "fp32")
+        limit = gemm["bf16" if dtype == "bf16" else "fp32"]
+        for arm in ARMS:
+            row[arm]["gemm_fraction"] = row[arm]["gflops_per_cpu_s" if dev.type == "cpu" else "gflops_per_s"] / limit
+        for a in row["precision"].values():
+            a["gemm_fraction"] = a["gflops_per_cpu_s"] / gemm["bf16"]
         for arm in ARMS:
             if peak:
                 row[arm]["mfu"] = row[arm]["gflops_per_s"] / (peak * 1e3)
@@ -291,11 +333,12 @@ def run(configs=("small", "issue7"), device: str = "cpu", dtype: str = "fp32", r
                 row[arm]["memory"] = run_memory_subprocess(arm, name, device, dtype, cfg.batch)
         rows.append(row)
     return {"device": device, "dtype": dtype, "repeats": repeats, "warmup": warmup,
-            "steps_per_sample": steps_per_sample, "peak_tflops": peak, "rows": rows}
+            "steps_per_sample": steps_per_sample, "peak_tflops": peak, "gemm_gflops": gemm, "gemm_size": gemm_size,
+            "rows": rows}
 
 
 def compare(name: str, cfg: BenchConfig, dev: torch.device, dtype, repeats: int, warmup: int, steps_per_sample: int,
-            progress: bool, with_ablations: bool, with_profile: bool) -> dict:
+            progress: bool, with_ablations: bool, with_profile: bool, with_precision: bool = False) -> dict:
     """One config: equality check, optional profile, interleaved timing of both arms (+ ablation arms)."""
     with tempfile.TemporaryDirectory() as tmp:
         ours, theirs = make_pair(cfg, Path(tmp) / "unet", dev)
@@ -304,6 +347,9 @@ def compare(name: str, cfg: BenchConfig, dev: torch.device, dtype, repeats: int,
     if with_ablations:
         for arm, kw in ABLATIONS.items():
             steps[arm] = ours_step(copy.deepcopy(ours), cfg, dev, dtype, **kw)
+    if with_precision:
+        for arm, mode in PRECISION_ARMS.items():
+            steps[arm] = bf16_step(copy.deepcopy(ours), cfg, dev, dtype, mode)
     breakdown = profile_breakdown({k: steps[k] for k in ARMS}) if with_profile else None
     arms = {k: (lambda f=f: [f() for _ in range(steps_per_sample)]) for k, f in steps.items()}
     samples = common.interleaved(arms, cfg.batch * steps_per_sample, repeats, warmup, dev, progress)
@@ -321,7 +367,12 @@ def compare(name: str, cfg: BenchConfig, dev: torch.device, dtype, repeats: int,
                               "vs_latentforge_cpu": common.paired_ratio(s, a, "cpu"),
                               "vs_diffusers_cpu": common.paired_ratio(s, b, "cpu"),
                               "vs_diffusers_wall": common.paired_ratio(s, b, "wall"), "wall": s.wall, "cpu": s.cpu}
-                        for arm, s in samples.items() if arm not in ARMS}
+                        for arm, s in samples.items() if arm not in ARMS and arm not in PRECISION_ARMS}
+    row["precision"] = {arm: {"images_per_s": s.rate("wall"), "images_per_cpu_s": s.rate("cpu"),
+                              "gflops_per_cpu_s": flops * s.rate("cpu") / 1e9,
+                              "vs_fp32_cpu": common.paired_ratio(s, a, "cpu"), "vs_fp32_wall": common.paired_ratio(s, a, "wall"),
+                              "vs_diffusers_cpu": common.paired_ratio(s, b, "cpu"), "wall": s.wall, "cpu": s.cpu}
+                        for arm, s in samples.items() if arm in PRECISION_ARMS}
     return row
 
 
@@ -357,18 +408,35 @@ def markdown(res: dict) -> str:
                      common.fmt(b["images_per_s"]), f"**{r['ratio_wall']:.2f}×**", common.fmt(a["images_per_cpu_s"]),
                      common.fmt(b["images_per_cpu_s"]), f"**{r['ratio_cpu']:.2f}×**",
                      f"{r['paired_ratio_wall']:.2f}× / {r['paired_ratio_cpu']:.2f}×", mem(a), mem(b),
-                     f"{a[gf]:.1f} / {b[gf]:.1f}", f"{r['max_abs_diff']:.1e}"])
+                     f"{a[gf]:.1f} / {b[gf]:.1f}", _fraction(a, b), f"{r['max_abs_diff']:.1e}"])
     header = ["config", "latentforge img/s (wall)", "diffusers img/s (wall)", "ratio (wall)",
               "latentforge img/s (CPU time)", "diffusers img/s (CPU time)", "ratio (CPU time)",
               "paired ratio wall / CPU", "step peak MiB latentforge", "step peak MiB diffusers",
-              f"GFLOP/s ({gf_name}) latentforge / diffusers", "max abs Δ fwd"]
-    out = [common.table(header, rows)]
+              f"GFLOP/s ({gf_name}) latentforge / diffusers",
+              f"fraction of the measured {res['dtype']} GEMM rate latentforge / diffusers", "max abs Δ fwd"]
+    g = res["gemm_gflops"]
+    out = [common.table(header, rows), "", f"Measured dense GEMM rate in this run ({res['gemm_size']}² matmul, "
+           f"{gf_name}): **fp32 {g['fp32']:.0f} GFLOP/s, bf16 {g['bf16']:.0f} GFLOP/s** — the limit the fraction "
+           "column divides by (model FLOPs × images/s ÷ GEMM FLOP/s)."]
     if any("mfu" in r["latentforge"] for r in res["rows"]):
         out.append("")
         out.append(common.table(["config", "MFU latentforge", "MFU diffusers", "peak TFLOP/s"],
                                 [[r["config"], f"{r['latentforge'].get('mfu', 0):.1%}", f"{r['diffusers'].get('mfu', 0):.1%}",
                                   res["peak_tflops"]] for r in res["rows"]]))
     return "\n".join(out)
+
+
+def _fraction(a: dict, b: dict) -> str:
+    return f"{a['gemm_fraction']:.0%} / {b['gemm_fraction']:.0%}" if "gemm_fraction" in a else "–"
+
+
+def markdown_precision(res: dict) -> str:
+    rows = [[f"`{r['config']}`", arm, common.fmt(a["images_per_cpu_s"]), f"**{a['vs_fp32_cpu']:.2f}×**",
+             f"{a['vs_fp32_wall']:.2f}×", f"{a['vs_diffusers_cpu']:.2f}×", f"{a['gemm_fraction']:.0%}"]
+            for r in res["rows"] for arm, a in r.get("precision", {}).items()]
+    return common.table(["config", "arm", "img/s (CPU time)", "vs latentforge fp32 (paired, CPU)",
+                         "vs latentforge fp32 (paired, wall)", "vs diffusers fp32 (paired, CPU)",
+                         "fraction of the measured bf16 GEMM rate"], rows) if rows else ""
 
 
 def markdown_ablations(res: dict) -> str:
@@ -408,6 +476,7 @@ def main(argv=None) -> int:
     p.add_argument("--peak-tflops", type=float, default=None, help="device peak for MFU (default: known GPUs, bf16)")
     p.add_argument("--ablations", default="", help="configs that also get the ABLATIONS arms (e.g. issue7)")
     p.add_argument("--profile", default="", help="configs whose step is also profiled by op category")
+    p.add_argument("--precision", default="", help="configs that also get the bf16 arms (CPU, --dtype fp32)")
     p.add_argument("--json", default=None, help="also write the raw results here")
     p.add_argument("--memory-arm", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -418,12 +487,13 @@ def main(argv=None) -> int:
         return 0
     split = lambda v: [c for c in v.split(",") if c]  # noqa: E731
     res = run(configs, args.device, args.dtype, args.repeats, args.warmup, args.steps_per_sample, not args.no_memory,
-              args.batch or None, args.peak_tflops, ablations=split(args.ablations), profile=split(args.profile))
+              args.batch or None, args.peak_tflops, ablations=split(args.ablations), profile=split(args.profile),
+              precision=split(args.precision))
     res["flops_sd15_64"] = sd15_flops_per_image()
     if args.json:
         Path(args.json).write_text(json.dumps(res, indent=1))
     print(markdown(res))
-    for extra in (markdown_ablations(res), markdown_profile(res)):
+    for extra in (markdown_precision(res), markdown_ablations(res), markdown_profile(res)):
         if extra:
             print("\n" + extra)
     print(f"\nSD 1.5 UNet, 64×64 latent: {res['flops_sd15_64'] / 1e12:.2f} TFLOP per image per training step")

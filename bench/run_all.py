@@ -30,14 +30,16 @@ import bench_unet  # noqa: E402
 import bench_common as common  # noqa: E402
 
 FULL = {
-    "unet": dict(configs=("small", "issue7"), repeats=5, warmup=1, ablations=("issue7",), profile=("issue7",)),
+    "unet": dict(configs=("small", "issue7"), repeats=5, warmup=1, ablations=("issue7",), profile=("issue7",),
+                 precision=("small",), gemm_size=2048),
     "text2img": dict(preset="small", steps=20, batch=2, repeats=5, warmup=1),
     "data": dict(n=64, size=64, batch=16, preset="small", repeats=5, warmup=1, epoch_repeats=3),
     # CFG 4.0: the demo's own evaluation setting. Not timed, so it runs on every core (threads=0).
     "quality": dict(steps=(5, 10, 20, 40), reference=1000, n=1, prompts=96, batch=96, cfg=4.0, threads=0),
 }
 QUICK = {
-    "unet": dict(configs=("tiny",), repeats=2, warmup=1, ablations=("tiny",), profile=("tiny",)),
+    "unet": dict(configs=("tiny",), repeats=2, warmup=1, ablations=("tiny",), profile=("tiny",), precision=("tiny",),
+                 gemm_size=256),
     "text2img": dict(preset="tiny", steps=2, batch=1, repeats=2, warmup=1),
     "data": dict(n=8, size=32, batch=4, preset="tiny", repeats=2, warmup=1, epoch_repeats=1),
     "quality": dict(steps=(1, 2), reference=3, n=1, prompts=4, batch=4, cfg=4.0, threads=1),
@@ -61,7 +63,7 @@ def find_model(requested: str | None) -> tuple[str | None, str]:
 
 def section_unet(p: dict, device: str, dtype: str) -> tuple[dict, str]:
     res = bench_unet.run(p["configs"], device, dtype, p["repeats"], p["warmup"], ablations=p["ablations"],
-                         profile=p["profile"])
+                         profile=p["profile"], precision=p.get("precision", ()), gemm_size=p.get("gemm_size", 2048))
     res["flops_sd15_64"] = bench_unet.sd15_flops_per_image()
     lines = [bench_unet.markdown(res), ""]
     for r in res["rows"]:
@@ -78,6 +80,11 @@ def section_unet(p: dict, device: str, dtype: str) -> tuple[dict, str]:
                      "the padded q, k, v are what SDPA keeps for backward; with the padding switched off the step "
                      "peaks are equal (341 vs 341 MiB on `issue7`, measured on 2026-11-25 with the padding disabled). A speed-for-memory "
                      "trade on CPU only; GPUs are not padded.")
+    prec = bench_unet.markdown_precision(res)
+    if prec:
+        lines += ["", "**bf16 on CPU** (extra arms in the same interleaved rounds; `precision=bf16` trains with the first "
+                  "arm: a bf16 compute copy of the UNet, fp32 master weights, AdamW state and EMA; the attention kernel "
+                  "runs in fp32 on CPU, whose bf16 flash-attention backward is several times slower):", "", prec]
     abl = bench_unet.markdown_ablations(res)
     if abl:
         lines += ["", "**What one more optimisation would buy** (extra arms in the same interleaved rounds, each on "
@@ -175,6 +182,17 @@ def summary(raw: dict, device: str = "cpu") -> str:
                      f"{r['ratio_wall']:.2f}× (wall)", "≥ 1.2× (floor 1.0×)",
                      "goal met" if r["ratio_cpu"] >= 1.2 else "floor met, goal not" if r["ratio_cpu"] >= 1.0
                      else "BELOW floor"])
+    unet = raw.get("unet", {})
+    for r in unet.get("rows", []):
+        for arm, a in r.get("precision", {}).items():
+            if "precision=bf16" in arm:
+                rows.append([f"bf16 training step vs fp32, `{r['config']}` (CPU)", f"{a['vs_fp32_cpu']:.2f}× (CPU time), "
+                             f"{a['vs_fp32_wall']:.2f}× (wall)", "≥ 1.6×", "met" if a["vs_fp32_cpu"] >= 1.6 else "NOT met"])
+        if "gemm_fraction" in r.get("latentforge", {}):
+            rows.append([f"fp32 step's fraction of the measured fp32 GEMM rate, `{r['config']}`",
+                         f"{r['latentforge']['gemm_fraction']:.0%} (diffusers {r['diffusers']['gemm_fraction']:.0%})",
+                         "reported", f"GEMM fp32 {unet['gemm_gflops']['fp32']:.0f} / bf16 "
+                         f"{unet['gemm_gflops']['bf16']:.0f} GFLOP/s"])
     if "text2img" in raw:
         t = raw["text2img"]
         rows.append([f"text→image {t['steps']} steps vs StableDiffusionPipeline", f"{t['ratio_cpu']:.2f}× (CPU time), "

@@ -33,6 +33,10 @@ def quick(tmp_path_factory):
     return out, (out / "BENCHMARKS.md").read_text(), json.loads((out / "raw.json").read_text())
 
 
+def bench_unet_arms():
+    return _module("bench_unet").PRECISION_ARMS
+
+
 def _rows(doc: str, first_cell: str):
     """Cells of the markdown table rows whose first cell starts with `first_cell`."""
     return [[c.strip() for c in line.strip("|").split("|")] for line in doc.splitlines()
@@ -63,6 +67,11 @@ def test_unet_step_same_weights_ratio_memory_and_flops(quick):
     assert row["ratio_wall"] == pytest.approx(row["latentforge"]["images_per_s"] / row["diffusers"]["images_per_s"])
     assert set(row["ablations"]) == {"latentforge + fused AdamW", "latentforge + channels_last"}
     assert row["flops_per_image"] > 0 and set(row["profile"]) == {"latentforge", "diffusers"}
+    assert set(row["precision"]) == set(bench_unet_arms())  # bf16 arms in the same rounds
+    assert all(a["images_per_cpu_s"] > 0 and 0 < a["gemm_fraction"] for a in row["precision"].values())
+    assert set(raw["unet"]["gemm_gflops"]) == {"fp32", "bf16"} and min(raw["unet"]["gemm_gflops"].values()) > 0
+    assert 0 < row["latentforge"]["gemm_fraction"] and "fraction of the measured fp32 GEMM rate" in doc
+    assert len(_rows(doc, "bf16 training step vs fp32, `tiny` (CPU)")) == 1
     # the SD 1.5 UNet's training FLOPs at 64x64: 3 x forward, forward ≈ 0.80 TFLOP (2 x its ~400 G MACs)
     assert 2.0e12 < raw["unet"]["flops_sd15_64"] < 2.8e12
     (cells,) = _rows(doc, "`tiny` (B=2")
