@@ -76,6 +76,7 @@ class Pipeline:
         # diffusers' StableDiffusionPipeline gives the UNet no attention mask (captions are padded to a
         # fixed length); keep False for identical images there, True if the model was trained with it.
         self.use_context_mask = use_context_mask
+        self._embeddings: dict = {}  # prompt -> its text embeddings (one row), see _encoded
         cfg = unet.config
         if cfg.cross_attention_dim is not None and text_encoder is None:
             raise UserError(f"{name or 'model'}: the UNet cross-attends to text but the folder has no "
@@ -118,6 +119,7 @@ class Pipeline:
         return pipe.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
     def to(self, device) -> "Pipeline":
+        self._embeddings.clear()
         self.unet.to(device)
         self.vae.to(device)
         if self.text_encoder is not None:
@@ -143,6 +145,8 @@ class Pipeline:
         return self
 
     def _adaptable(self) -> dict:
+        """The modules an adapter may change (so the cached prompt embeddings are dropped)."""
+        self._embeddings.clear()
         comps = {"unet": self.unet}
         if self.text_encoder is not None:
             models = getattr(self.text_encoder, "models", None) or [self.text_encoder.model]  # SDXL: two
@@ -312,18 +316,30 @@ class Pipeline:
         cond["time_ids"] = ids.to(self.device).expand(n, -1)  # (n, 6)
         uncond["time_ids"] = neg.to(self.device).expand(n, -1)
 
+    def _encoded(self, prompt: str, pooled: bool, n: int) -> tuple:
+        """The text encoder's output for `prompt`, computed once per prompt and kept (the 64 most recent;
+        dropped when the pipeline moves or an adapter is applied), expanded to n rows without a copy."""
+        key = (prompt, pooled)
+        if key not in self._embeddings:
+            if len(self._embeddings) >= 64:
+                self._embeddings.pop(next(iter(self._embeddings)))
+            enc = self.text_encoder.encode_pooled if pooled else self.text_encoder.encode
+            with torch.no_grad():
+                self._embeddings[key] = enc([prompt])  # (1, L, D), (1, L)[, (1, P)]
+        return tuple(t.expand(n, *t.shape[1:]) for t in self._embeddings[key])
+
     def _conditions(self, prompt, negative_prompt, class_label, n):
         cfg = self.unet.config
         if getattr(self.text_encoder, "pooled_dim", None) is not None:  # SDXL's two encoders
-            ctx, _, pooled = self.text_encoder.encode_pooled([prompt or ""] * n)  # (n, L, D), (n, P)
+            ctx, _, pooled = self._encoded(prompt or "", True, n)  # (n, L, D), (n, P)
             if negative_prompt is None:  # diffusers: zeros under force_zeros_for_empty_prompt
                 nctx, _, npooled = self.text_encoder.null_pooled()  # (1, L, D), (1, P)
             else:
-                nctx, _, npooled = self.text_encoder.encode_pooled([negative_prompt] * n)
+                nctx, _, npooled = self._encoded(negative_prompt, True, n)
             return {"context": ctx, "text_embeds": pooled}, {"context": nctx, "text_embeds": npooled}
         if self.text_encoder is not None:
-            ctx, mask = self.text_encoder.encode([prompt or ""] * n)  # (n, L, D), (n, L)
-            nctx, nmask = self.text_encoder.encode([negative_prompt or ""] * n)
+            ctx, mask = self._encoded(prompt or "", False, n)  # (n, L, D), (n, L)
+            nctx, nmask = self._encoded(negative_prompt or "", False, n)
             cond, uncond = {"context": ctx}, {"context": nctx}
             if self.use_context_mask:
                 cond["context_mask"], uncond["context_mask"] = mask, nmask
