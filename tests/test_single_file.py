@@ -127,6 +127,18 @@ def test_export_converts_back_with_diffusers_converter(exported, name):
     assert ("v_pred" in ckpt) == (name == "sd2v")  # ComfyUI's v-prediction marker
 
 
+@pytest.mark.parametrize("name", ["sd1", "sd2v"])
+def test_diffusers_from_single_file_loads_our_export(exported, name):
+    """A real consumer of the layout: diffusers' StableDiffusionPipeline.from_single_file (offline, the
+    configs from the source folder) reads our file into exactly the source weights."""
+    folder, path = exported[name]
+    loaded = StableDiffusionPipeline.from_single_file(str(path), config=str(folder), local_files_only=True,
+                                                      safety_checker=None)
+    source = StableDiffusionPipeline.from_pretrained(folder, safety_checker=None)
+    for part in ("unet", "vae", "text_encoder"):
+        _assert_same_state(getattr(loaded, part).state_dict(), getattr(source, part).state_dict(), part)
+
+
 def test_export_dtype_and_refusals(exported, tmp_path):
     folder, _ = exported["sd1"]
     half = tmp_path / "half.safetensors"
