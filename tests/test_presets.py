@@ -90,3 +90,17 @@ def test_unknown_preset_is_a_user_error():
     with pytest.raises(UserError, match="tiny"):
         preset("huge")
     assert set(PRESETS) >= {"tiny", "small", "sd15", "sdxl", "sdxl-tiny"}
+
+
+def test_demo_preset_is_the_demo_model_and_trains_with_the_demo_settings():
+    """`model=demo` on a user's own data: the demo's UNet and VAE, and the from-scratch settings the demo uses."""
+    from latentforge import demo
+    from latentforge.config import VAETrainConfig, load_train_config
+
+    full = demo.BUDGETS["full"]
+    assert full.unet.unet == PRESETS["demo"].unet and full.vae.vae == PRESETS["demo"].vae
+    cfg = load_train_config(None, ["model=demo"])
+    assert cfg.unet == PRESETS["demo"].unet
+    for key in ("lr", "warmup_steps", "min_snr_gamma", "ema_decay"):
+        assert getattr(cfg, key) == getattr(full.unet, key), key
+    assert load_train_config(None, ["model=demo"], cls=VAETrainConfig).vae == PRESETS["demo"].vae

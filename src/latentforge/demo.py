@@ -22,7 +22,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from . import evaluate, io
-from .config import PRESETS, ScheduleConfig, TrainConfig, UNetConfig, VAEConfig, VAETrainConfig
+from .config import PRESETS, ScheduleConfig, TrainConfig, VAETrainConfig
 from .data import shapes
 from .errors import UserError
 
@@ -48,12 +48,7 @@ class Budget:
     notes: dict = field(default_factory=dict)
 
 
-_VAE = VAEConfig(channels=(16, 32, 32), layers_per_level=1, norm_groups=8, latent_channels=4,
-                 mid_attention=False, sample_size=32)
-# Cross-attention only at the 4x4 level (+ the middle block): cheaper than at 8x8 as well, and in our
-# runs it learned colour and position faster.
-_UNET = UNetConfig(channels=(64, 128), layers_per_level=1, attention=(False, True), num_heads=4,
-                   cross_attention_dim=384, norm_groups=16, sample_size=8)
+_VAE, _UNET = PRESETS["demo"].vae, PRESETS["demo"].unet  # `model=demo` trains the same model on your own data
 _SCHEDULE = ScheduleConfig()  # SD's scaled_linear, ε-prediction
 
 BUDGETS = {
@@ -61,12 +56,14 @@ BUDGETS = {
         images=2048, image_size=32,
         # Adam's default betas and 800 steps: with the GAN-style (0.5, 0.9) betas, or after only 500 steps,
         # red shapes decoded as orange/yellow.
-        vae=VAETrainConfig(vae=_VAE, image_size=32, batch_size=32, max_steps=800, lr=3e-3, warmup_steps=50,
+        vae=VAETrainConfig(model="demo", vae=_VAE, image_size=32, batch_size=32, max_steps=800, lr=3e-3,
+                           warmup_steps=50,
                            adam_beta1=0.9, adam_beta2=0.999, kl_weight=1e-6, checkpoint_every=10_000,
                            sample_every=0, log_every=10),
         # min-SNR-5 weighting (Hang et al. 2023) shifts the loss towards the noisy steps that decide
         # layout; position was the last attribute to be learned.
-        unet=TrainConfig(unet=_UNET, schedule=_SCHEDULE, batch_size=32, max_steps=1500, lr=1e-3, warmup_steps=100,
+        unet=TrainConfig(model="demo", unet=_UNET, schedule=_SCHEDULE, batch_size=32, max_steps=1500, lr=1e-3,
+                         warmup_steps=100,
                          min_snr_gamma=5.0, ema_decay=0.999, caption_dropout=0.1, checkpoint_every=10_000,
                          sample_every=1500, log_every=10, image_size=32),  # one validation grid, at the end
         text_max_length=16, eval_images_per_prompt=2,

@@ -167,25 +167,7 @@ def unet_from_diffusers(d: Dict[str, Any], path: Path) -> UNetConfig:
         value = d.get(key, ok)
         if value != ok and not (key == "mid_block_only_cross_attention" and value is False):
             raise _unsupported(path, key, value)
-    down = d.get("down_block_types", [_DOWN["cross"]] * 3 + [_DOWN[None]])
-    up = d.get("up_block_types", [_UP[None]] + [_UP["cross"]] * 3)
-    by_name = {v: k for k, v in _DOWN.items()}
-    kinds = []
-    for name in down:
-        if name not in by_name:
-            raise _unsupported(path, "down_block_types", down, f"{name!r} is not one of {', '.join(_DOWN.values())}")
-        kinds.append(by_name[name])
-    if list(up) != [_UP[k] for k in reversed(kinds)]:
-        raise _unsupported(path, "up_block_types", up, "up blocks must mirror down_block_types "
-                           f"({', '.join(_UP[k] for k in reversed(kinds))})")
-    if "cross" in kinds and "self" in kinds:
-        raise _unsupported(path, "down_block_types", down, "cannot mix CrossAttn and Attn blocks")
-    mid = d.get("mid_block_type", _MID[True])
-    if mid not in _MID.values():
-        raise _unsupported(path, "mid_block_type", mid, f"use {_MID[True]!r} or {_MID[False]!r}")
-    mid_attention = mid == _MID[True]
-    if "self" in kinds and mid_attention:
-        raise _unsupported(path, "mid_block_type", mid, "a cross-attention mid block needs CrossAttn levels")
+    kinds, mid_attention = _block_kinds(path, d)
     cross = "cross" in kinds or mid_attention
 
     channels = tuple(d.get("block_out_channels", (320, 640, 1280, 1280)))
@@ -199,7 +181,7 @@ def unet_from_diffusers(d: Dict[str, Any], path: Path) -> UNetConfig:
     norm_groups = d.get("norm_num_groups", 32)
     if norm_groups is None:
         raise _unsupported(path, "norm_num_groups", None, "GroupNorm groups must be set")
-    cfg = UNetConfig(
+    return UNetConfig(
         in_channels=d.get("in_channels", 4),
         out_channels=d.get("out_channels", 4),
         channels=channels,
@@ -220,7 +202,30 @@ def unet_from_diffusers(d: Dict[str, Any], path: Path) -> UNetConfig:
         sample_size=_sample_size(d.get("sample_size"), 64),
         **_addition_embedding(path, d),
     )
-    return cfg
+
+
+def _block_kinds(path: Path, d: Dict[str, Any]) -> tuple:
+    """(per-level kind: "cross" | "self" | None, mid block with attention?) from the block-type strings."""
+    down = d.get("down_block_types", [_DOWN["cross"]] * 3 + [_DOWN[None]])
+    up = d.get("up_block_types", [_UP[None]] + [_UP["cross"]] * 3)
+    by_name = {v: k for k, v in _DOWN.items()}
+    kinds = []
+    for name in down:
+        if name not in by_name:
+            raise _unsupported(path, "down_block_types", down, f"{name!r} is not one of {', '.join(_DOWN.values())}")
+        kinds.append(by_name[name])
+    if list(up) != [_UP[k] for k in reversed(kinds)]:
+        raise _unsupported(path, "up_block_types", up, "up blocks must mirror down_block_types "
+                           f"({', '.join(_UP[k] for k in reversed(kinds))})")
+    if "cross" in kinds and "self" in kinds:
+        raise _unsupported(path, "down_block_types", down, "cannot mix CrossAttn and Attn blocks")
+    mid = d.get("mid_block_type", _MID[True])
+    if mid not in _MID.values():
+        raise _unsupported(path, "mid_block_type", mid, f"use {_MID[True]!r} or {_MID[False]!r}")
+    mid_attention = mid == _MID[True]
+    if "self" in kinds and mid_attention:
+        raise _unsupported(path, "mid_block_type", mid, "a cross-attention mid block needs CrossAttn levels")
+    return kinds, mid_attention
 
 
 def _transformer_layers(path: Path, d: Dict[str, Any], n: int):
