@@ -41,7 +41,9 @@ class Ctx:
                 "--text-encoder", "none", "--quiet", "--device", "cpu", *extra]
 
     def train(self, *extra, out=None, cache=None, vae=None):
-        out = out or str(self.tmp / "run")
+        # a run folder per row: rows run two at a time, and a run folder admits one process (latentforge.locks)
+        self.runs = getattr(self, "runs", 0) + 1
+        out = out or str(self.tmp / f"run-{self.runs}")
         return ["train", "--cache", cache or self.cache, "--vae", vae or self.vae, "--out", out, "--quiet",
                 "model=tiny", "max_steps=2", "sample_every=0", *extra]
 

@@ -144,8 +144,8 @@ def prepare(run, cfg, dataset, *, resume: bool, math: dict, restart: bool = Fals
     except checkpoint.CheckpointCorrupt:
         loaded = None
     if loaded is None:
-        listing = "; ".join(f"{d.name}: {_problem(d) or 'unreadable'}" for d in ckpts)
-        raise UserError(f"--resume: no usable checkpoint in {run / 'checkpoints'} ({listing}) — choose a new --out, "
+        listing = "; ".join(f"{d}: {_problem(d) or 'unreadable'}" for d in ckpts)
+        raise UserError(f"--resume: no usable checkpoint ({listing}) — choose a new --out, "
                         "or pass --restart to set them aside (kept, not deleted) and start from step 0")
     for message in held if is_main else ():
         warn(message)
