@@ -8,8 +8,9 @@ random weights), batch 1, 32×32×4 latents, a 77×768 context.
 Each arm runs alone in a fresh subprocess (`--arm`): build the UNet and optimizer, one warm-up step
 (AdamW state appears, kernels initialise), then `--steps` timed steps. Reported per arm: the median step
 time on two clocks (wall, and CPU time of the process — the steadier one on this shared 2-core box), the
-process's peak resident set size (VmHWM: weights + gradients + AdamW state + activations), and the peak
-above what stays resident between steps (the activations a step needs; gradient checkpointing cuts this).
+process's peak resident set size (VmHWM: weights + gradients + AdamW state + activations), the peak above
+what stays resident between steps (gradients are freed after each step: gradients + activations), and the
+activations alone (that minus the fp32 gradient bytes; gradient checkpointing cuts this).
 MALLOC_MMAP_THRESHOLD_=65536 makes glibc return freed tensors to the OS, so RSS follows live tensors.
 
     flock /tmp/lf-heavy.lock .venv/bin/python bench/bench_finetune.py --steps 3
@@ -76,7 +77,9 @@ def one_arm(precision: str, checkpointing: bool, steps: int, preset: str = "sd15
         wall.append(time.perf_counter() - w0)
         cpu.append(time.process_time() - c0)
     peak = _status_mib("VmHWM")
+    grads = sum(p.numel() * p.element_size() for p in unet.parameters()) / 2**20  # fp32 gradients, MiB
     return {"precision": precision, "checkpointing": checkpointing, "parameters": unet.num_parameters(),
+            "gradients_mib": grads, "activations_mib": peak - resident - grads,
             "wall_s": statistics.median(wall), "cpu_s": statistics.median(cpu), "samples": len(wall),
             "peak_rss_mib": peak, "resident_mib": resident, "above_resident_mib": peak - resident,
             "loss_finite": all(l == l and abs(l) < float("inf") for l in losses)}
@@ -102,12 +105,14 @@ def main() -> None:
         print(json.dumps(r), file=sys.stderr)
         rows.append([precision, "on" if r["checkpointing"] else "off", f"{r['wall_s']:.1f}", f"{r['cpu_s']:.1f}",
                      f"{r['peak_rss_mib'] / 1024:.2f}", f"{r['above_resident_mib'] / 1024:.2f}",
+                     f"{r['activations_mib']:.0f}",
                      "yes" if r["loss_finite"] else "NO"])
     print("machine: " + ", ".join(f"{k} {v}" for k, v in common.machine().items()))
     print(f"{args.preset} UNet {r['parameters']:,} parameters, batch 1, 32×32×4 latents, 77×{PRESETS[args.preset].unet.cross_attention_dim} context, "
           f"{args.steps} timed steps per arm (median), {args.threads} torch thread(s)\n")
     print(common.table(["precision", "gradient checkpointing", "step wall s", "step CPU s", "peak RSS GiB",
-                        "peak above resident GiB", "loss finite"], rows))
+                        "peak above resident GiB",
+                        "of which activations MiB", "loss finite"], rows))
     print(f"\n*Section time: {time.perf_counter() - t0:.0f} s.*")
 
 
