@@ -85,6 +85,49 @@ def one_arm(precision: str, checkpointing: bool, steps: int, preset: str = "sd15
             "loss_finite": all(l == l and abs(l) < float("inf") for l in losses)}
 
 
+def run(preset: str = "sd15", steps: int = 3, threads: int = 1, subprocess: bool = True) -> list[dict]:
+    """Every arm's result; each arm in a fresh subprocess (`subprocess=False`: in this process, for smoke runs,
+    where the memory columns mean nothing)."""
+    if not subprocess:
+        return [one_arm(precision, ckpt, steps, preset) for precision, ckpt in ARMS]
+    env = {"MALLOC_MMAP_THRESHOLD_": "65536", "OMP_NUM_THREADS": str(threads)}
+    results = []
+    for precision, ckpt in ARMS:
+        results.append(common.run_json_subprocess(
+            [str(Path(__file__)), "--arm", f"{precision}:{int(ckpt)}", "--steps", str(steps), "--threads", str(threads),
+             "--preset", preset], timeout=3600, env=env))
+        print(json.dumps(results[-1]), file=sys.stderr)
+    return results
+
+
+def markdown(results: list[dict], preset: str, steps: int, threads: int) -> str:
+    rows = [[r["precision"], "on" if r["checkpointing"] else "off", f"{r['wall_s']:.1f}", f"{r['cpu_s']:.1f}",
+             f"{r['peak_rss_mib'] / 1024:.2f}", f"{r['above_resident_mib'] / 1024:.2f}",
+             f"{r['above_resident_mib'] - r['parameters'] * 4 / 2**20:.0f}", "yes" if r["loss_finite"] else "NO"]
+            for r in results]
+    fp32 = {r["checkpointing"]: r for r in results if r["precision"] == "fp32"}
+    head = (f"A full fine-tune step of the `{preset}` UNet ({results[0]['parameters']:,} parameters, random weights): "
+            f"batch 1, 32×32×4 latents, 77×768 context, `train_step` + backward + clipping + fused AdamW; each arm "
+            f"in a fresh process, median of {steps} timed steps after one warm-up, {threads} torch thread(s).")
+    table = common.table(["precision", "gradient checkpointing", "step wall s", "step CPU s", "peak RSS GiB",
+                          "peak above resident GiB", "of which activations MiB", "loss finite"], rows)
+    reading = ""
+    if True in fp32 and False in fp32:
+        slower = fp32[True]["cpu_s"] / fp32[False]["cpu_s"]
+        reading = (f"\n\nReading: the resident ~{fp32[False]['resident_mib'] / 1024:.1f} GiB are the fp32 weights and "
+                   "AdamW's two moments (12 bytes per parameter); each step adds the fp32 gradients "
+                   f"({results[0]['parameters'] * 4 / 2**30:.2f} GiB) and the activations. At 32×32 latents and batch 1 "
+                   "the activations are small, so gradient checkpointing saves little memory here "
+                   f"({rows[0][6]} → {rows[1][6]} MiB) and costs {slower:.2f}× the CPU time (the forward runs twice); "
+                   "it pays at larger latents and batches.")
+    bf16 = {r["checkpointing"]: r for r in results if r["precision"] == "bf16"}
+    if False in bf16 and False in fp32:
+        ratio = bf16[False]["cpu_s"] / fp32[False]["cpu_s"]
+        reading += (f" bf16 autocast took {ratio:.2f}× the CPU time of fp32 here; it keeps the fp32 master weights "
+                    "and optimizer state, so the resident memory is the same.")
+    return head + "\n\n" + table + reading
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=3, help="timed steps per arm (after one warm-up step)")
@@ -97,22 +140,10 @@ def main() -> None:
         precision, ckpt = args.arm.split(":")
         print(json.dumps(one_arm(precision, ckpt == "1", args.steps, args.preset)))
         return
-    t0, rows = time.perf_counter(), []
-    env = {"MALLOC_MMAP_THRESHOLD_": "65536", "OMP_NUM_THREADS": str(args.threads)}
-    for precision, ckpt in ARMS:
-        r = common.run_json_subprocess([str(Path(__file__)), "--arm", f"{precision}:{int(ckpt)}", "--steps",
-                                        str(args.steps), "--threads", str(args.threads), "--preset", args.preset], timeout=3600, env=env)
-        print(json.dumps(r), file=sys.stderr)
-        rows.append([precision, "on" if r["checkpointing"] else "off", f"{r['wall_s']:.1f}", f"{r['cpu_s']:.1f}",
-                     f"{r['peak_rss_mib'] / 1024:.2f}", f"{r['above_resident_mib'] / 1024:.2f}",
-                     f"{r['activations_mib']:.0f}",
-                     "yes" if r["loss_finite"] else "NO"])
-    print("machine: " + ", ".join(f"{k} {v}" for k, v in common.machine().items()))
-    print(f"{args.preset} UNet {r['parameters']:,} parameters, batch 1, 32×32×4 latents, 77×{PRESETS[args.preset].unet.cross_attention_dim} context, "
-          f"{args.steps} timed steps per arm (median), {args.threads} torch thread(s)\n")
-    print(common.table(["precision", "gradient checkpointing", "step wall s", "step CPU s", "peak RSS GiB",
-                        "peak above resident GiB",
-                        "of which activations MiB", "loss finite"], rows))
+    t0 = time.perf_counter()
+    results = run(args.preset, args.steps, args.threads)
+    print("machine: " + ", ".join(f"{k} {v}" for k, v in common.machine().items()) + "\n")
+    print(markdown(results, args.preset, args.steps, args.threads))
     print(f"\n*Section time: {time.perf_counter() - t0:.0f} s.*")
 
 

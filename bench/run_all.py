@@ -4,7 +4,8 @@
 
 Sections: 1. UNet training step vs diffusers (+ what more optimisations would buy, where the time
 goes), 2. text→image vs StableDiffusionPipeline, 3. the data path, 4. steps vs quality on a trained
-model (plot next to the document), 5. GPU (run only where CUDA is available). `--quick` runs every
+model (plot next to the document), 5. GPU (run only where CUDA is available), 7. a full fine-tune step of the
+SD 1.5-size UNet on the CPU (fp32/bf16 × gradient checkpointing; ~7 min, ~13.5 GiB). `--quick` runs every
 section at a tiny size (the smoke test uses it); its numbers mean nothing.
 """
 
@@ -24,6 +25,7 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import bench_data_path  # noqa: E402
+import bench_finetune  # noqa: E402
 import bench_steps_quality  # noqa: E402
 import bench_text2img  # noqa: E402
 import bench_unet  # noqa: E402
@@ -36,6 +38,7 @@ FULL = {
     "data": dict(n=64, size=64, batch=16, preset="small", repeats=5, warmup=1, epoch_repeats=3),
     # CFG 4.0: the demo's own evaluation setting. Not timed, so it runs on every core (threads=0).
     "quality": dict(steps=(5, 10, 20, 40), reference=1000, n=1, prompts=96, batch=96, cfg=4.0, threads=0),
+    "finetune": dict(preset="sd15", steps=3, subprocess=True),  # ~7 min, ~13.5 GiB RSS per arm
 }
 QUICK = {
     "unet": dict(configs=("tiny",), repeats=2, warmup=1, ablations=("tiny",), profile=("tiny",), precision=("tiny",),
@@ -43,6 +46,7 @@ QUICK = {
     "text2img": dict(preset="tiny", steps=2, batch=1, repeats=2, warmup=1),
     "data": dict(n=8, size=32, batch=4, preset="tiny", repeats=2, warmup=1, epoch_repeats=1),
     "quality": dict(steps=(1, 2), reference=3, n=1, prompts=4, batch=4, cfg=4.0, threads=1),
+    "finetune": dict(preset="tiny", steps=1, subprocess=False),
 }
 
 
@@ -217,6 +221,11 @@ def summary(raw: dict, device: str = "cpu") -> str:
     return common.table(["", "this run", "goal", "verdict"], rows)
 
 
+def section_finetune(p: dict, threads: int) -> tuple[list, str]:
+    r = bench_finetune.run(p["preset"], p["steps"], threads, p["subprocess"])
+    return r, bench_finetune.markdown(r, p["preset"], p["steps"], threads)
+
+
 def section_gpu(device: str) -> str:
     flops, params = bench_unet.sd15_flops_per_image(), bench_unet.sd15_parameters()
     how = ("`.venv/bin/python bench/bench_unet.py --device cuda --dtype bf16 --configs sd15,small --steps-per-sample 10 "
@@ -241,7 +250,7 @@ def main(argv=None) -> int:
     ap.add_argument("--dtype", default="fp32", choices=list(bench_unet.DTYPES))
     ap.add_argument("--threads", type=int, default=1, help="torch threads for the timed sections (0 = torch's default)")
     ap.add_argument("--quick", action="store_true", help="tiny sizes: checks that everything runs (smoke test)")
-    ap.add_argument("--sections", default="unet,text2img,data,quality,gpu")
+    ap.add_argument("--sections", default="unet,text2img,data,quality,gpu,finetune")
     ap.add_argument("--reference-steps", type=int, default=None,
                     help="DDPM reference steps for steps-vs-quality (default 1000; 0 = none). A new model's 1000-step "
                          "reference takes ~15 min on 2 cores, once: it is cached next to --out for later runs")
@@ -277,6 +286,8 @@ def main(argv=None) -> int:
         timed("quality", lambda: section_quality(sizes["quality"], model, origin, out.parent, args.quick, args.device))
     if "gpu" in wanted:
         timed("gpu", lambda: (None, section_gpu(args.device)))
+    if "finetune" in wanted:
+        timed("finetune", lambda: section_finetune(sizes["finetune"], max(args.threads, 1)))
     minutes = (time.perf_counter() - t_start) / 60
     out.write_text(document(info, parts, minutes, args, argv, summary(raw, args.device)))
     if args.json:
@@ -334,7 +345,8 @@ def document(info: dict, parts: dict, minutes: float, args, argv, at_a_glance: s
     ]
     titles = {"unet": "1. UNet training step (forward + backward + AdamW)",
               "text2img": "2. Text→image vs StableDiffusionPipeline", "data": "3. The data path",
-              "quality": "4. Steps vs quality", "gpu": "5. GPU"}
+              "quality": "4. Steps vs quality", "gpu": "5. GPU",
+              "finetune": "7. Fine-tuning step: the SD 1.5-size UNet on this CPU (bench/bench_finetune.py)"}
     body = []
     for key, title in titles.items():
         if key in parts:

@@ -112,3 +112,11 @@ def test_steps_vs_quality_cache_reuses_the_reference_only(tmp_path):
     assert a["points"][1]["correct"] == b["points"][1]["correct"]
     assert len(json.loads(cache.read_text())) == 1
     assert quality.main(["--model", str(tmp_path / "nothing")]) == 2  # one-line error, not a traceback
+
+
+def test_finetune_section_runs_every_arm(quick):
+    _, doc, raw = quick
+    assert "## 7. Fine-tuning step" in doc
+    arms = {(r["precision"], r["checkpointing"]) for r in raw["finetune"]}
+    assert arms == {("fp32", False), ("fp32", True), ("bf16", False), ("bf16", True)}
+    assert all(r["loss_finite"] and r["wall_s"] > 0 for r in raw["finetune"])
