@@ -149,7 +149,7 @@ class CaptionLength:
 
 
 class TextEncoder(CaptionLength):
-    """A frozen transformers text model + its tokenizer. Not an nn.Module: it is never trained."""
+    """A transformers text model + its tokenizer, frozen (train/text_training.py unfreezes it to fine-tune it)."""
 
     def __init__(self, model, tokenizer, max_length: Optional[int] = None, source: str = ""):
         self.model = model.eval().requires_grad_(False)
@@ -207,6 +207,10 @@ class TextEncoder(CaptionLength):
     @torch.no_grad()
     def encode(self, captions: List[str], batch_size: int = 256) -> Tuple[torch.Tensor, torch.Tensor]:
         """-> context (B, L, D) float32, mask (B, L) bool; L = max_length (padded, truncated)."""
+        return self.contexts(captions, batch_size)
+
+    def contexts(self, captions: List[str], batch_size: int = 256) -> Tuple[torch.Tensor, torch.Tensor]:
+        """`encode` with autograd, for fine-tuning the text model (train_text_encoder)."""
         if isinstance(captions, str):
             captions = [captions]
         self._warn_if_cut(captions)

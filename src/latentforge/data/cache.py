@@ -463,6 +463,7 @@ class LatentDataset(torch.utils.data.Dataset):
             row = self.texts.row(e["text"])
             item["context"] = torch.from_numpy(row["context"].copy())  # (L, D)
             item["mask"] = torch.from_numpy(row["mask"].copy())  # (L,)
+            item["caption"] = e.get("caption")  # the text the context encodes
             if "pooled" in row:
                 item["pooled"] = torch.from_numpy(row["pooled"].copy())  # (P,)
         if e.get("original_size") is not None:  # SDXL micro-conditioning: (6,) size/crop numbers

@@ -180,9 +180,11 @@ def collate(items: List[dict], positions: Optional[List[int]] = None) -> Batch:
     label = stack("label")
     if label is not None and (label < 0).any():
         label = None  # -1 = "no label": an unconditional item
+    captions = [it.get("caption") for it in items]
     return Batch(latent=stack("latent").float(), context=stack("context"), mask=stack("mask"),
                  label=None if label is None else label.long(), ids=[str(it.get("id")) for it in items],
-                 positions=positions, pooled=stack("pooled"), time_ids=stack("time_ids"))
+                 positions=positions, pooled=stack("pooled"), time_ids=stack("time_ids"),
+                 captions=None if None in captions else [str(c) for c in captions])
 
 
 class InMemoryLatents(torch.utils.data.Dataset):
@@ -193,8 +195,9 @@ class InMemoryLatents(torch.utils.data.Dataset):
     """
 
     def __init__(self, latents, contexts=None, masks=None, labels=None, ids=None, null_context=None,
-                 null_mask=None, num_classes: Optional[int] = None):
+                 null_mask=None, num_classes: Optional[int] = None, captions=None):
         self.latents, self.contexts, self.masks, self.labels = latents, contexts, masks, labels
+        self.captions = captions
         self.ids = ids or [f"{i:06d}" for i in range(len(latents))]
         # a list of latents of several shapes is bucketed by shape ("<h>x<w>" of the latent)
         shapes = {tuple(x.shape) for x in latents} if isinstance(latents, (list, tuple)) else set()
@@ -210,4 +213,4 @@ class InMemoryLatents(torch.utils.data.Dataset):
         pick = lambda x: None if x is None else x[i]  # noqa: E731
         label = pick(self.labels)
         return {"latent": self.latents[i], "context": pick(self.contexts), "mask": pick(self.masks),
-                "label": None if label is None else int(label), "id": self.ids[i]}
+                "label": None if label is None else int(label), "id": self.ids[i], "caption": pick(self.captions)}

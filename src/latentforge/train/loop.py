@@ -27,8 +27,9 @@ from .. import io
 from ..config import config_hash, math_dict, to_toml
 from ..errors import UserError
 from ..schedule import NoiseSchedule
-from . import adapter, distributed, resume as runs
+from . import adapter, distributed, resume as runs, text_training
 from .data import Stream
+from .freeze import apply_freeze
 from .init import build_unet
 from .lr import lr_for
 from .nan_guard import NanGuard
@@ -39,6 +40,7 @@ from .setup import autocast_dtype, check_precision, make_optimizer, null_conditi
 from .signals import StopRequest
 from .state import TrainState, make_part
 from .step import apply_dropout, draw, mix, train_step
+from .validation import dataset_ids, evaluate, held_out_ids, held_out_split
 
 
 @dataclass
@@ -67,11 +69,14 @@ class _Run:
     cfg: object
     d: distributed.Dist
     dir: Path
-    dataset: object
+    dataset: object  # the training items (the held-out ones removed)
     vae: object = None
     text_encoder: object = None
     cache_id: object = None  # the cache's identity, recorded in every checkpoint and checked on --resume
     lowp: object = None  # precision=bf16 on CPU: the bf16 compute copy of the UNet (precision.py)
+    val: object = None  # the held-out items (validation.py)
+    full: object = None  # every item: for the validation grid, which marks the held-out ones
+    held_out: tuple = ()  # their ids
 
     @property
     def images_per_step(self) -> int:
@@ -79,16 +84,17 @@ class _Run:
 
 
 def _train(cfg, dataset, run_dir: Path, d, resume_flags, vae, text_encoder, progress) -> TrainResult:
-    r = _Run(_checked(resolve_for_data(cfg, dataset), d), d, run_dir, dataset, vae, text_encoder,
-             runs.cache_identity(dataset))
-    cfg, warn = r.cfg, (lambda m: print(m, file=sys.stderr)) if d.is_main else (lambda m: None)
+    cfg, train_set, val = held_out_split(_checked(resolve_for_data(cfg, dataset), d, dataset, text_encoder), dataset)
+    r = _Run(cfg, d, run_dir, train_set, vae, text_encoder, runs.cache_identity(dataset), val=val, full=dataset,
+             held_out=tuple(held_out_ids(dataset_ids(dataset), cfg.val_fraction, cfg.seed)) if len(val) else ())
+    warn = (lambda m: print(m, file=sys.stderr)) if d.is_main else (lambda m: None)
     loaded = runs.prepare(run_dir, cfg, dataset, math=math_dict(cfg), warn=warn, is_main=d.is_main, **resume_flags)
     if d.is_main:  # only now, every check passed: the run folder may be written
         run_dir.mkdir(parents=True, exist_ok=True)
         io.write_text(run_dir / "config.toml", to_toml(cfg))
-    state = build_state(cfg, run_dir, d, fresh=loaded is None)
+    state = build_state(cfg, run_dir, d, fresh=loaded is None, text_encoder=text_encoder)
     ac = NoiseSchedule.from_config(cfg.schedule).alphas_cumprod.to(d.device)
-    null, stream = null_condition(cfg, dataset, text_encoder), Stream(dataset, cfg.seed)
+    null, stream = null_condition(cfg, train_set, text_encoder), Stream(train_set, cfg.seed)
     if loaded is not None:
         runs.restore(loaded, d, state)
     if cfg.precision == "bf16" and d.device.type == "cpu":  # bf16 compute copy, fp32 masters; CUDA: autocast
@@ -98,6 +104,8 @@ def _train(cfg, dataset, run_dir: Path, d, resume_flags, vae, text_encoder, prog
     bar = tqdm(total=cfg.max_steps, initial=state.step, disable=not (progress and d.is_main), desc="train",
                unit="step", dynamic_ncols=True)
     meter, start, stopped = _Meter(state.step * r.images_per_step), state.step, ""
+    if loaded is None:
+        _validate(r, state, ac, log)  # the held-out loss before any training: the baseline
     with StopRequest() as stop:
         while state.step < cfg.max_steps:
             lr = state.set_lr(lr_for(cfg, state.step))
@@ -108,10 +116,12 @@ def _train(cfg, dataset, run_dir: Path, d, resume_flags, vae, text_encoder, prog
             if state.step % cfg.log_every == 0 or state.step == cfg.max_steps:
                 loss, gnorm = state.flush()  # the host reads the device here, once per log step
                 seen = state.step * r.images_per_step
-                ips, epoch = meter.images_per_s(seen), seen / len(dataset)
+                ips, epoch = meter.images_per_s(seen), seen / len(train_set)
                 log.log({"step": state.step, "loss": loss, "lr": lr, "grad_norm": gnorm, "img_per_s": ips,
                          "epoch": epoch, "skipped": state.guard.skipped})
                 bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{ips:.1f}", seen=seen, epoch=f"{epoch:.2f}")
+            if state.step % cfg.val_every == 0 or state.step == cfg.max_steps:
+                _validate(r, state, ac, log)
             bar.update(1)
             stopped = stop.name if distributed.any_true(stop.requested, d) else ""
             _periodic(r, state, stopped)
@@ -126,29 +136,38 @@ def _train(cfg, dataset, run_dir: Path, d, resume_flags, vae, text_encoder, prog
     return TrainResult(run_dir, state.step, stopped, state.guard.skipped)
 
 
-def _checked(cfg, d):
+def _checked(cfg, d, dataset=None, text_encoder=None):
     if cfg.batch_size % d.world_size:
         raise UserError(f"batch_size={cfg.batch_size}: must be divisible by the {d.world_size} processes — "
                         "change batch_size or --nproc_per_node")
     check_precision(cfg.precision, d.device)
     adapter.check(cfg)
+    if cfg.unet.freeze and adapter.enabled(cfg):
+        raise UserError(f"unet.freeze: not used with adapter={cfg.adapter} (the adapter trains only its own "
+                        "parameters) — drop unet.freeze, or train without an adapter")
+    if dataset is not None:
+        text_training.check(cfg, dataset, text_encoder)
     return cfg
 
 
-def build_state(cfg, run_dir: Path, d, fresh: bool = True) -> TrainState:
+def build_state(cfg, run_dir: Path, d, fresh: bool = True, text_encoder=None) -> TrainState:
     """The UNet (random — the same on every rank and device — or the --init model's weights when `fresh`;
-    with adapter=, the --init weights frozen and the adapter on them, always), its EMA, the optimizer, guard
-    and scaler."""
+    with adapter=, the --init weights frozen and the adapter on them, always; `unet.freeze` leaves the matching
+    weights untrained), its EMA, the text model with train_text_encoder (no EMA), the optimizer, guard and scaler."""
     distributed.seed_everything(cfg.seed, d.rank)  # per-rank RNG (the math itself uses `draw`)
     torch.manual_seed(mix(cfg.seed, "init"))
     adapted = adapter.enabled(cfg)
     unet = build_unet(cfg, fresh=fresh or adapted).to(d.device)
     if adapted:
         adapter.attach(cfg, unet)  # only the adapter trains: the part saves and averages only its tensors
+    elif cfg.unet.freeze:
+        apply_freeze(unet, cfg.unet.freeze)
     unet.enable_gradient_checkpointing(cfg.gradient_checkpointing)
-    part = make_part("unet", unet, cfg.ema_decay, cfg.ema_warmup, adapter=adapted)
+    parts = [make_part("unet", unet, cfg.ema_decay, cfg.ema_warmup, adapter=adapted)]
+    if cfg.train_text_encoder:
+        parts.append(make_part("text_encoder", text_training.unfreeze(text_encoder)))
     scaler = torch.amp.GradScaler("cuda") if cfg.precision == "fp16" else None
-    return TrainState([part], make_optimizer([{"params": part.trainable()}], cfg, d.device),
+    return TrainState(parts, make_optimizer([{"params": p.trainable()} for p in parts], cfg, d.device),
                       NanGuard(run_dir, cfg.nan_max_consecutive, write=d.is_main), scaler, cfg.grad_clip,
                       gather=lambda samples: distributed.gather_json(samples, d))  # forensics: all ranks' ids
 
@@ -162,7 +181,9 @@ def _accumulate(r: _Run, state: TrainState, model, stream: Stream, ac, null) -> 
         positions = stream.positions(state.step, micro, A, cfg.batch_size, d.rank, d.world_size)
         batch = stream.batch(positions)
         draws = draw(cfg, positions, batch.latent.shape[1:], ac.shape[0])
-        if cfg.conditioning != "none":
+        if cfg.train_text_encoder:  # the context from the captions, by the text model as it is now
+            batch = text_training.encode_batch(r.text_encoder, batch, draws.drop)
+        elif cfg.conditioning != "none":
             batch = apply_dropout(batch, draws.drop, *null)
         picked += [{"id": i, "t": t} for i, t in zip(batch.ids, draws.t.tolist())]
         sync = model.no_sync() if d.enabled and micro < A - 1 else contextlib.nullcontext()
@@ -175,6 +196,8 @@ def _accumulate(r: _Run, state: TrainState, model, stream: Stream, ac, null) -> 
         losses.append(loss.detach().float())
     if r.lowp:
         r.lowp.grads_to_master()  # fp32 gradients on the master weights: clip, guard and AdamW act there
+    if cfg.train_text_encoder:
+        text_training.average_gradients(state.parts[1].trainable(), d)
     return distributed.mean_tensor(torch.stack(losses).mean(), d), picked  # on the device, no host read
 
 
@@ -184,12 +207,13 @@ def _periodic(r: _Run, state: TrainState, stopped: str) -> None:
     if stopped or step % cfg.checkpoint_every == 0 or step == cfg.max_steps:
         runs.save(r.dir, cfg, r.d, state, step * r.images_per_step, extra={"cache": r.cache_id})
     if r.d.is_main and cfg.sample_every and (step % cfg.sample_every == 0 or step == cfg.max_steps):
-        maybe_sample(r.dir, step, cfg, state.part.module, state.part.ema, r.vae, r.text_encoder, r.dataset)
+        maybe_sample(r.dir, step, cfg, state.part.module, state.part.ema, r.vae, r.text_encoder, r.full, r.held_out)
 
 
 def _finish(r: _Run, state: TrainState, stopped: str, start: int, t0: float) -> None:
     """The model folder (a finished run with a VAE) and report.md."""
     cfg, step, seen, n = r.cfg, state.step, state.step * r.images_per_step, len(r.dataset)
+    held = f", {len(r.val)} held out for validation" if len(r.val) else ""
     unet, ema = state.part.module, state.part.ema
     done = step == cfg.max_steps and r.vae is not None
     if step == cfg.max_steps and adapter.enabled(cfg):  # lora/ files; model/ only with --merge
@@ -200,13 +224,22 @@ def _finish(r: _Run, state: TrainState, stopped: str, start: int, t0: float) -> 
         export_model(r.dir, cfg, unet, ema, r.vae, r.text_encoder)
     write_report(r.dir, "UNet training", {
         "steps": f"{step} of {cfg.max_steps}" + (f" (stopped by {stopped})" if stopped else ""),
-        "images seen": f"{seen} ({seen / n:.2f} epochs of {n} latents)",
+        "images seen": f"{seen} ({seen / n:.2f} epochs of {n} latents{held})",
         "this session": f"{step - start} steps in {time.perf_counter() - t0:.1f} s on {r.d.world_size} x "
                         f"{r.d.device.type}",
         "model": f"{f'fine-tuned from {cfg.init}' if cfg.init else f'preset {cfg.model}'}, "
                  f"{unet.num_parameters():,} UNet parameters, {cfg.conditioning}-conditional",
         "skipped non-finite steps": state.guard.skipped, "config hash": config_hash(cfg),
         "model folder": "model/ (EMA weights)" if done else "not written (run unfinished or no VAE)"})
+
+
+def _validate(r: _Run, state: TrainState, ac, log: RunLog) -> None:
+    """Log the held-out loss of the training and EMA weights (rank 0; nothing without held-out images)."""
+    if not len(r.val) or not r.d.is_main:
+        return
+    encode = r.text_encoder.encode if r.cfg.train_text_encoder else None  # contexts by the text model as it is
+    log.log(evaluate(r.cfg, state.step, state.part.module, state.part.ema, r.val, ac,
+                     autocast_dtype(r.cfg.precision), encode))
 
 
 class _Meter:

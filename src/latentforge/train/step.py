@@ -30,6 +30,7 @@ class Batch:
     positions: Optional[List[int]] = None  # stream positions (seed the per-sample draws)
     pooled: Optional[torch.Tensor] = None  # (B, P) pooled text embedding (SDXL)
     time_ids: Optional[torch.Tensor] = None  # (B, 6) original size, crop, target size (SDXL)
+    captions: Optional[List[str]] = None  # the captions (train_text_encoder re-encodes them every step)
 
     def to(self, device) -> "Batch":
         move = lambda x: x.to(device, non_blocking=True) if torch.is_tensor(x) else x  # noqa: E731

@@ -91,8 +91,9 @@ def fixed_noise(seed: int, item_id: str, k: int, shape) -> torch.Tensor:
 
 @torch.no_grad()
 def validation_loss(model, val, alphas_cumprod: torch.Tensor, prediction_type: str, seed: int, timesteps: int,
-                    batch_size: int = 16, autocast_dtype=None) -> float:
-    """The mean squared error on the held-out items `val` (see the module docstring); nan when there are none."""
+                    batch_size: int = 16, autocast_dtype=None, encode=None) -> float:
+    """The mean squared error on the held-out items `val` (see the module docstring); nan when there are none.
+    `encode(captions) -> (context, mask)` re-encodes the captions (a text encoder being trained)."""
     device = next(model.parameters()).device
     ac = alphas_cumprod.to(device)
     ts = fixed_timesteps(ac.shape[0], timesteps)
@@ -100,7 +101,10 @@ def validation_loss(model, val, alphas_cumprod: torch.Tensor, prediction_type: s
     total, count = 0.0, 0
     for start in range(0, len(pairs), batch_size):
         chunk = pairs[start:start + batch_size]
-        batch = collate([val[i] for i, _ in chunk]).to(device)
+        batch = collate([val[i] for i, _ in chunk])
+        if encode is not None:
+            batch.context, batch.mask = encode(batch.captions)
+        batch = batch.to(device)
         x0 = batch.latent  # (b, C, h, w)
         noise = torch.stack([fixed_noise(seed, id_, k, x0.shape[1:]) for id_, (_, k) in zip(batch.ids, chunk)])
         noise, t = noise.to(x0), ts[[k for _, k in chunk]].to(device)  # (b, C, h, w), (b,)
@@ -110,3 +114,33 @@ def validation_loss(model, val, alphas_cumprod: torch.Tensor, prediction_type: s
         err = (pred.float() - target(prediction_type, x0, noise, t, ac)).square().mean(dim=(1, 2, 3))  # (b,)
         total, count = total + err.double().sum().item(), count + len(chunk)
     return total / count if count else math.nan
+
+
+def held_out_split(cfg, dataset):
+    """(cfg with val_fraction resolved, training items, held-out items). The training items are all of
+    `dataset` (not a view) when nothing is held out."""
+    import dataclasses
+
+    fraction = resolve_fraction(cfg.val_fraction, dataset_ids(dataset))
+    cfg = dataclasses.replace(cfg, val_fraction=fraction)
+    if fraction <= 0:
+        return cfg, dataset, Subset(dataset, [])
+    train, val = split(dataset, fraction, cfg.seed)
+    if len(train) == 0:
+        from ..errors import UserError
+
+        raise UserError(f"val_fraction={fraction}: holds out all {len(dataset)} images — lower val_fraction")
+    return cfg, train, val
+
+
+def evaluate(cfg, step: int, unet, ema, val, alphas_cumprod, autocast_dtype=None, encode=None) -> dict:
+    """One metrics row: the held-out loss of the training weights (val_loss) and of the EMA weights (val_loss_ema)."""
+    from .samples import ema_unet
+
+    kw = dict(alphas_cumprod=alphas_cumprod, prediction_type=cfg.schedule.prediction_type, seed=cfg.seed,
+              timesteps=cfg.val_timesteps, batch_size=cfg.batch_size, autocast_dtype=autocast_dtype, encode=encode)
+    row = {"step": step, "val_loss": validation_loss(unet, val, **kw)}
+    if ema is not None:
+        row["val_loss_ema"] = validation_loss(ema_unet(unet, ema), val, **kw)
+    row["val_images"] = len({image_id(val[i]["id"]) for i in range(len(val))})
+    return row
