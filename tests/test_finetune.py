@@ -191,6 +191,17 @@ def test_init_bad_input_is_one_line(world, tmp_path, capsys):
         (uncaptioned / p.name).write_bytes(p.read_bytes())
     fails("--init", model, data=uncaptioned, needles=["is text-conditional but the data has no captions"])
     assert not (tmp_path / "r" / "checkpoints").exists()
+    # a cache made with another VAE is refused, as without --init
+    from latentforge.config import PRESETS
+    from latentforge.models import AutoencoderKL
+
+    AutoencoderKL(PRESETS["tiny"].vae).save_pretrained(tmp_path / "other_vae")
+    assert main(["cache", "--data", data, "--vae", str(tmp_path / "other_vae"), "--out", str(tmp_path / "cache"),
+                 "--text-encoder", model, "--quiet"]) == 0
+    capsys.readouterr()
+    assert main(["train", "--init", model, "--cache", str(tmp_path / "cache"), "--out", str(tmp_path / "c"),
+                 "--quiet", "max_steps=1"]) == 2
+    assert "encoded with a different VAE" in capsys.readouterr().err
 
 
 def test_without_init_nothing_changes(world, tmp_path, capsys):
