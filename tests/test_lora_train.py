@@ -78,6 +78,8 @@ def test_lora_run_trains_the_adapter_only_and_writes_both_formats(tmp_path):
 
     meta = read(kohya).metadata
     assert (meta["ss_network_dim"], meta["ss_network_alpha"], meta["ss_steps"]) == ("4", "4", "4")
+    report = (tmp_path / "run" / "report.md").read_text()
+    assert "lora rank 4, alpha 4 on all:" in report and "lora/ (diffusers + kohya formats" in report
     # model/ (lora.merge=true) = the base model with the EMA adapter merged: the same predictions as base + adapter
     from latentforge.formats.lora import apply
 
@@ -251,3 +253,13 @@ def test_lora_tuning_a_pretrained_model_on_other_shapes_lowers_the_loss(tmp_path
     after = _fixed_loss(base, squares, ac)
     print(f"fixed-noise loss on squares: pretrained {before:.4f} -> LoRA {after:.4f}")
     assert after < 0.9 * before
+
+
+def test_cli_adapter_without_init_is_one_line_before_any_work(tmp_path, capsys):
+    from latentforge.cli import main
+
+    out = tmp_path / "run"
+    assert main(["train", "--data", str(tmp_path / "imgs"), "--out", str(out), "adapter=lora", "--merge"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["error: adapter=lora: an adapter trains on top of a pretrained model — pass --init MODEL "
+                   "(a diffusers model folder)"] and not out.exists()

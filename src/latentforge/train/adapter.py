@@ -102,6 +102,11 @@ def merged_unet(unet: torch.nn.Module, ema) -> torch.nn.Module:
     return plain.eval().requires_grad_(False)
 
 
-def describe(unet: torch.nn.Module) -> str:
-    n = sum(p.numel() for _, a in adapters(unet) for n_, p in a.named_parameters() if not n_.startswith("base."))
-    return f"{len(list(adapters(unet)))} adapted layers, {n:,} adapter parameters"
+def summary(cfg, unet: torch.nn.Module, written: bool) -> str:
+    """The report.md line: what was trained and where the files are."""
+    n = sum(p.numel() for _, a in adapters(unet) for k, p in a.named_parameters() if not k.startswith("base."))
+    c = cfg.lora
+    kind = "DoRA" if c.dora else cfg.adapter
+    where = "lora/ (diffusers + kohya formats, EMA weights)" if written else "lora/ not written (run unfinished)"
+    return (f"{kind} rank {c.rank}, alpha {c.alpha:g} on {c.targets}: {len(list(adapters(unet)))} layers, "
+            f"{n:,} trained parameters; {where}")

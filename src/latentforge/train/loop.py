@@ -230,7 +230,9 @@ def _finish(r: _Run, state: TrainState, stopped: str, start: int, t0: float) -> 
         "model": f"{f'fine-tuned from {cfg.init}' if cfg.init else f'preset {cfg.model}'}, "
                  f"{unet.num_parameters():,} UNet parameters, {cfg.conditioning}-conditional",
         "skipped non-finite steps": state.guard.skipped, "config hash": config_hash(cfg),
-        "model folder": "model/ (EMA weights)" if done else "not written (run unfinished or no VAE)"})
+        **({"adapter": adapter.summary(cfg, state.part.module, step == cfg.max_steps)} if adapter.enabled(cfg) else {}),
+        "model folder": "model/ (EMA weights)" if done else "not written (run unfinished or no VAE"
+                        + (", or an adapter run without --merge)" if adapter.enabled(cfg) else ")")})
 
 
 def _validate(r: _Run, state: TrainState, ac, log: RunLog) -> None:
