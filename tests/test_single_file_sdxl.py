@@ -140,3 +140,20 @@ def test_damaged_sdxl_file_is_one_line(world, tmp_path, capsys):
                  "--out", str(tmp_path / "o"), "--device", "cpu"])
     err = capsys.readouterr().err.strip()
     assert code == 2 and "\n" not in err and "micro-conditioning MLP" in err, err
+
+
+def test_init_from_an_sdxl_file_trains(world, tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    data = tmp_path / "data"
+    data.mkdir()
+    for i in range(2):
+        Image.fromarray(np.full((32, 32, 3), 60 * i, dtype=np.uint8)).save(data / f"{i}.png")
+        (data / f"{i}.txt").write_text("lower newer")
+    run = tmp_path / "run"
+    assert main(["train", "--init", str(world["file"]), "--tokenizer", str(world["folder"]), "--data", str(data),
+                 "--out", str(run), "--quiet", "batch_size=2", "max_steps=1", "sample_every=0",
+                 "checkpoint_every=1", "image_size=32"]) == 0  # (an SDXL file's VAE says 1024 px)
+    assert json.loads((run / "init" / "model_index.json").read_text())["_class_name"] == "StableDiffusionXLPipeline"
+    StableDiffusionXLPipeline.from_pretrained(run / "model")  # the fine-tuned SDXL folder loads in diffusers

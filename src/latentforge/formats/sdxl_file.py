@@ -18,7 +18,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-from ..config import UNetConfig
+from ..config import UNetConfig, replace
 from ..errors import UserError
 from . import ldm_keys as K
 from . import single_file as sf
@@ -102,6 +102,7 @@ def load_sdxl(path: Path, state: Dict[str, Any], family, tokenizer, prediction_t
     unet = sf._unet_from(state, family, schedule.prediction_type == "v_prediction", path,
                          pooled_dim=int(second.config.projection_dim))
     vae = sf._vae_from(state, path, SDXL_SCALING_FACTOR)
+    vae.config = replace(vae.config, sample_size=1024)  # sd_xl_base.yaml: 1024 px (diffusers' SDXL vae/config.json)
     tok, tok_2 = load_tokenizers(tokenizer)
     out = sf.SingleFile(path, family.name, unet.eval(), vae.eval(), first, tok, schedule, text_model_2=second,
                         tokenizer_2=tok_2)
