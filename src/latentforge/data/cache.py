@@ -298,6 +298,15 @@ class LatentStores:
         return set().union(*(s.files() for s in self.stores()))
 
 
+def _square_side(spec: Optional[dict], shapes: Dict[str, tuple]) -> Optional[int]:
+    """A bucketed cache's latent side of its square bucket (the trained model's default size)."""
+    if not spec or not shapes:
+        return None
+    name, shape = next(iter(shapes.items()))
+    f = bk.Bucket.parse(name).width // shape[-1]
+    return math.isqrt(spec["area"]) // spec["step"] * spec["step"] // f
+
+
 def _latent_shape(latents: ShardStore) -> Optional[List[int]]:
     for name in latents.shards:
         return list(latents.arrays(name)["latent"].shape[1:])
@@ -446,6 +455,7 @@ class LatentDataset(torch.utils.data.Dataset):
         self.buckets: Optional[List[str]] = [e["bucket"] for e in self.entries] if manifest["settings"].get(
             "buckets") else None
         self.bucket_shapes = {n: tuple(s) for n, s in (manifest.get("bucket_shapes") or {}).items()}
+        self.latent_side = _square_side(manifest["settings"].get("buckets"), self.bucket_shapes)  # model default
         null = manifest.get("null_text")
         row = self.texts.row(null) if null else None
         self.null_context = torch.from_numpy(row["context"].copy()) if row else None  # (L, D)

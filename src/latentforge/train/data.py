@@ -146,8 +146,9 @@ class BucketStream(Stream):
         return [i for i, name in enumerate(self.dataset.buckets) if name == b]
 
     def dataset_id(self, i: int) -> str:
-        ids = getattr(self.dataset, "ids", None)
-        return str(ids[i]) if ids is not None else str(self.dataset.entries[i]["id"])
+        ids, entries = getattr(self.dataset, "ids", None), getattr(self.dataset, "entries", None)
+        return str(ids[i]) if ids is not None else str(entries[i]["id"]) if entries is not None else str(
+            self.dataset[i]["id"])
 
     def summary(self) -> str:
         """One line for the run report: buckets, leftover policy, what is not shown."""

@@ -28,7 +28,7 @@ from ..config import config_hash, math_dict, to_toml
 from ..errors import UserError
 from ..schedule import NoiseSchedule
 from . import adapter, distributed, resume as runs, text_training
-from .data import Stream
+from .data import Stream, make_stream
 from .freeze import apply_freeze
 from .init import build_unet
 from .lr import lr_for
@@ -77,6 +77,7 @@ class _Run:
     val: object = None  # the held-out items (validation.py)
     full: object = None  # every item: for the validation grid, which marks the held-out ones
     held_out: tuple = ()  # their ids
+    stream: object = None  # the data order (train.data.Stream, or BucketStream for a bucketed cache)
 
     @property
     def images_per_step(self) -> int:
@@ -94,7 +95,8 @@ def _train(cfg, dataset, run_dir: Path, d, resume_flags, vae, text_encoder, prog
         io.write_text(run_dir / "config.toml", to_toml(cfg))
     state = build_state(cfg, run_dir, d, fresh=loaded is None, text_encoder=text_encoder)
     ac = NoiseSchedule.from_config(cfg.schedule).alphas_cumprod.to(d.device)
-    null, stream = null_condition(cfg, train_set, text_encoder), Stream(train_set, cfg.seed)
+    null = null_condition(cfg, train_set, text_encoder)
+    stream = r.stream = make_stream(train_set, cfg.seed, cfg.batch_size, cfg.bucket_leftovers)  # 1 bucket per batch
     if loaded is not None:
         runs.restore(loaded, d, state)
     if cfg.precision == "bf16" and d.device.type == "cpu":  # bf16 compute copy, fp32 masters; CUDA: autocast
@@ -229,6 +231,7 @@ def _finish(r: _Run, state: TrainState, stopped: str, start: int, t0: float) -> 
                         f"{r.d.device.type}",
         "model": f"{f'fine-tuned from {cfg.init}' if cfg.init else f'preset {cfg.model}'}, "
                  f"{unet.num_parameters():,} UNet parameters, {cfg.conditioning}-conditional",
+        **({"buckets": r.stream.summary()} if hasattr(r.stream, "summary") else {}),
         "skipped non-finite steps": state.guard.skipped, "config hash": config_hash(cfg),
         **({"adapter": adapter.summary(cfg, state.part.module, step == cfg.max_steps)} if adapter.enabled(cfg) else {}),
         "model folder": "model/ (EMA weights)" if done else "not written (run unfinished or no VAE"

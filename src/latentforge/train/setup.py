@@ -32,6 +32,7 @@ def resolve_for_data(cfg, dataset):
     if cond == "class" and not has_label:
         raise UserError("conditioning=class: the cache holds no class labels — use one sub-folder per class, "
                         "or conditioning=none")
+    h = getattr(dataset, "latent_side", None) or h  # bucketed caches: the square bucket's side
     unet = dataclasses.replace(cfg.unet, in_channels=C, out_channels=C, sample_size=h)
     if cond == "text":
         unet = dataclasses.replace(unet, cross_attention_dim=int(torch.as_tensor(item["context"]).shape[-1]),

@@ -69,6 +69,9 @@ class Subset(torch.utils.data.Dataset):
     def __getattr__(self, name):
         if name in ("dataset", "indices", "entries", "ids"):  # never the parent's full listing
             raise AttributeError(name)
+        if name == "buckets":  # a bucketed cache: the bucket of each of these items
+            parent = getattr(self.dataset, "buckets", None)
+            return None if parent is None else [parent[k] for k in self.indices]
         return getattr(self.dataset, name)
 
 
@@ -97,10 +100,11 @@ def validation_loss(model, val, alphas_cumprod: torch.Tensor, prediction_type: s
     device = next(model.parameters()).device
     ac = alphas_cumprod.to(device)
     ts = fixed_timesteps(ac.shape[0], timesteps)
-    pairs = [(i, k) for i in range(len(val)) for k in range(timesteps)]
+    buckets, groups = getattr(val, "buckets", None), {}  # a bucketed cache: one latent shape per chunk
+    for i in range(len(val)):
+        groups.setdefault(buckets[i] if buckets else "", []).extend((i, k) for k in range(timesteps))
     total, count = 0.0, 0
-    for start in range(0, len(pairs), batch_size):
-        chunk = pairs[start:start + batch_size]
+    for chunk in (g[s:s + batch_size] for g in groups.values() for s in range(0, len(g), batch_size)):
         batch = collate([val[i] for i, _ in chunk])
         if encode is not None:
             batch.context, batch.mask = encode(batch.captions)
