@@ -11,6 +11,12 @@ Step time, three arms interleaved, one sample = one optimizer step of the `small
   train stream   what `latentforge train` does: `train.data.Stream(LatentDataset).batch(positions)` -> draws -> step
 Goal: loader step / model-only step ≤ 1.05.
 
+With aspect-ratio buckets (`--buckets`): the shapes drawn on 80x48, 48x80 and 64x64 canvases, cached
+with `buckets=BucketSpec(step=16)` at the area 64²; two arms interleaved on the same sequence of
+bucket shapes:
+  model only     the first K batches of the bucketed stream made up front (with their draws), replayed in order
+  bucket stream  what `latentforge train` does on a bucketed cache: `BucketStream(LatentDataset).batch(positions)`
+
 Epoch ratio: `bench_cache.epoch_on_the_fly` vs `bench_cache.epoch_cached`, interleaved; goal ≥ 5×.
 
     .venv/bin/python bench/bench_data_path.py [--n 64] [--batch 16] [--repeats 5]
@@ -34,10 +40,10 @@ import bench_common as common  # noqa: E402
 
 from latentforge.config import PRESETS, TrainConfig, replace  # noqa: E402
 from latentforge.data import shapes, sources  # noqa: E402
-from latentforge.data.cache import LatentDataset, build_cache  # noqa: E402
+from latentforge.data.cache import BucketSpec, LatentDataset, build_cache  # noqa: E402
 from latentforge.models import AutoencoderKL, UNet  # noqa: E402
 from latentforge.schedule import NoiseSchedule  # noqa: E402
-from latentforge.train.data import Stream  # noqa: E402
+from latentforge.train.data import BucketStream, Stream  # noqa: E402
 from latentforge.train.setup import make_optimizer  # noqa: E402
 from latentforge.train.step import Batch, draw, train_step  # noqa: E402
 
@@ -143,6 +149,79 @@ def markdown(r: dict) -> str:
     ])
 
 
+CANVASES = [(80, 48), (48, 80), (64, 64)]
+
+
+def bucket_arms(cache: str, preset: str, batch: int, device: torch.device, rounds: int) -> dict:
+    """model only vs the bucketed train stream, both walking the same bucket sequence (one step per call)."""
+    ds = LatentDataset(cache)
+    item = ds[0]
+    C = item["latent"].shape[0]
+    cfg = replace(TrainConfig(), batch_size=batch,
+                  unet=replace(PRESETS[preset].unet, in_channels=C, out_channels=C,
+                               cross_attention_dim=item["context"].shape[-1]))
+    torch.manual_seed(0)
+    unet = UNet(cfg.unet).to(device).train()
+    opt = make_optimizer(unet, cfg, device)
+    ac = NoiseSchedule.from_config(cfg.schedule).alphas_cumprod.to(device)
+    stream = BucketStream(ds, cfg.seed, batch)
+
+    def step(b: Batch, draws) -> None:
+        loss = train_step(unet, b.to(device), draws, ac)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    def fetch(k: int):
+        positions = stream.positions(k, 0, 1, batch, 0, 1)
+        b = stream.batch(positions)
+        return b, draw(cfg, positions, b.latent.shape[1:], ac.shape[0])
+
+    made = [fetch(k) for k in range(rounds)]  # the same batches and draws, made up front
+    counters = {"fixed": 0, "stream": 0}
+
+    def model_only():
+        b, d = made[counters["fixed"] % rounds]
+        counters["fixed"] += 1
+        step(b, d)
+
+    def with_stream():
+        k = counters["stream"] % rounds
+        counters["stream"] += 1
+        step(*fetch(k))
+
+    return {"model only": model_only, "bucket stream": with_stream}, sorted(set(ds.buckets))
+
+
+def run_buckets(n: int = 64, batch: int = 16, preset: str = "small", repeats: int = 5, warmup: int = 1,
+                device: str = "cpu", progress: bool = True) -> dict:
+    dev = torch.device(device)
+    torch.manual_seed(0)
+    vae = AutoencoderKL(PRESETS["small"].vae).eval()
+    with tempfile.TemporaryDirectory() as tmp:
+        data, cache = str(Path(tmp) / "data"), str(Path(tmp) / "cache")
+        shapes.write_dataset(data, n, seed=0, canvases=CANVASES)
+        build_cache(data, vae, "default", cache, size=64, batch_size=16, progress=False, buckets=BucketSpec(step=16))
+        arms, names = bucket_arms(cache, preset, batch, dev, warmup + repeats)
+        samples = common.interleaved(arms, batch, repeats, warmup, dev, progress)
+    base, s = samples["model only"], samples["bucket stream"]
+    return {"n": n, "batch": batch, "preset": preset, "repeats": repeats, "buckets": names,
+            "ms_model_only_cpu": 1e3 * base.median("cpu"), "ms_stream_cpu": 1e3 * s.median("cpu"),
+            "ratio_wall": s.median("wall") / base.median("wall"), "ratio_cpu": s.median("cpu") / base.median("cpu"),
+            "paired_ratio_wall": common.paired_ratio(base, s, "wall"),
+            "paired_ratio_cpu": common.paired_ratio(base, s, "cpu"),
+            "wall": {"model only": base.wall, "bucket stream": s.wall}, "cpu": {"model only": base.cpu, "bucket stream": s.cpu}}
+
+
+def markdown_buckets(r: dict) -> str:
+    return common.table(
+        ["arm (buckets " + ", ".join(r["buckets"]) + ")", "ms/step (CPU time)", "vs model only (wall)",
+         "vs model only (CPU time)", "paired ratio wall / CPU"],
+        [["model only", common.fmt(r["ms_model_only_cpu"], 0), "1.000×", "1.000×", "1.000× / 1.000×"],
+         ["bucket stream", common.fmt(r["ms_stream_cpu"], 0), f"**{r['ratio_wall']:.3f}×**", f"**{r['ratio_cpu']:.3f}×**",
+          f"{r['paired_ratio_wall']:.3f}× / {r['paired_ratio_cpu']:.3f}×"]])
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--n", type=int, default=64, help="images in the data set")
@@ -155,9 +234,16 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--json", default=None)
+    p.add_argument("--buckets", action="store_true", help="only the aspect-ratio bucket arms")
     args = p.parse_args(argv)
     common.set_threads(args.threads)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if args.buckets:
+        r = run_buckets(args.n, args.batch, args.preset, args.repeats, args.warmup, args.device)
+        if args.json:
+            Path(args.json).write_text(json.dumps(r, indent=1))
+        print(markdown_buckets(r))
+        return 0
     r = run(args.n, args.size, args.batch, args.preset, args.repeats, args.warmup, args.epoch_repeats, args.device)
     if args.json:
         Path(args.json).write_text(json.dumps(r, indent=1))

@@ -137,6 +137,14 @@ def section_data(p: dict, device: str) -> tuple[dict, str]:
         f"`{r['preset']}` UNet, batch {r['batch']}, main-process loading (no workers). The loader arms include the "
         "per-sample draws (t, ε, dropout coin) the training loop makes every step. Worst loader step / model-only "
         f"step (CPU time): **{worst:.3f}×** — goal ≤ 1.05× {'met' if worst <= 1.05 else 'NOT met'}.")
+    b = bench_data_path.run_buckets(max(p["n"], 3 * p["batch"]), p["batch"], p["preset"], p["repeats"], p["warmup"],
+                                    device)
+    r["buckets"] = b
+    text += ("\n\nWith aspect-ratio buckets (`cache --buckets`): " + f"{b['n']} shapes images drawn on 80x48, 48x80 "
+             "and 64x64 canvases, cached in buckets of multiples of 16 px at the area 64²; every batch from one "
+             "bucket (`BucketStream`); the model-only arm replays the same batches in the same order.\n\n"
+             + bench_data_path.markdown_buckets(b) + "\n\nBucket stream step / model-only step (CPU time): "
+             f"**{b['ratio_cpu']:.3f}×** — goal ≤ 1.05× {'met' if b['ratio_cpu'] <= 1.05 else 'NOT met'}.")
     return r, text
 
 

@@ -87,6 +87,8 @@ def test_text2img_same_images_and_data_path(quick):
     assert steps["model only"]["ratio_cpu"] == 1.0
     assert raw["data"]["epoch"]["ratio"] > 0
     assert len(_rows(doc, "train stream")) == 1
+    assert raw["data"]["buckets"]["buckets"] == ["48x80", "64x64", "80x48"]  # one arm per bucket shape sequence
+    assert len(_rows(doc, "bucket stream")) == 1 and raw["data"]["buckets"]["ratio_cpu"] > 0
 
 
 def test_steps_vs_quality_table_and_plot(quick):
