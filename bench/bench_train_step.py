@@ -36,10 +36,14 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice; -1: latentforge's default, threads.py)")
     ap.add_argument("--gradient-checkpointing", action="store_true")
     args = ap.parse_args()
-    if args.threads:
+    if args.threads == -1:  # latentforge's default (what the CLI does): threads.py
+        from latentforge.threads import configure
+
+        configure()
+    elif args.threads:
         torch.set_num_threads(args.threads)
     dev = torch.device(args.device)
     cfg = load_train_config(None, [f"model={args.preset}", f"batch_size={args.batch}", f"precision={args.precision}"])

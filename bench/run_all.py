@@ -28,6 +28,7 @@ import bench_data_path  # noqa: E402
 import bench_finetune  # noqa: E402
 import bench_steps_quality  # noqa: E402
 import bench_text2img  # noqa: E402
+import bench_threads  # noqa: E402
 import bench_unet  # noqa: E402
 import bench_common as common  # noqa: E402
 
@@ -39,6 +40,7 @@ FULL = {
     # CFG 4.0: the demo's own evaluation setting. Not timed, so it runs on every core (threads=0).
     "quality": dict(steps=(5, 10, 20, 40), reference=1000, n=1, prompts=96, batch=96, cfg=4.0, threads=0),
     "finetune": dict(preset="sd15", steps=3, subprocess=True),  # ~7 min, ~13.5 GiB RSS per arm
+    "threads": dict(preset="small", batch=8, steps=3, rounds=2),
 }
 QUICK = {
     "unet": dict(configs=("tiny",), repeats=2, warmup=1, ablations=("tiny",), profile=("tiny",), precision=("tiny",),
@@ -47,6 +49,7 @@ QUICK = {
     "data": dict(n=8, size=32, batch=4, preset="tiny", repeats=2, warmup=1, epoch_repeats=1),
     "quality": dict(steps=(1, 2), reference=3, n=1, prompts=4, batch=4, cfg=4.0, threads=1),
     "finetune": dict(preset="tiny", steps=1, subprocess=False),
+    "threads": dict(preset="tiny", batch=2, steps=1, rounds=1),
 }
 
 
@@ -148,6 +151,16 @@ def section_data(p: dict, device: str) -> tuple[dict, str]:
     return r, text
 
 
+def section_threads(p: dict) -> tuple[dict, str]:
+    r = bench_threads.run(p["preset"], p["batch"], p["steps"], p["rounds"])
+    text = bench_threads.markdown(r) + (
+        f"\n\n`{r['preset']}` UNet, batch {r['batch']}, {r['steps']} timed steps per arm and round, {r['rounds']} "
+        f"round(s), one `while True: pass` process competing on this {r['cores']}-core machine (plus whatever else "
+        f"ran: load average {r['load_at_end']:.1f} at the end). The default picks its thread count from the load "
+        "average when it starts, so it counts processes that were already running.")
+    return r, text
+
+
 def section_quality(p: dict, model: str | None, origin: str, out_dir: Path, quick: bool, device: str) -> tuple[dict, str]:
     tmp = None
     if model is None:
@@ -223,6 +236,13 @@ def summary(raw: dict, device: str = "cpu") -> str:
             d = 100 * (dpm["scores"]["seen"]["all"]["accuracy"] - ref["scores"]["seen"]["all"]["accuracy"])
             rows.append([f"DPM++ 2M 20 steps vs DDPM {ref['steps']} steps (seen accuracy)", f"{d:+.1f} points",
                          "within 2 points", "met" if d >= -2 else "NOT met"])
+    if "threads" in raw:
+        arms = raw["threads"]["arms"]
+        default = next(a for k, a in arms.items() if k.startswith("latentforge default"))
+        two = next(a for k, a in arms.items() if k.startswith("2 threads"))
+        rows.append(["step with a competing busy process: default / 2 active threads / 1 thread",
+                     f"{default['ms']:.0f} / {two['ms']:.0f} / {arms['1 thread']['ms']:.0f} ms",
+                     "default not slower than 1 thread", "met" if default["vs_one_thread"] >= 0.95 else "NOT met"])
     on_gpu = device.startswith("cuda")
     rows.append(["GPU bf16 step + MFU (SD 1.5 UNet)", "see §1" if on_gpu else "not measured", "MFU ≥ 45 %",
                  "" if on_gpu else "no GPU lent to this task"])
@@ -258,7 +278,7 @@ def main(argv=None) -> int:
     ap.add_argument("--dtype", default="fp32", choices=list(bench_unet.DTYPES))
     ap.add_argument("--threads", type=int, default=1, help="torch threads for the timed sections (0 = torch's default)")
     ap.add_argument("--quick", action="store_true", help="tiny sizes: checks that everything runs (smoke test)")
-    ap.add_argument("--sections", default="unet,text2img,data,quality,gpu,finetune")
+    ap.add_argument("--sections", default="unet,text2img,data,quality,gpu,finetune,threads")
     ap.add_argument("--reference-steps", type=int, default=None,
                     help="DDPM reference steps for steps-vs-quality (default 1000; 0 = none). A new model's 1000-step "
                          "reference takes ~15 min on 2 cores, once: it is cached next to --out for later runs")
@@ -292,6 +312,8 @@ def main(argv=None) -> int:
         if args.reference_steps is not None:
             sizes["quality"] = dict(sizes["quality"], reference=args.reference_steps or None)
         timed("quality", lambda: section_quality(sizes["quality"], model, origin, out.parent, args.quick, args.device))
+    if "threads" in wanted:
+        timed("threads", lambda: section_threads(sizes["threads"]))
     if "gpu" in wanted:
         timed("gpu", lambda: (None, section_gpu(args.device)))
     if "finetune" in wanted:
@@ -354,7 +376,8 @@ def document(info: dict, parts: dict, minutes: float, args, argv, at_a_glance: s
     titles = {"unet": "1. UNet training step (forward + backward + AdamW)",
               "text2img": "2. Text→image vs StableDiffusionPipeline", "data": "3. The data path",
               "quality": "4. Steps vs quality", "gpu": "5. GPU",
-              "finetune": "7. Fine-tuning step: the SD 1.5-size UNet on this CPU (bench/bench_finetune.py)"}
+              "finetune": "7. Fine-tuning step: the SD 1.5-size UNet on this CPU (bench/bench_finetune.py)",
+              "threads": "8. Threads with a competing busy process"}
     body = []
     for key, title in titles.items():
         if key in parts:

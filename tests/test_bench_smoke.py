@@ -72,6 +72,9 @@ def test_unet_step_same_weights_ratio_memory_and_flops(quick):
     assert set(raw["unet"]["gemm_gflops"]) == {"fp32", "bf16"} and min(raw["unet"]["gemm_gflops"].values()) > 0
     assert 0 < row["latentforge"]["gemm_fraction"] and "fraction of the measured fp32 GEMM rate" in doc
     assert len(_rows(doc, "bf16 training step vs fp32, `tiny` (CPU)")) == 1
+    arms = raw["threads"]["arms"]  # the step with a competing busy process, threads 1 / 2 / default
+    assert len(arms) == 3 and arms["1 thread"]["threads"] == 1 and all(a["ms"] > 0 for a in arms.values())
+    assert "## 8. Threads with a competing busy process" in doc
     # the SD 1.5 UNet's training FLOPs at 64x64: 3 x forward, forward ≈ 0.80 TFLOP (2 x its ~400 G MACs)
     assert 2.0e12 < raw["unet"]["flops_sd15_64"] < 2.8e12
     (cells,) = _rows(doc, "`tiny` (B=2")

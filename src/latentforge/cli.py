@@ -13,6 +13,7 @@ import importlib
 import os
 import sys
 
+from . import threads
 from .errors import UserError
 
 # name -> (module under latentforge.commands, one-line help, one example)
@@ -75,6 +76,7 @@ def _module(name: str):
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    threads.prepare_environment()  # before any sub-command imports torch (OpenMP reads it once, at load)
     # Only the chosen sub-command's module is imported (keeps `--help` and errors fast).
     chosen = next((a for a in argv if a in COMMANDS), None)
     parser = build_parser(only=chosen)
@@ -83,6 +85,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
+        if args.command not in ("demo",):  # the demo has its own --threads
+            threads.configure()
         code = _module(COMMANDS[args.command][0]).run(args)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -25,6 +25,7 @@ from . import evaluate, io
 from .config import PRESETS, ScheduleConfig, TrainConfig, VAETrainConfig
 from .data import shapes
 from .errors import UserError
+from .threads import default_threads
 
 
 @dataclass(frozen=True)
@@ -119,7 +120,7 @@ def run_demo(out: str | os.PathLike = "runs/demo", budget: str = "full", threads
     b = BUDGETS[budget]
     out = Path(out)
     _prepare(out)
-    torch.set_num_threads(threads or default_threads())
+    torch.set_num_threads(threads or default_threads())  # threads.py: the cores not already busy
     stages = Stages(total=6)
 
     with stages("shapes data set"):
@@ -151,17 +152,6 @@ def run_demo(out: str | os.PathLike = "runs/demo", budget: str = "full", threads
     write_loss_plot(out)
     write_report(out, b, summary)
     return summary
-
-
-def default_threads() -> int:
-    """All cores unless the machine is already fully busy, then half: on a shared 2-core box, two
-    spinning torch threads competing with other processes ran several times slower than one."""
-    cores = os.cpu_count() or 1
-    busy = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
-    return cores if busy < cores else max(1, cores // 2)
-
-
-DEMO_MARKER = ".latentforge-demo"  # written first into every demo folder: only such a folder is ever replaced
 
 
 def _prepare(out: Path) -> None:
