@@ -173,7 +173,7 @@ def _pattern_folder(root):
     return captions
 
 
-def test_grid_of_a_run_on_a_non_shapes_folder_shows_its_captions(tmp_path):
+def test_grid_of_a_run_on_a_non_shapes_folder_shows_its_captions(tmp_path, capfd):
     from latentforge.config import PRESETS
     from latentforge.models import AutoencoderKL
 
@@ -181,13 +181,15 @@ def test_grid_of_a_run_on_a_non_shapes_folder_shows_its_captions(tmp_path):
     AutoencoderKL(PRESETS["tiny"].vae).save_pretrained(tmp_path / "vae")
     run = tmp_path / "run"
     assert main(["train", "--data", str(tmp_path / "patterns"), "--vae", str(tmp_path / "vae"), "--out", str(run),
-                 "--quiet", "model=tiny", "batch_size=2", "max_steps=2", "sample_every=2", "sample_steps=2",
-                 "checkpoint_every=2", "log_every=1", "sample_count=3"]) == 0
+                 "model=tiny", "batch_size=2", "max_steps=2", "sample_every=2", "sample_steps=2",
+                 "checkpoint_every=2", "log_every=1", "val_every=1", "val_fraction=0.5", "sample_count=3"]) == 0
+    assert "val=" in capfd.readouterr().err  # the progress bar shows the held-out loss once there is one
     grid = Image.open(run / "samples" / "step-2.png")
     cells = json.loads(grid.info["latentforge:cells"])
-    assert len(cells) == 3
+    assert 1 <= len(cells) <= 3
     for c in cells:
         assert c["prompt"] == captions[c["source_id"]]  # each cell: a caption of this folder, and its image
+        assert c["held_out"]  # with a held-out split, the prompts come from it
     # each cell is labelled: its label strip holds dark text pixels below the image
     strip = np.asarray(grid.convert("L"))[96 + 8:, : 96 + 8]
     assert (strip < 100).sum() > 20

@@ -76,6 +76,7 @@ class _Run:
     lowp: object = None  # precision=bf16 on CPU: the bf16 compute copy of the UNet (precision.py)
     val: object = None  # the held-out items (validation.py)
     full: object = None  # every item: for the validation grid, which marks the held-out ones
+    val_loss: object = None  # the latest held-out loss (training weights), for the progress bar
     held_out: tuple = ()  # their ids
     stream: object = None  # the data order (train.data.Stream, or BucketStream for a bucketed cache)
 
@@ -121,7 +122,8 @@ def _train(cfg, dataset, run_dir: Path, d, resume_flags, vae, text_encoder, prog
                 ips, epoch = meter.images_per_s(seen), seen / len(train_set)
                 log.log({"step": state.step, "loss": loss, "lr": lr, "grad_norm": gnorm, "img_per_s": ips,
                          "epoch": epoch, "skipped": state.guard.skipped})
-                bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{ips:.1f}", seen=seen, epoch=f"{epoch:.2f}")
+                bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{ips:.1f}", seen=seen, epoch=f"{epoch:.2f}",
+                                **({"val": f"{r.val_loss:.4f}"} if r.val_loss is not None else {}))
             if state.step % cfg.val_every == 0 or state.step == cfg.max_steps:
                 _validate(r, state, ac, log)
             bar.update(1)
@@ -243,8 +245,10 @@ def _validate(r: _Run, state: TrainState, ac, log: RunLog) -> None:
     if not len(r.val) or not r.d.is_main:
         return
     encode = r.text_encoder.encode if r.cfg.train_text_encoder else None  # contexts by the text model as it is
-    log.log(evaluate(r.cfg, state.step, state.part.module, state.part.ema, r.val, ac,
-                     autocast_dtype(r.cfg.precision), encode))
+    row = evaluate(r.cfg, state.step, state.part.module, state.part.ema, r.val, ac,
+                   autocast_dtype(r.cfg.precision), encode)
+    log.log(row)
+    r.val_loss = row.get("val_loss")  # shown in the progress bar from now on
 
 
 class _Meter:
