@@ -26,9 +26,11 @@ import os
 from pathlib import Path
 from typing import BinaryIO, Callable
 
+import torch
+
 from .errors import UserError
 
-__all__ = ["sha256_file", "fsync_file", "fsync_dir", "atomic_write", "atomic_path", "write_bytes", "write_text", "write_json",
+__all__ = ["sha256_file", "hash_weights", "fsync_file", "fsync_dir", "atomic_write", "atomic_path", "write_bytes", "write_text", "write_json",
            "save_image", "save_figure", "temp_name", "check_out_dir"]
 
 
@@ -39,6 +41,14 @@ def sha256_file(path, chunk: int = 1 << 20) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+def hash_weights(h, module) -> None:
+    """Feed a module's weights into the hash `h` (sorted state_dict keys, then each tensor's raw bytes): the one
+    weight fingerprint (latent-cache keys of the VAE and the text encoders)."""
+    for k, v in sorted(module.state_dict().items()):
+        h.update(k.encode())
+        h.update(v.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
 
 
 def fsync_file(path) -> None:
@@ -65,22 +75,9 @@ def temp_name(path) -> Path:
 
 def atomic_write(path, write: Callable[[BinaryIO], object]) -> Path:
     """`write(f)` into a temporary file beside `path`, fsync, rename onto `path`, fsync the folder."""
-    path = Path(path)
-    tmp = temp_name(path)
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:  # disk full, permissions, Ctrl-C: the old file (if any) is untouched
-        try:
-            os.remove(tmp)
-        except OSError:
-            pass
-        raise
-    fsync_dir(path.parent if str(path.parent) else ".")
-    return path
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        write(f)
+    return Path(path)
 
 
 @contextlib.contextmanager

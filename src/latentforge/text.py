@@ -25,6 +25,7 @@ from typing import List, Optional, Tuple
 
 import torch
 
+from . import io
 from .errors import UserError
 
 DEFAULT = "default"
@@ -248,14 +249,8 @@ class TextEncoder(CaptionLength):
     def fingerprint(self) -> str:
         """sha256 of the weights, config, vocabulary and max_length: a latent cache key part."""
         h = hashlib.sha256()
-        config = {k: v for k, v in self.model.config.to_dict().items()
-                  if not k.startswith("_") and k != "transformers_version"}  # not where it was loaded from
-        h.update(json.dumps(config, sort_keys=True, default=str).encode())
-        h.update(json.dumps(sorted(self.tokenizer.get_vocab().items())).encode())
+        _model_hash(h, self.model, self.tokenizer)
         h.update(str(self.max_length).encode())
-        for k, v in sorted(self.model.state_dict().items()):
-            h.update(k.encode())
-            h.update(v.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
         return h.hexdigest()
 
 
@@ -265,9 +260,7 @@ def _model_hash(h, model, tokenizer) -> None:
               if not k.startswith("_") and k != "transformers_version"}  # not where it was loaded from
     h.update(json.dumps(config, sort_keys=True, default=str).encode())
     h.update(json.dumps(sorted(tokenizer.get_vocab().items())).encode())
-    for k, v in sorted(model.state_dict().items()):
-        h.update(k.encode())
-        h.update(v.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    io.hash_weights(h, model)
 
 
 class DualTextEncoder(CaptionLength):

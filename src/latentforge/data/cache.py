@@ -40,6 +40,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
+from .. import io
 from ..errors import UserError
 from ..locks import LOCK_NAME, folder_lock
 from ..models.unet import time_ids
@@ -62,9 +63,7 @@ def module_fingerprint(module: torch.nn.Module, config=None) -> str:
     h = hashlib.sha256()
     if config is not None:
         h.update(json.dumps(dataclasses.asdict(config), sort_keys=True, default=str).encode())
-    for k, v in sorted(module.state_dict().items()):
-        h.update(k.encode())
-        h.update(v.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    io.hash_weights(h, module)
     return h.hexdigest()
 
 

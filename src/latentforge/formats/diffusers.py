@@ -461,20 +461,21 @@ def load_unet(folder):
     """`UNet` from a diffusers `unet/` folder or a model root holding one."""
     from ..models.unet import UNet
 
-    folder = _component_dir(folder, "unet")
-    cfg = unet_from_diffusers(_read_json(folder / CONFIG_NAME), folder / CONFIG_NAME)
-    model = _build(UNet, cfg, folder / CONFIG_NAME)
-    load_weights(model, _weights_file(folder))
-    return model
+    return _load_component(folder, "unet", unet_from_diffusers, UNet)
 
 
 def load_vae(folder):
     """`AutoencoderKL` from a diffusers `vae/` folder or a model root holding one."""
     from ..models.vae import AutoencoderKL
 
-    folder = _component_dir(folder, "vae")
-    cfg = vae_from_diffusers(_read_json(folder / CONFIG_NAME), folder / CONFIG_NAME)
-    model = _build(AutoencoderKL, cfg, folder / CONFIG_NAME)
+    return _load_component(folder, "vae", vae_from_diffusers, AutoencoderKL)
+
+
+def _load_component(folder, name: str, from_diffusers, cls):
+    """Our model of class `cls` from `folder` (or `folder/name`): config.json translated, weights checked."""
+    folder = _component_dir(folder, name)
+    cfg = from_diffusers(_read_json(folder / CONFIG_NAME), folder / CONFIG_NAME)
+    model = _build(cls, cfg, folder / CONFIG_NAME)
     load_weights(model, _weights_file(folder))
     return model
 
