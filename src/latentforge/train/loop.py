@@ -209,7 +209,7 @@ def _periodic(r: _Run, state: TrainState, stopped: str) -> None:
     """After an optimizer step: a checkpoint (every checkpoint_every, at the end, on a stop signal), a sample grid."""
     cfg, step = r.cfg, state.step
     if stopped or step % cfg.checkpoint_every == 0 or step == cfg.max_steps:
-        runs.save(r.dir, cfg, r.d, state, step * r.images_per_step, extra={"cache": r.cache_id})
+        runs.write_checkpoint(r.dir, cfg, r.d, state, step * r.images_per_step, extra={"cache": r.cache_id})
     if r.d.is_main and cfg.sample_every and (step % cfg.sample_every == 0 or step == cfg.max_steps):
         maybe_sample(r.dir, step, cfg, state.part.module, state.part.ema, r.vae, r.text_encoder, r.full, r.held_out)
 

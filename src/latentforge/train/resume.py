@@ -3,7 +3,7 @@ one save / restore path of a TrainState, shared by the UNet loop (train/loop.py)
 
     loaded = resume.prepare(run, cfg, dataset, resume=True, math=math_dict(cfg))  # (path, tensors, state) | None
     resume.restore(loaded, d, state)              # weights, EMA, optimizer, guard, scaler, step, this rank's RNG
-    resume.save(run, cfg, d, state, data_position, extra={"cache": cache_identity(dataset)})
+    resume.write_checkpoint(run, cfg, d, state, data_position, extra={"cache": cache_identity(dataset)})
 
 A checkpoint = TrainState.state_dict() (weights, EMA, optimizer, guard, scaler, step) + data position, config
 hash + math keys, lr, every rank's RNG state, world size, and the caller's extras (files and JSON keys).
@@ -157,7 +157,7 @@ def prepare(run, cfg, dataset, *, resume: bool, math: dict, restart: bool = Fals
     return path, tensors, state
 
 
-def save(run: Path, cfg, d, state, data_position: int, tensors=None, extra=None) -> None:
+def write_checkpoint(run: Path, cfg, d, state, data_position: int, tensors=None, extra=None) -> None:
     """Write checkpoints/step-<state.step> (rank 0; every rank's RNG is gathered first). `tensors` / `extra`:
     more file stems / JSON keys (the VAE's discriminator, the cache identity)."""
     state.flush()  # the guard's pending verdicts (a collective: every rank saves at the same step)

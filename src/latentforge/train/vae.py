@@ -207,7 +207,7 @@ def _save(run: Path, cfg, d, state: TrainState, disc: _Disc | None, psnr_before:
         flat_d, meta_d = checkpoint.flatten_optimizer(disc.optimizer)
         tensors.update(disc=disc.module.state_dict(), disc_optimizer=flat_d)
         extra["disc_optimizer"] = meta_d
-    runs.save(run, cfg, d, state, state.step * cfg.batch_size, tensors, extra)
+    runs.write_checkpoint(run, cfg, d, state, state.step * cfg.batch_size, tensors, extra)
 
 
 def _finish(run: Path, cfg, vae, data: _Images, psnr_before: float, step: int) -> None:
