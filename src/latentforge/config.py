@@ -198,7 +198,7 @@ class TrainConfig:
     offset_noise: float = 0.0  # 0 disables offset noise (Guttenberg 2023 use 0.1)
     caption_dropout: float = 0.1  # probability of the null context / null class (for CFG)
     conditioning: str = "auto"  # auto (from the cache) | text | class | none
-    precision: str = "fp32"  # fp32 | bf16 (autocast) | fp16 (CUDA only, with a grad scaler)
+    precision: str = "fp32"  # fp32 | bf16 (CPU: bf16 copy + fp32 masters; CUDA: autocast) | fp16 (CUDA, grad scaler)
     gradient_checkpointing: bool = False
     device: str = "auto"  # auto | cpu | cuda
     # --- fine-tuning ---
