@@ -154,6 +154,9 @@ def run_demo(out: str | os.PathLike = "runs/demo", budget: str = "full", threads
     return summary
 
 
+DEMO_MARKER = ".latentforge-demo"  # written first into every demo folder: only such a folder is ever replaced
+
+
 def _prepare(out: Path) -> None:
     """A fresh output folder; an old demo run there (finished or not) is replaced, anything else is refused —
     a folder of the user's that merely has a data/ sub-folder is never deleted."""
