@@ -21,7 +21,7 @@ FLOPs: `torch.utils.flop_counter.FlopCounterMode` over forward + backward of our
 device (no memory, no time), per image. Model FLOP utilisation = FLOPs × images/s / peak FLOP/s of
 the device (only known for GPUs; `--peak-tflops` sets it).
 
-    .venv/bin/python bench/bench_unet.py                          # CPU: small + issue7 configs
+    .venv/bin/python bench/bench_unet.py                          # CPU: small + cpu-18m configs
     .venv/bin/python bench/bench_unet.py --device cuda --dtype bf16 --configs sd15,small
 """
 
@@ -64,7 +64,7 @@ CONFIGS: Dict[str, BenchConfig] = {
     "small": BenchConfig(PRESETS["small"].unet, batch=16, latent=16, note="the `small` preset (4 heads per level)"),
     # Issue 7's config: channels (64, 128, 256), 2 layers per level, attention on the first two levels,
     # cross-attention dim 384, 16×16×4 latents, batch 16. Heads: UNetConfig's default 8 per level.
-    "issue7": BenchConfig(UNetConfig(channels=(64, 128, 256), layers_per_level=2, attention=(True, True, False),
+    "cpu-18m": BenchConfig(UNetConfig(channels=(64, 128, 256), layers_per_level=2, attention=(True, True, False),
                                      cross_attention_dim=384, sample_size=16), batch=16, latent=16,
                           note="channels (64,128,256), 2 layers, attention on levels 1-2, 8 heads, ctx 384"),
     "tiny": BenchConfig(PRESETS["tiny"].unet, batch=2, latent=8, context_len=8, note="the `tiny` preset (smoke tests)"),
@@ -307,7 +307,7 @@ def run_memory_subprocess(arm: str, config: str, device: str, dtype: str, batch:
 # ---- the benchmark --------------------------------------------------------------------------
 
 
-def run(configs=("small", "issue7"), device: str = "cpu", dtype: str = "fp32", repeats: int = 7, warmup: int = 2,
+def run(configs=("small", "cpu-18m"), device: str = "cpu", dtype: str = "fp32", repeats: int = 7, warmup: int = 2,
         steps_per_sample: int = 1, memory: bool = True, batch: Optional[int] = None,
         peak_tflops: Optional[float] = None, progress: bool = True, ablations: Sequence[str] = (),
         profile: Sequence[str] = (), precision: Sequence[str] = (), gemm_size: int = 2048) -> dict:
@@ -464,7 +464,7 @@ def markdown_profile(res: dict) -> str:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--configs", default="small,issue7", help=f"comma-separated, from {', '.join(CONFIGS)}")
+    p.add_argument("--configs", default="small,cpu-18m", help=f"comma-separated, from {', '.join(CONFIGS)}")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="fp32", choices=list(DTYPES), help="autocast dtype for both arms (fp32 = none)")
     p.add_argument("--repeats", type=int, default=7, help="timed rounds (median reported; at least 5 for the doc)")
@@ -474,7 +474,7 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=1, help="torch threads (0 = torch's default)")
     p.add_argument("--no-memory", action="store_true")
     p.add_argument("--peak-tflops", type=float, default=None, help="device peak for MFU (default: known GPUs, bf16)")
-    p.add_argument("--ablations", default="", help="configs that also get the ABLATIONS arms (e.g. issue7)")
+    p.add_argument("--ablations", default="", help="configs that also get the ABLATIONS arms (e.g. cpu-18m)")
     p.add_argument("--profile", default="", help="configs whose step is also profiled by op category")
     p.add_argument("--precision", default="", help="configs that also get the bf16 arms (CPU, --dtype fp32)")
     p.add_argument("--json", default=None, help="also write the raw results here")

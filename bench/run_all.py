@@ -33,7 +33,7 @@ import bench_unet  # noqa: E402
 import bench_common as common  # noqa: E402
 
 FULL = {
-    "unet": dict(configs=("small", "issue7"), repeats=5, warmup=1, ablations=("issue7",), profile=("issue7",),
+    "unet": dict(configs=("small", "cpu-18m"), repeats=5, warmup=1, ablations=("cpu-18m",), profile=("cpu-18m",),
                  precision=("small",), gemm_size=2048),
     "text2img": dict(preset="small", steps=20, batch=2, repeats=5, warmup=1),
     "data": dict(n=64, size=64, batch=16, preset="small", repeats=5, warmup=1, epoch_repeats=3),
@@ -85,7 +85,7 @@ def section_unet(p: dict, device: str, dtype: str) -> tuple[dict, str]:
         lines.append(f"- Step memory is higher for latentforge on {', '.join(f'`{c}`' for c in heavier)}: on CPU, "
                      "attention heads narrower than 16 channels are zero-padded to 16 (same result, faster kernel), and "
                      "the padded q, k, v are what SDPA keeps for backward; with the padding switched off the step "
-                     "peaks are equal (341 vs 341 MiB on `issue7`, measured on 2026-11-25 with the padding disabled). A speed-for-memory "
+                     "peaks are equal (341 vs 341 MiB on `cpu-18m`, measured on 2026-11-25 with the padding disabled). A speed-for-memory "
                      "trade on CPU only; GPUs are not padded.")
     prec = bench_unet.markdown_precision(res)
     if prec:
@@ -99,7 +99,7 @@ def section_unet(p: dict, device: str, dtype: str) -> tuple[dict, str]:
     prof = bench_unet.markdown_profile(res)
     if prof:
         lines += ["", "**Where the time goes** (torch.profiler, self CPU time of aten ops per step, 2 steps after "
-                  "1 warm-up; the profiler's clock is wall time, so absolute values carry the shared-machine noise — "
+                  "1 warm-up; the profiler's clock is wall time, so absolute values carry the noise of the machine's load — "
                   "read the shares):", "", prof, "", _profile_reading(res)]
     return res, "\n".join(lines)
 
@@ -200,7 +200,7 @@ def _ddim_euler_note(r: dict) -> str:
 
 
 def summary(raw: dict, device: str = "cpu") -> str:
-    """One line per goal of issue 7, from this run's results."""
+    """One line per benchmark goal, from this run's results."""
     rows = []
     for r in raw.get("unet", {}).get("rows", []):
         rows.append([f"training step vs diffusers, `{r['config']}`", f"{r['ratio_cpu']:.2f}× (CPU time), "
@@ -245,7 +245,7 @@ def summary(raw: dict, device: str = "cpu") -> str:
                      "default not slower than 1 thread", "met" if default["vs_one_thread"] >= 0.95 else "NOT met"])
     on_gpu = device.startswith("cuda")
     rows.append(["GPU bf16 step + MFU (SD 1.5 UNet)", "see §1" if on_gpu else "not measured", "MFU ≥ 45 %",
-                 "" if on_gpu else "no GPU lent to this task"])
+                 "" if on_gpu else "no GPU was available for this run"])
     return common.table(["", "this run", "goal", "verdict"], rows)
 
 
@@ -261,8 +261,7 @@ def section_gpu(device: str) -> str:
            "(known for H100/H200/A100, else `--peak-tflops`). Goal: MFU ≥ 45 % for the SD 1.5-size UNet.")
     if device.startswith("cuda"):
         return f"Measured above on {torch.cuda.get_device_name()}.\n\nTo rerun: {how}"
-    return ("**No GPU was lent to this task** (the device tool's status says this task was not drawn for a device "
-            "machine), so there is no GPU measurement and no MFU figure in this document; CI never depends on one.\n\n"
+    return ("**No GPU was available for this run**, so there is no GPU measurement and no MFU figure in this document; CI never depends on one.\n\n"
             f"The training FLOPs of the SD 1.5-size UNet ({params / 1e6:.1f} M parameters) on one 64×64×4 latent with a 77×768 "
             f"context, counted with `torch.utils.flop_counter.FlopCounterMode` on the meta device: **{flops / 1e12:.2f} "
             f"TFLOP** per image (forward + backward; forward alone is about a third). A GPU user runs: {how}")
@@ -347,9 +346,8 @@ def document(info: dict, parts: dict, minutes: float, args, argv, at_a_glance: s
         common.table(["", ""], [[k, v] for k, v in info.items() if k != "date"] +
                      [["load average (1 min) at the end", f"{load:.1f}"]]),
         "",
-        "**Caveat: a shared machine.** Several engineers work on this box and their test runs share these 2 cores "
-        "with the benchmark at random moments (the load averages above are a sample), so wall-clock times can be "
-        "inflated and noisy. That is why every comparison runs its arms "
+        "**Caveat: the machine's load.** Other processes shared these 2 cores with the benchmark at times (the load "
+        "averages above were sampled), so wall-clock times can be inflated and noisy. That is why every comparison runs its arms "
         "interleaved in one process, and why each table also gives throughput by *process CPU time* (user + system "
         "time of this process; a core taken by someone else does not count) — with one torch thread that is the "
         "steadier measure of the work each library does. Ratios, not absolute times, are the result.",

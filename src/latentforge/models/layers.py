@@ -260,7 +260,6 @@ class SpatialTransformer(nn.Module):
                  groups: int, linear_projection: bool, upcast: bool = False):
         super().__init__()
         inner = heads * head_dim
-        self.linear_projection = linear_projection
         self.norm = nn.GroupNorm(groups, channels, eps=1e-6)
         self.proj_in = nn.Linear(channels, inner) if linear_projection else nn.Conv2d(channels, inner, 1)
         self.transformer_blocks = nn.ModuleList(
