@@ -98,7 +98,7 @@ def main() -> None:
     r = common.run_json_subprocess([str(Path(__file__)), "--run", "--steps", str(args.steps), "--threads",
                                     str(args.threads), "--preset", args.preset, "--rank", str(args.rank)],
                                    timeout=3600, env=env)
-    full_gb = 16 * r["parameters"] / 1e9  # fp32 weights + gradients + Adam's two moments
+    full_gb = 16 * (r["parameters"] - r["trainable"]) / 1e9  # the base's fp32 weights + gradients + Adam's 2 moments
     print("machine: " + ", ".join(f"{k} {v}" for k, v in common.machine().items()))
     print(f"{args.preset} UNet {r['parameters']:,} parameters (random), LoRA rank {args.rank} on attention "
           f"({r['trainable']:,} trainable), batch 1, 32×32×4 latents, 77×{PRESETS[args.preset].unet.cross_attention_dim} "
