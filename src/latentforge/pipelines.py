@@ -144,6 +144,25 @@ class Pipeline:
         self.loras = []
         return self
 
+    def compute_in(self, dtype: torch.dtype = torch.bfloat16) -> "Pipeline":
+        """Run the UNet in `dtype` (bf16 inference; torch.float32 to go back). The sampler's arithmetic, the text
+        encoder and the VAE stay float32; the UNet's inputs are cast to `dtype` and its output back to float32.
+        The float32 weights are kept aside while in low precision, so going back gives the same images again."""
+        if self.unet.dtype == torch.float32 and dtype != torch.float32:
+            self._fp32_unet = {k: v.detach().clone() for k, v in self.unet.state_dict().items()}
+        self.unet.to(dtype)
+        if dtype == torch.float32 and getattr(self, "_fp32_unet", None) is not None:
+            self.unet.load_state_dict(self._fp32_unet)
+            self._fp32_unet = None
+        return self
+
+    def _unet_fn(self):
+        dtype = self.unet.dtype
+        if dtype == torch.float32:
+            return lambda x, t, **c: self.unet(x, t, **c)
+        cast = lambda v: v.to(dtype) if torch.is_tensor(v) and v.is_floating_point() else v  # noqa: E731
+        return lambda x, t, **c: self.unet(cast(x), t, **{k: cast(v) for k, v in c.items()}).float()
+
     def _adaptable(self) -> dict:
         """The modules an adapter may change (so the cached prompt embeddings are dropped)."""
         self._embeddings.clear()
@@ -232,8 +251,7 @@ class Pipeline:
         x = plan.start(noise, x0 if first else None)
         cond, uncond = self._conditions(prompt, negative_prompt, class_label, n)
         self._micro_conditioning(cond, uncond, (H, W), n, **micro)
-        model_fn = classifier_free_guidance(lambda x, t, **c: self.unet(x, t, **c), cond, uncond, cfg,
-                                            guidance_rescale)
+        model_fn = classifier_free_guidance(self._unet_fn(), cond, uncond, cfg, guidance_rescale)
         keep = after_step = None
         if mask is not None:
             keep = self._latent_mask(mask, x0.shape[-2:])  # (1, 1, h, w): 1 = repaint
