@@ -40,7 +40,7 @@ class Stream:
 
     def batch(self, positions: List[int]) -> Batch:
         items = [self.dataset[self.index(p)] for p in positions]
-        return collate(items, positions)
+        return collate(items)
 
 
 class BucketStream(Stream):
@@ -170,7 +170,7 @@ def make_stream(dataset, seed: int, batch_size: int, leftovers: str = "carry") -
     return Stream(dataset, seed)
 
 
-def collate(items: List[dict], positions: Optional[List[int]] = None) -> Batch:
+def collate(items: List[dict]) -> Batch:
     """Stack dataset items (dict(latent, context, mask, label, id)) into a Batch."""
     def stack(key):
         values = [it.get(key) for it in items]
@@ -184,7 +184,7 @@ def collate(items: List[dict], positions: Optional[List[int]] = None) -> Batch:
     captions = [it.get("caption") for it in items]
     return Batch(latent=stack("latent").float(), context=stack("context"), mask=stack("mask"),
                  label=None if label is None else label.long(), ids=[str(it.get("id")) for it in items],
-                 positions=positions, pooled=stack("pooled"), time_ids=stack("time_ids"),
+                 pooled=stack("pooled"), time_ids=stack("time_ids"),
                  captions=None if None in captions else [str(c) for c in captions])
 
 

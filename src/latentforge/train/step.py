@@ -27,7 +27,6 @@ class Batch:
     mask: Optional[torch.Tensor] = None  # (B, L) bool
     label: Optional[torch.Tensor] = None  # (B,) long class labels
     ids: Optional[List[str]] = None
-    positions: Optional[List[int]] = None  # stream positions (seed the per-sample draws)
     pooled: Optional[torch.Tensor] = None  # (B, P) pooled text embedding (SDXL)
     time_ids: Optional[torch.Tensor] = None  # (B, 6) original size, crop, target size (SDXL)
     captions: Optional[List[str]] = None  # the captions (train_text_encoder re-encodes them every step)
