@@ -71,8 +71,19 @@ def _is_atomic_path(node) -> bool:
     return (isinstance(f, ast.Attribute) and f.attr == "atomic_path") or (isinstance(f, ast.Name) and f.id == "atomic_path")
 
 
+def _own_modules(tree) -> set:
+    """Names bound to latentforge modules (`from . import io`, `from . import resume as runs`): a call on one of
+    them is checked where that module defines it."""
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and (node.level or (node.module or "").startswith("latentforge")):
+            names |= {a.asname or a.name for a in node.names}
+    return names
+
+
 def _writes(tree):
     """(function name, line, what) of each call that writes a file directly."""
+    own = _own_modules(tree)
     for fn in [n for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))]:
         guarded = {id(c) for w in ast.walk(fn) if isinstance(w, ast.With) and any(_is_atomic_path(i.context_expr)
                                                                                  for i in w.items)
@@ -83,8 +94,7 @@ def _writes(tree):
             receiver = f.value.id if isinstance(f, ast.Attribute) and isinstance(f.value, ast.Name) else ""
             first = call.args[0].id if call.args and isinstance(call.args[0], ast.Name) else ""
             method = isinstance(f, ast.Attribute)
-            if (name in WRITERS if method else name in BARE_WRITERS) and receiver not in ("io", "checkpoint") \
-                    and first != "f":
+            if (name in WRITERS if method else name in BARE_WRITERS) and receiver not in own and first != "f":
                 yield fn.name, call.lineno, name
             if name == "open" and not receiver:
                 mode = call.args[1] if len(call.args) > 1 else next((k.value for k in call.keywords if k.arg == "mode"), None)
