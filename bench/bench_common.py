@@ -15,6 +15,7 @@ import datetime
 import json
 import os
 import platform
+import re
 import statistics
 import subprocess
 import sys
@@ -135,6 +136,23 @@ def gemm_rate(dtypes: Sequence[str] = ("fp32", "bf16"), n: int = 2048, repeats: 
 
 
 # ---- memory ---------------------------------------------------------------------------------
+
+
+def status_mib(key: str) -> float:
+    """VmRSS / VmHWM (peak RSS) of this process from /proc/self/status, in MiB."""
+    text = Path("/proc/self/status").read_text()
+    return int(re.search(rf"{key}:\s+(\d+) kB", text).group(1)) / 1024
+
+
+def timed_steps(step: Callable[[], object], steps: int) -> tuple:
+    """Run `step` `steps` times: (wall seconds per step, process CPU seconds per step, its return values)."""
+    wall, cpu, out = [], [], []
+    for _ in range(steps):
+        c0, w0 = time.process_time(), time.perf_counter()
+        out.append(step())
+        wall.append(time.perf_counter() - w0)
+        cpu.append(time.process_time() - c0)
+    return wall, cpu, out
 
 
 def run_json_subprocess(args: Sequence[str], timeout: float = 600, env: Dict[str, str] | None = None) -> dict:

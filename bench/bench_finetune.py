@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import statistics
 import sys
 import time
@@ -39,11 +38,6 @@ from latentforge.train.step import Batch, Draws, train_step  # noqa: E402
 
 ARMS = [("fp32", False), ("fp32", True), ("bf16", False), ("bf16", True)]
 DTYPES = {"fp32": None, "bf16": torch.bfloat16}
-
-
-def _status_mib(key: str) -> float:
-    text = Path("/proc/self/status").read_text()
-    return int(re.search(rf"{key}:\s+(\d+) kB", text).group(1)) / 1024
 
 
 def one_arm(precision: str, checkpointing: bool, steps: int, preset: str = "sd15", latent: int = 32,
@@ -69,14 +63,9 @@ def one_arm(precision: str, checkpointing: bool, steps: int, preset: str = "sd15
         return loss.item()
 
     step()  # warm-up
-    resident = _status_mib("VmRSS")
-    wall, cpu, losses = [], [], []
-    for _ in range(steps):
-        c0, w0 = time.process_time(), time.perf_counter()
-        losses.append(step())
-        wall.append(time.perf_counter() - w0)
-        cpu.append(time.process_time() - c0)
-    peak = _status_mib("VmHWM")
+    resident = common.status_mib("VmRSS")
+    wall, cpu, losses = common.timed_steps(step, steps)
+    peak = common.status_mib("VmHWM")
     grads = sum(p.numel() * p.element_size() for p in unet.parameters()) / 2**20  # fp32 gradients, MiB
     return {"precision": precision, "checkpointing": checkpointing, "parameters": unet.num_parameters(),
             "gradients_mib": grads, "activations_mib": peak - resident - grads,

@@ -25,7 +25,6 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_common as common  # noqa: E402
-from bench_finetune import _status_mib  # noqa: E402
 
 from latentforge import adapters  # noqa: E402
 from latentforge.config import PRESETS, TrainConfig  # noqa: E402
@@ -66,15 +65,10 @@ def one_arm(arm: str, steps: int, preset: str = "sd15", latent: int = 32) -> dic
         return loss.item()
 
     step()  # warm-up: optimizer state appears
-    wall, cpu = [], []
-    for _ in range(steps):
-        c0, w0 = time.process_time(), time.perf_counter()
-        step()
-        wall.append(time.perf_counter() - w0)
-        cpu.append(time.process_time() - c0)
+    wall, cpu, _ = common.timed_steps(step, steps)
     return {"arm": arm, "parameters": sum(p.numel() for p in unet.parameters()),
             "trainable": sum(p.numel() for p in params), "optimizer_bytes": _optimizer_bytes(opt),
-            "wall_s": statistics.median(wall), "cpu_s": statistics.median(cpu), "peak_rss_mib": _status_mib("VmHWM")}
+            "wall_s": statistics.median(wall), "cpu_s": statistics.median(cpu), "peak_rss_mib": common.status_mib("VmHWM")}
 
 
 def main() -> None:

@@ -26,7 +26,6 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_common as common  # noqa: E402
-from bench_finetune import _status_mib  # noqa: E402
 
 from latentforge import adapters  # noqa: E402
 from latentforge.config import PRESETS, TrainConfig  # noqa: E402
@@ -71,15 +70,10 @@ def one_run(preset: str, steps: int, rank: int, latent: int = 32) -> dict:
         return loss.item()
 
     first = step()  # warm-up
-    wall, cpu = [], []
-    for _ in range(steps):
-        c0, w0 = time.process_time(), time.perf_counter()
-        step()
-        wall.append(time.perf_counter() - w0)
-        cpu.append(time.process_time() - c0)
+    wall, cpu, _ = common.timed_steps(step, steps)
     return {"preset": preset, "parameters": sum(p.numel() for p in unet.parameters()),
             "trainable": sum(p.numel() for p in params), "build_s": build_s, "first_loss": first,
-            "wall_s": statistics.median(wall), "cpu_s": statistics.median(cpu), "peak_rss_mib": _status_mib("VmHWM")}
+            "wall_s": statistics.median(wall), "cpu_s": statistics.median(cpu), "peak_rss_mib": common.status_mib("VmHWM")}
 
 
 def main() -> None:

@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import re
 import sys
 import tempfile
 from dataclasses import dataclass, replace
@@ -254,12 +253,6 @@ def profile_breakdown(steps: Dict[str, object], n: int = 2) -> Dict[str, Dict[st
 # ---- memory (one arm per subprocess) --------------------------------------------------------
 
 
-def _status_mib(key: str) -> float:
-    """VmRSS / VmHWM (peak RSS) of this process from /proc/self/status, in MiB."""
-    text = Path("/proc/self/status").read_text()
-    return int(re.search(rf"{key}:\s+(\d+) kB", text).group(1)) / 1024
-
-
 def measure_memory(arm: str, config: str, device: str, dtype: str, batch: int = 0, steps: int = 2) -> dict:
     """In a fresh process: build one arm, warm it up, then the peak memory of `steps` training steps
     above what stays resident between steps (weights, AdamW state, allocator caches).
@@ -292,10 +285,10 @@ def measure_memory(arm: str, config: str, device: str, dtype: str, batch: int = 
         return {"arm": arm, "step_peak_mib": (torch.cuda.max_memory_allocated() - before) / 2**20,
                 "resident_mib": before / 2**20, "method": "cuda"}
     Path("/proc/self/clear_refs").write_text("5")  # peak RSS := current RSS
-    before = _status_mib("VmRSS")
+    before = common.status_mib("VmRSS")
     for _ in range(steps):
         step()
-    return {"arm": arm, "step_peak_mib": _status_mib("VmHWM") - before, "resident_mib": before, "method": "rss"}
+    return {"arm": arm, "step_peak_mib": common.status_mib("VmHWM") - before, "resident_mib": before, "method": "rss"}
 
 
 def run_memory_subprocess(arm: str, config: str, device: str, dtype: str, batch: int) -> dict:

@@ -21,6 +21,7 @@ from latentforge.errors import UserError
 from latentforge.formats.single_file import load_single_file
 from latentforge.pipelines import Pipeline
 from sdxl_kit import VOCAB, write_clip
+from test_single_file import _assert_same_state  # state dicts equal up to the CLIP key level
 
 
 def _randomize(module, seed, scale=0.1):
@@ -62,18 +63,6 @@ def world(tmp_path_factory):
     path = tmp / "sdxl.safetensors"
     assert main(["export", "--model", str(tmp / "sdxl"), "--single-file", str(path), "--dtype", "fp32"]) == 0
     return {"tmp": tmp, "folder": tmp / "sdxl", "file": path}
-
-
-def _plain(state):
-    """transformers 5's CLIPTextModel has no `text_model.` key level; the converter (and transformers 4) do."""
-    return {k.removeprefix("text_model."): v for k, v in state.items() if not k.endswith("position_ids")}
-
-
-def _assert_same_state(converted, source, what):
-    source, converted = _plain(source), _plain(converted)
-    assert sorted(converted) == sorted(source), what
-    for k, v in source.items():
-        assert torch.equal(converted[k].float(), v.float()), f"{what}: {k}"
 
 
 def test_export_converts_back_with_diffusers_converters(world):
