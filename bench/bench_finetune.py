@@ -13,7 +13,7 @@ what stays resident between steps (gradients are freed after each step: gradient
 activations alone (that minus the fp32 gradient bytes; gradient checkpointing cuts this).
 MALLOC_MMAP_THRESHOLD_=65536 makes glibc return freed tensors to the OS, so RSS follows live tensors.
 
-    flock /tmp/lf-heavy.lock .venv/bin/python bench/bench_finetune.py --steps 3
+    .venv/bin/python bench/bench_finetune.py --steps 3
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ Each arm runs alone in a fresh subprocess: build, one warm-up step (optimizer st
 timed steps; median step time on the wall clock and in process CPU time; peak RSS (VmHWM). With
 MALLOC_MMAP_THRESHOLD_=65536 freed tensors go back to the OS, so RSS follows the live tensors.
 
-    flock /tmp/lf-heavy.lock .venv/bin/python bench/bench_lora.py --steps 3
+    .venv/bin/python bench/bench_lora.py --steps 3
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ gradient clipping + fused AdamW over the adapter parameters. One warm-up step (o
 then `--steps` timed steps (median wall and process CPU time); peak RSS (VmHWM), in a fresh subprocess with
 MALLOC_MMAP_THRESHOLD_=65536 so freed tensors go back to the OS.
 
-    flock /tmp/lf-heavy.lock .venv/bin/python bench/bench_sdxl.py --steps 1
+    .venv/bin/python bench/bench_sdxl.py --steps 1
     .venv/bin/python bench/bench_sdxl.py --preset sdxl-tiny --steps 1     # smoke run, seconds
 """
 
