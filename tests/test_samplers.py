@@ -127,6 +127,31 @@ def test_zero_terminal_snr_trailing_matches_diffusers(name, atol):
         torch.testing.assert_close(a, b, atol=atol * max(1.0, b.abs().max().item()), rtol=0)
 
 
+@pytest.mark.parametrize("name,eta", [("ddpm", None), ("ddim", 0.7), ("ddim", 0.0), ("euler-a", None)])
+def test_stochastic_steps_draw_through_the_noise_sampler(name, eta):
+    """Every fresh-noise draw is one call noise_sampler(σ, σ_next) (k-diffusion's shape), for each step whose
+    σ_next > 0; the default sampler from a seeded generator is the `generator=` run, bit for bit."""
+    sched = NoiseSchedule.from_config(ScheduleConfig())
+    plan = S.plan(sched.alphas_cumprod, name, 6, spacing="trailing")
+    den = plan.denoiser(model_fn, sched.alphas_cumprod, "epsilon")
+    z = torch.randn(2, 4, 4, 4, generator=torch.Generator().manual_seed(3))
+    x = plan.start(z)
+    seeded = S.sample(name, den, x, plan.sigmas, generator=torch.Generator().manual_seed(5), eta=eta, disable=True)
+    default = S.default_noise_sampler(x, torch.Generator().manual_seed(5))
+    same = S.sample(name, den, x, plan.sigmas, noise_sampler=default, eta=eta, disable=True)
+    assert torch.equal(seeded, same)
+    calls = []
+
+    def zeros(sigma, sigma_next):
+        calls.append((float(sigma), float(sigma_next)))
+        return torch.zeros_like(x)
+
+    quiet = S.sample(name, den, x, plan.sigmas, noise_sampler=zeros, eta=eta, disable=True)
+    s = plan.sigmas.tolist()
+    assert calls == ([] if eta == 0.0 else [(a, b) for a, b in zip(s[:-1], s[1:]) if b > 0])
+    assert torch.equal(quiet, seeded) == (eta == 0.0)  # the drawn noise is what made the difference
+
+
 def test_img2img_plan_is_the_tail_of_the_schedule():
     ac = NoiseSchedule.from_config(ScheduleConfig()).alphas_cumprod
     p = S.plan(ac, "euler", 20, spacing="leading", steps_offset=1)

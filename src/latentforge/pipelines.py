@@ -260,7 +260,7 @@ class Pipeline:
                 return keep * x + (1 - keep) * plan.noised(x0, noise, sigma_next)
 
         denoiser = plan.denoiser(model_fn, ac, self.schedule.prediction_type, **opts.denoiser_kwargs())
-        x = samplers.sample(sampler, denoiser, x, plan.sigmas, generator=gens, eta=eta if sampler == "ddim" else None,
+        x = samplers.sample(sampler, denoiser, x, plan.sigmas, generator=gens, eta=eta,
                             after_step=after_step, disable=None if progress is None else not progress,
                             **opts.solver_kwargs(steps))
         out = plan.finish(x)  # (n, C, h, w) at the UNet's scale
@@ -280,7 +280,7 @@ class Pipeline:
                 "Steps": steps, "Sampler": info.display + (" Karras" if karras else ""),
                 "CFG scale": float(cfg), "Seed": seed + i, "Size": f"{W}x{H}", "Model": self.name or None,
                 "Denoising strength": float(strength) if init is not None else None,
-                "Eta": float(eta) if sampler == "ddim" and eta else None,
+                "Eta": float(eta) if "eta" in info.options and eta else None,
                 "Class": class_label, "Guidance rescale": float(guidance_rescale) if guidance_rescale else None,
                 "LoRA": " + ".join(self.loras) or None,
             })

@@ -114,7 +114,8 @@ class SamplerInfo:
     fn: Callable
     family: str  # whose timestep definitions: "ddim" (DDPM/DDIM), "k" (Euler/Heun), "dpm" (DPM-Solver)
     display: str  # the name Stable Diffusion tools write in PNG metadata
-    stochastic: bool
+    stochastic: bool  # adds fresh noise every step (DDIM only with η > 0)
+    options: Tuple[str, ...] = ()  # the keyword options `sample` passes on to `fn`
 
 
 @dataclass(frozen=True)
@@ -285,6 +286,16 @@ def randn_like(x: torch.Tensor, generator=None) -> torch.Tensor:
     return torch.randn(x.shape, generator=generator, dtype=x.dtype, device=device).to(x.device)
 
 
+NoiseSampler = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def default_noise_sampler(x: torch.Tensor, generator=None) -> NoiseSampler:
+    """k-diffusion's `noise_sampler`: a callable (σ, σ_next) -> fresh N(0, I) shaped like x, drawn from
+    `generator` (one, or a list with one per sample; see `randn_like`). Every stochastic step draws through
+    one of these, so a caller may swap in another noise source (e.g. Brownian-tree noise) for all samplers."""
+    return lambda sigma, sigma_next: randn_like(x, generator)
+
+
 def _denoise(model, x, sigma, extra_args, raw_eps: bool):
     """-> (x0, x0 the ε direction comes from): the clipped x0 twice, or (clipped, raw) for `raw_eps`."""
     if raw_eps and hasattr(model, "with_raw"):
@@ -295,11 +306,12 @@ def _denoise(model, x, sigma, extra_args, raw_eps: bool):
 
 @torch.no_grad()
 def sample_euler_ancestral(model, x, sigmas, extra_args=None, callback=None, after_step=None, disable=None,
-                           eta=1.0, generator=None, raw_eps=False):
-    """Euler step to σ_down, then add N(0, σ_up²) noise drawn from `generator` (k-diffusion); `generator`
-    may be a list with one per sample (see `randn_like`). `raw_eps`: the direction ε comes from the UNet's
+                           eta=1.0, noise_sampler: Optional[NoiseSampler] = None, raw_eps=False):
+    """Euler step to σ_down, then add N(0, σ_up²) noise from `noise_sampler(σ, σ_next)` (k-diffusion;
+    default: unseeded, see `default_noise_sampler`). `raw_eps`: the direction ε comes from the UNet's
     own x0 while the step lands at the clipped x0 (diffusers' DDIM, `use_clipped_model_output=False`)."""
     extra_args = extra_args or {}
+    noise_sampler = noise_sampler or default_noise_sampler(x)
     s_in = x.new_ones(x.shape[0])
     for i in trange(len(sigmas) - 1, disable=disable, desc="ancestral"):
         denoised, raw = _denoise(model, x, sigmas[i] * s_in, extra_args, raw_eps)
@@ -307,23 +319,23 @@ def sample_euler_ancestral(model, x, sigmas, extra_args=None, callback=None, aft
         d = (x - raw) / sigmas[i]
         x = x + d * (down - sigmas[i]) if raw is denoised else denoised + d * down
         if sigmas[i + 1] > 0 and up > 0:
-            x = x + randn_like(x, generator) * up
+            x = x + noise_sampler(sigmas[i], sigmas[i + 1]) * up
         x = _step_done(i, x, sigmas, denoised, callback, after_step)
     return x
 
 
 def sample_ddim(model, x, sigmas, extra_args=None, callback=None, after_step=None, disable=None,
-                eta=0.0, generator=None):
+                eta=0.0, noise_sampler: Optional[NoiseSampler] = None):
     """DDIM (Song et al. 2021): x_{t'} = √ᾱ' x̂0 + √(1-ᾱ'-σ_η²) ε̂ + σ_η z — Euler-ancestral with η here.
     With x0 clipping, x̂0 is clipped and ε̂ is the UNet's own, as diffusers' DDIMScheduler."""
-    return sample_euler_ancestral(model, x, sigmas, extra_args, callback, after_step, disable, eta, generator,
+    return sample_euler_ancestral(model, x, sigmas, extra_args, callback, after_step, disable, eta, noise_sampler,
                                   raw_eps=True)
 
 
 def sample_ddpm(model, x, sigmas, extra_args=None, callback=None, after_step=None, disable=None,
-                generator=None):
+                noise_sampler: Optional[NoiseSampler] = None):
     """Ancestral DDPM (Ho et al. 2020, Alg. 2; posterior variance β̃_t) = DDIM with η = 1."""
-    return sample_euler_ancestral(model, x, sigmas, extra_args, callback, after_step, disable, 1.0, generator)
+    return sample_euler_ancestral(model, x, sigmas, extra_args, callback, after_step, disable, 1.0, noise_sampler)
 
 
 @torch.no_grad()
@@ -374,13 +386,14 @@ def sample_dpmpp_2m(model, x, sigmas, extra_args=None, callback=None, after_step
     return x
 
 
+_SOLVER_OPTIONS = ("lower_order_final", "euler_at_final", "total_steps")
 SAMPLERS = {
-    "ddpm": SamplerInfo(sample_ddpm, "ddim", "DDPM", True),
-    "ddim": SamplerInfo(sample_ddim, "ddim", "DDIM", False),
+    "ddpm": SamplerInfo(sample_ddpm, "ddim", "DDPM", True, ("noise_sampler",)),
+    "ddim": SamplerInfo(sample_ddim, "ddim", "DDIM", False, ("noise_sampler", "eta")),
     "euler": SamplerInfo(sample_euler, "k", "Euler", False),
-    "euler-a": SamplerInfo(sample_euler_ancestral, "k", "Euler a", True),
+    "euler-a": SamplerInfo(sample_euler_ancestral, "k", "Euler a", True, ("noise_sampler",)),
     "heun": SamplerInfo(sample_heun, "k", "Heun", False),
-    "dpmpp-2m": SamplerInfo(sample_dpmpp_2m, "dpm", "DPM++ 2M", False),
+    "dpmpp-2m": SamplerInfo(sample_dpmpp_2m, "dpm", "DPM++ 2M", False, _SOLVER_OPTIONS),
 }
 
 
@@ -391,15 +404,15 @@ def get_sampler(name: str) -> SamplerInfo:
 
 
 def sample(name: str, model, x, sigmas, *, extra_args=None, callback=None, after_step=None, disable=None,
-           generator=None, eta: Optional[float] = None, **solver_options):
-    """Run sampler `name`; `generator` feeds the ancestral samplers' noise, `eta` is DDIM's η;
-    solver_options (lower_order_final, euler_at_final, total_steps) go to dpmpp-2m only."""
+           generator=None, noise_sampler: Optional[NoiseSampler] = None, eta: Optional[float] = None,
+           lower_order_final: Optional[bool] = None, euler_at_final: Optional[bool] = None,
+           total_steps: Optional[int] = None):
+    """Run sampler `name`. The stochastic steps draw from `noise_sampler` (default: `default_noise_sampler(x,
+    generator)`); `eta` is DDIM's η; lower_order_final, euler_at_final and total_steps are dpmpp-2m's. Each
+    option reaches the samplers that take it (`SamplerInfo.options`); None leaves a sampler's default."""
     info = get_sampler(name)
-    kwargs = dict(extra_args=extra_args, callback=callback, after_step=after_step, disable=disable)
-    if info.stochastic or name == "ddim":
-        kwargs["generator"] = generator
-    if name == "ddim" and eta is not None:
-        kwargs["eta"] = eta
-    if name == "dpmpp-2m":
-        kwargs.update(solver_options)
-    return info.fn(model, x, sigmas, **kwargs)
+    given = dict(noise_sampler=noise_sampler or default_noise_sampler(x, generator), eta=eta,
+                 lower_order_final=lower_order_final, euler_at_final=euler_at_final, total_steps=total_steps)
+    kwargs = {k: v for k, v in given.items() if k in info.options and v is not None}
+    return info.fn(model, x, sigmas, extra_args=extra_args, callback=callback, after_step=after_step,
+                   disable=disable, **kwargs)
