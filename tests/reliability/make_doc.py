@@ -87,7 +87,8 @@ SECTIONS = [
     ("10. Second round: --resume that must refuse, and one process per run folder", "test_rel_resume.py", "",
      "From a copy of the reference run stopped at step 8: the cache re-built with one image added, one removed "
      "and one re-encoded (refused naming each, or with `--allow-changed-data` continued with a warning about the "
-     "order); a resume refused for changed math (the run folder must stay byte-identical, and the correct resume "
+     "order); the same change given as `train --resume --data` (refused before RUN/cache is re-encoded: its "
+     "files keep their bytes and mtimes); a resume refused for changed math (the run folder must stay byte-identical, and the correct resume "
      "then works); every checkpoint unusable (step-8 without COMPLETE, a flipped bit in step-4: refused listing "
      "both; without --resume refused too; `--restart` sets them aside byte for byte and starts over). A second "
      "`train` on the --out of a running child: one line naming the child's pid; after kill -9 of the child the "

@@ -72,6 +72,40 @@ def test_resume_on_a_changed_cache_is_refused_or_explicitly_allowed(world, tmp_p
     assert logged_steps(run)[-1] == 9
 
 
+def mtimes(folder) -> dict:
+    return {str(p.relative_to(folder)): p.stat().st_mtime_ns for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_resume_with_changed_data_is_refused_before_the_cache_is_rebuilt(world, tmp_path, capsys):
+    """`train --resume --data DIR`: the cache identity is checked before RUN/cache is encoded, so the refusal
+    of changed data leaves RUN/cache as it was (bytes and mtimes); the unchanged data resumes as before."""
+    from types import SimpleNamespace
+
+    from rel_kit import tiny_vae
+    from latentforge.data.cache import LatentDataset, planned_entries
+    from latentforge.train.resume import cache_identity
+
+    run = stopped_run(world, tmp_path / "run")
+    shutil.copytree(world["cache"], run / "cache")  # what `train --data` built there (the same settings)
+    planned = planned_entries(str(world["data"]), tiny_vae(), str(run / "cache"), size=32)
+    assert cache_identity(SimpleNamespace(entries=planned)) == cache_identity(LatentDataset(str(run / "cache")))
+    data = tmp_path / "data"
+    shutil.copytree(world["data"], data)
+    (data / "blues" / "3.png").unlink()
+    shutil.copy(data / "reds" / "0.png", data / "reds" / "new.png")
+    before, stamps = tree_digest(run / "cache"), mtimes(run / "cache")
+    argv = ["train", "--data", data, "--vae", world["vae"], "--out", run, "--resume", "--quiet", "max_steps=9"]
+    code, lines = run_cli(argv, capsys)
+    verdict = clear_error(code, lines, "1 latent(s) added", warnings_ok=False)
+    untouched = tree_digest(run / "cache") == before and mtimes(run / "cache") == stamps
+    code2, lines2 = run_cli([world["data"] if a == data else a for a in argv], capsys)
+    record("resume_changed_data_before_cache", refused=verdict, stderr=" / ".join(lines), cache_untouched=untouched,
+           unchanged_data_exit=code2)
+    assert verdict == "ok" and len(lines) == 1 and "1 removed" in lines[0], lines
+    assert untouched
+    assert code2 == 0 and logged_steps(run)[-1] == 9, lines2
+
+
 def test_refused_resume_writes_nothing_and_the_right_resume_then_works(world, tmp_path, capsys):
     run = stopped_run(world, tmp_path / "run")
     before = tree_digest(run)

@@ -172,6 +172,8 @@ def _run(args, cfg):
             from ..data.cache import BucketSpec, build_cache
 
             spec = BucketSpec(step=cfg.bucket_step) if cfg.buckets else None
+            if args.resume and not args.restart:  # a resume the new data would refuse: before encoding it
+                _check_data_first(args, cfg, vae, cache, spec)
             print(build_cache(args.data, vae, cfg.text_encoder, cache, size=cfg.image_size or None,
                               progress=not args.quiet, buckets=spec))
         distributed.barrier(d)
@@ -188,6 +190,18 @@ def _run(args, cfg):
             print(f"done: {result.step} steps; model in {os.path.join(args.out, 'model')}, report in "
                   f"{os.path.join(args.out, 'report.md')}")
     return 0
+
+
+def _check_data_first(args, cfg, vae, cache, spec) -> None:
+    """--resume --data: the checkpoint's cache identity against the cache --data would give, found without
+    encoding (train/resume.check_cache_first); a refusal leaves RUN/cache as it was."""
+    from types import SimpleNamespace
+
+    from ..data.cache import planned_entries
+    from ..train.resume import check_cache_first
+
+    planned = planned_entries(args.data, vae, cache, size=cfg.image_size or None, buckets=spec)
+    check_cache_first(args.out, SimpleNamespace(entries=planned), args.allow_changed_data)
 
 
 @contextlib.contextmanager

@@ -346,11 +346,7 @@ def _add_text(texts: ShardStore, key: str, row) -> None:
 
 def _encode_images(items, vae, latents: LatentStores, settings, size, batch_size, flip, report, progress, strict):
     """Hash every file; encode (in batches, one per bucket) those whose key is not cached; -> manifest entries."""
-    spec = settings["buckets"]
-    base = json.dumps({k: settings[k] for k in ("size", "preprocess", "vae") + (("buckets",) if spec else ())},
-                      sort_keys=True)
-    blist = bk.bucket_list(spec["area"], spec["step"], spec["max_ratio"]) if spec else None
-    entries, batches, queued = [], {}, set()  # batches: bucket ("" = square) -> [(key, (3, H, W) image)]
+    entries, batches = [], {}  # batches: bucket ("" = square) -> [(key, (3, H, W) image)]
 
     def run_batch(bucket):
         batch = batches.pop(bucket, [])
@@ -362,34 +358,66 @@ def _encode_images(items, vae, latents: LatentStores, settings, size, batch_size
                 latents.store(bucket).add(key, latent=row)
             report.encoded += len(batch)
 
+    for item_entries, todo, bucket in _usable(items, settings, size, flip, latents.__contains__, report, strict,
+                                              progress):
+        for key, image in todo:
+            batches.setdefault(bucket, []).append((key, image))
+            if len(batches[bucket]) >= batch_size:
+                run_batch(bucket)
+        entries += item_entries
+    for bucket in sorted(batches):
+        run_batch(bucket)
+    latents.flush()
+    return entries
+
+
+def _usable(items, settings, size, flip, cached, report, strict, progress):
+    """Per usable item: (its entries, [(key, (3, H, W) image)] to encode, its bucket ("" = square)). Every file
+    is hashed and its header read; the pixels are decoded only for keys neither `cached(key)` nor queued
+    before. Unusable files go to report.skipped."""
+    spec = settings["buckets"]
+    base = json.dumps({k: settings[k] for k in ("size", "preprocess", "vae") + (("buckets",) if spec else ())},
+                      sort_keys=True)
+    blist = bk.bucket_list(spec["area"], spec["step"], spec["max_ratio"]) if spec else None
+    queued = set()
     for item in tqdm(items, desc="encode", unit="img", disable=not progress):
         where = item.path if item.offset < 0 else f"{item.path}/{item.name}"
         try:
             data = item.read_bytes()
             file_hash = hashlib.sha256(data).hexdigest()
             twins = [(f, _digest(base, file_hash, "flip" if f else "plain")) for f in ((False, True) if flip else (False,))]
-            todo = [(f, k) for f, k in twins if k not in latents and k not in queued]
+            todo = [(f, k) for f, k in twins if not cached(k) and k not in queued]
             img, placed = _prepare(data, item.name, size, spec, blist, file_hash, bool(todo))
         except (OSError, BadImage) as e:
             reason, detail = (e.reason, e.detail) if isinstance(e, BadImage) else ("unreadable", e.strerror or str(e))
             report.skipped.append(sources.Skip(where, reason, detail))
             _fail_if_strict(strict, report.out, report.skipped)
             continue
-        bucket = placed.bucket.name if spec else ""
-        for flipped, key in todo:
-            queued.add(key)
-            batches.setdefault(bucket, []).append(
-                (key, to_tensor(img.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if flipped else img)))
-            if len(batches[bucket]) >= batch_size:
-                run_batch(bucket)
+        queued.update(k for _, k in todo)
         report.reused += len(twins) - len(todo)
-        entries += [{"id": item.id + ("#flip" if f else ""), "key": k, "flip": f, "caption": item.caption,
-                     "label": item.label, **_micro_record(placed.flipped() if f else placed, bucketed=bool(spec))}
-                    for f, k in twins]
-    for bucket in sorted(batches):
-        run_batch(bucket)
-    latents.flush()
-    return entries
+        yield ([{"id": item.id + ("#flip" if f else ""), "key": k, "flip": f, "caption": item.caption,
+                 "label": item.label, **_micro_record(placed.flipped() if f else placed, bucketed=bool(spec))}
+                for f, k in twins],
+               [(k, to_tensor(img.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if f else img)) for f, k in todo],
+               placed.bucket.name if spec else "")
+
+
+def planned_entries(data_dir: str, vae, out: str, size: Optional[int] = None, flip: bool = False,
+                    caption_column: str = "text", labels: str = "auto", min_size: int = MIN_SIZE,
+                    max_pixels: int = MAX_PIXELS, buckets: Optional[BucketSpec] = None) -> List[dict]:
+    """The entries (id, key, ...) `build_cache` of `data_dir` into `out` would write, in its order, found
+    without encoding or writing anything: files are hashed and their headers read; only the files whose
+    latents `out` does not hold are decoded (to know whether they are usable). For a check before a build."""
+    size = int(size or vae.config.sample_size)
+    items, _ = sources.scan(data_dir, caption_column, labels, min_size, max_pixels)
+    settings = {"size": size, "preprocess": BUCKET_PREPROCESS if buckets else PREPROCESS,
+                "buckets": _bucket_settings(buckets, size, vae.downsample_factor),
+                "vae": module_fingerprint(vae, getattr(vae, "config", None))}
+    old = read_manifest(out) if os.path.isdir(out) else None
+    cached = {e["key"] for e in (old or {}).get("entries", [])}
+    report = CacheReport(out=out)
+    return [e for entries, _, _ in _usable(items, settings, size, flip, cached.__contains__, report, False, False)
+            for e in entries]
 
 
 def _prepare(data: bytes, name: str, size: int, spec, blist, file_hash: str, pixels: bool):

@@ -25,12 +25,14 @@ their ordered (id, key) list, and a short hash per latent, so the refusal can sa
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import sys
 from pathlib import Path
 
 from ..config import config_hash, math_dict
 from ..errors import UserError
+from ..io import sha256_file
 from . import checkpoint, distributed
 
 SET_ASIDE = "checkpoints-set-aside-{}"
@@ -82,6 +84,24 @@ def check_cache(state: dict, dataset, path, allow_changed_data: bool, warn=None)
     (warn or _stderr)(f"warning: --allow-changed-data: the cache changed since {path} ({change}); continuing "
                       f"from step {state['step']} over {len(dataset)} latents — the data order from here on is not "
                       "an uninterrupted run's (epochs are re-drawn over the new set)")
+
+
+def check_cache_first(run, dataset, allow_changed_data: bool = False) -> None:
+    """`check_cache` against the newest complete checkpoint whose state.json passes its checksum (no tensors
+    loaded): `train --resume --data` calls it with the entries the cache would get (data.cache.planned_entries)
+    before building the cache in the run folder, so that a refused resume encodes and writes nothing."""
+    root = Path(run) / "checkpoints"
+    for step in reversed(checkpoint.complete_steps(root)):
+        path = root / f"step-{step}"
+        try:
+            sums = json.loads((path / checkpoint.MARKER).read_text())["sha256"]
+            if sums.get("state.json") != sha256_file(path / "state.json"):
+                continue
+            state = json.loads((path / "state.json").read_text())
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            continue  # damaged: `prepare` names it later
+        check_cache(state, dataset, path, allow_changed_data, warn=lambda m: None)
+        return
 
 
 def _stderr(message: str) -> None:
