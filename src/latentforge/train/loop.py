@@ -168,7 +168,10 @@ def build_state(cfg, run_dir: Path, d, fresh: bool = True, text_encoder=None) ->
         apply_freeze(unet, cfg.unet.freeze)
     unet.enable_gradient_checkpointing(cfg.gradient_checkpointing)
     parts = [make_part("unet", unet, cfg.ema_decay, cfg.ema_warmup, adapter=adapted)]
-    if cfg.train_text_encoder:
+    if adapter.adapts_text(cfg):  # lora.text_encoder: the text model's adapters, with their EMA
+        parts.append(make_part("text_encoder", adapter.attach_text(cfg, text_encoder), cfg.ema_decay,
+                               cfg.ema_warmup, adapter=True))
+    elif cfg.train_text_encoder:
         parts.append(make_part("text_encoder", text_training.unfreeze(text_encoder)))
     scaler = torch.amp.GradScaler("cuda") if cfg.precision == "fp16" else None
     return TrainState(parts, make_optimizer([{"params": p.trainable()} for p in parts], cfg, d.device),
@@ -185,7 +188,7 @@ def _accumulate(r: _Run, state: TrainState, model, stream: Stream, ac, null) -> 
         positions = stream.positions(state.step, micro, A, cfg.batch_size, d.rank, d.world_size)
         batch = stream.batch(positions)
         draws = draw(cfg, positions, batch.latent.shape[1:], ac.shape[0])
-        if cfg.train_text_encoder:  # the context from the captions, by the text model as it is now
+        if text_training.enabled(cfg):  # the context from the captions, by the text model as it is now
             batch = text_training.encode_batch(r.text_encoder, batch, draws.drop)
         elif cfg.conditioning != "none":
             batch = apply_dropout(batch, draws.drop, *null)
@@ -200,7 +203,7 @@ def _accumulate(r: _Run, state: TrainState, model, stream: Stream, ac, null) -> 
         losses.append(loss.detach().float())
     if r.lowp:
         r.lowp.grads_to_master()  # fp32 gradients on the master weights: clip, guard and AdamW act there
-    if cfg.train_text_encoder:
+    if text_training.enabled(cfg):
         text_training.average_gradients(state.parts[1].trainable(), d)
     return distributed.mean_tensor(torch.stack(losses).mean(), d), picked  # on the device, no host read
 
@@ -220,12 +223,15 @@ def _finish(r: _Run, state: TrainState, stopped: str, start: int, t0: float) -> 
     held = f", {len(r.val)} held out for validation" if len(r.val) else ""
     unet, ema = state.part.module, state.part.ema
     done = step == cfg.max_steps and r.vae is not None
+    text = r.text_encoder
     if step == cfg.max_steps and adapter.enabled(cfg):  # lora/ files; model/ only with --merge
-        adapter.write_outputs(r.dir, cfg, unet, ema, step, cfg.unet.sample_size * (r.vae.downsample_factor if r.vae else 8))
+        adapter.write_outputs(r.dir, cfg, state.parts, step,
+                              cfg.unet.sample_size * (r.vae.downsample_factor if r.vae else 8))
         done = done and cfg.lora.merge
-        unet, ema = (adapter.merged_unet(unet, ema), None) if done else (unet, ema)
+        if done:
+            (unet, text), ema = adapter.merged_outputs(state.parts, text), None
     if done:
-        export_model(r.dir, cfg, unet, ema, r.vae, r.text_encoder)
+        export_model(r.dir, cfg, unet, ema, r.vae, text)
     write_report(r.dir, "UNet training", {
         "steps": f"{step} of {cfg.max_steps}" + (f" (stopped by {stopped})" if stopped else ""),
         "images seen": f"{seen} ({seen / n:.2f} epochs of {n} latents{held})",
@@ -235,7 +241,7 @@ def _finish(r: _Run, state: TrainState, stopped: str, start: int, t0: float) -> 
                  f"{unet.num_parameters():,} UNet parameters, {cfg.conditioning}-conditional",
         **({"buckets": r.stream.summary()} if hasattr(r.stream, "summary") else {}),
         "skipped non-finite steps": state.guard.skipped, "config hash": config_hash(cfg),
-        **({"adapter": adapter.summary(cfg, state.part.module, step == cfg.max_steps)} if adapter.enabled(cfg) else {}),
+        **({"adapter": adapter.summary(cfg, [p.module for p in state.parts], step == cfg.max_steps)} if adapter.enabled(cfg) else {}),
         "model folder": "model/ (EMA weights)" if done else "not written (run unfinished or no VAE"
                         + (", or an adapter run without --merge)" if adapter.enabled(cfg) else ")")})
 
@@ -244,7 +250,7 @@ def _validate(r: _Run, state: TrainState, ac, log: RunLog) -> None:
     """Log the held-out loss of the training and EMA weights (rank 0; nothing without held-out images)."""
     if not len(r.val) or not r.d.is_main:
         return
-    encode = r.text_encoder.encode if r.cfg.train_text_encoder else None  # contexts by the text model as it is
+    encode = r.text_encoder.encode if text_training.enabled(r.cfg) else None  # contexts by the text model as it is
     row = evaluate(r.cfg, state.step, state.part.module, state.part.ema, r.val, ac,
                    autocast_dtype(r.cfg.precision), encode)
     log.log(row)

@@ -6,6 +6,9 @@ with autograd on. The text model stays in eval mode: its dropout is off, so a st
 (seed, stream position) and resume stays bitwise, 2 processes equal to 1. It has no EMA: the exported
 `model/text_encoder/` holds its trained weights (next to the EMA UNet), as diffusers' train_text_to_image
 does. Its gradients are averaged over ranks here (DDP wraps only the UNet).
+
+`lora.text_encoder = true` (an adapter run) takes the same path with the text model frozen and adapters on
+it (train/adapter.py `attach_text`): the captions are re-encoded through the adapted model every step.
 """
 
 from __future__ import annotations
@@ -18,20 +21,25 @@ from ..errors import UserError
 from .step import Batch
 
 
+def enabled(cfg) -> bool:
+    """The text model trains (all of it, or its adapters): captions are re-encoded every step."""
+    return cfg.train_text_encoder or (cfg.adapter != "none" and cfg.lora.text_encoder)
+
+
 def check(cfg, dataset, text_encoder) -> None:
-    """train_text_encoder needs a captioned cache and a single transformers text encoder."""
-    if not cfg.train_text_encoder:
+    """train_text_encoder / lora.text_encoder need a captioned cache and a single transformers text encoder."""
+    if not enabled(cfg):
         return
+    key = "train_text_encoder" if cfg.train_text_encoder else "lora.text_encoder"
     if cfg.conditioning != "text":
-        raise UserError("train_text_encoder=true: the data has no captions — use captioned data, or set "
-                        "train_text_encoder=false")
+        raise UserError(f"{key}=true: the data has no captions — use captioned data, or set {key}=false")
     if text_encoder is None or not hasattr(text_encoder, "contexts"):
-        raise UserError("train_text_encoder=true: needs the cache's text encoder (one transformers model; "
-                        "SDXL's two encoders are not trained) — set train_text_encoder=false")
+        raise UserError(f"{key}=true: needs the cache's text encoder (one transformers model; "
+                        f"SDXL's two encoders are not trained) — set {key}=false")
     item = dataset[0]
     if item.get("caption") is None:
-        raise UserError("train_text_encoder=true: the cache holds no captions — rebuild it with this version of "
-                        "latentforge (latentforge cache), or set train_text_encoder=false")
+        raise UserError(f"{key}=true: the cache holds no captions — rebuild it with this version of "
+                        f"latentforge (latentforge cache), or set {key}=false")
 
 
 def unfreeze(text_encoder) -> torch.nn.Module:
