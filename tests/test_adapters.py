@@ -178,3 +178,37 @@ def test_loha_lokr_equal_peft_on_the_same_factors(kind, layer):
         expect = theirs(x)
         assert (expect - base(x)).abs().max() > 1e-3
         torch.testing.assert_close(ours(x), expect, rtol=1e-4, atol=1e-5)
+
+
+def test_dropout_masks_are_a_function_of_the_sample_and_the_layer_not_of_the_batch():
+    """adapters/dropout.py: a sample's mask depends on its key and the layer only, so splitting a batch over
+    processes gives the same outputs and gradients; no keys (sampling, validation) = no dropout."""
+    unet = _unet()
+    A.inject(unet, "lora", rank=2, alpha=2, targets="all", dropout=0.5)
+    randomize(unet)
+    x, t, ctx = torch.randn(4, 4, 8, 8), torch.tensor([3, 700, 50, 999]), torch.randn(4, 5, 12)
+    keys = [11, 22, 33, 44]
+
+    def run(rows, ks):
+        unet.zero_grad()
+        with A.sample_keys([unet], ks):
+            out = unet(x[rows], t[rows], ctx[rows])
+            out.square().sum().backward()
+        return out.detach(), [p.grad.clone() for p in A.adapter_parameters(unet)]
+
+    whole, grads = run(slice(0, 4), keys)
+    halves = [run(slice(0, 2), keys[:2]), run(slice(2, 4), keys[2:])]
+    torch.testing.assert_close(torch.cat([h[0] for h in halves]), whole, rtol=0, atol=1e-5)
+    for g, a, b in zip(grads, halves[0][1], halves[1][1]):
+        torch.testing.assert_close(a + b, g, rtol=1e-4, atol=1e-4)  # float sums in another order
+    assert torch.equal(run(slice(0, 4), keys)[0], whole)  # the same keys: the same masks
+    other = run(slice(0, 4), [11, 22, 33, 45])[0]
+    assert torch.equal(other[:3], whole[:3]) and not torch.equal(other[3], whole[3])  # only sample 3 changed
+    with torch.no_grad():
+        plain = unet(x, t, ctx)  # outside sample_keys: nothing is dropped
+        A.set_multiplier(unet, 0.0)
+        assert not torch.equal(plain, whole) and not torch.equal(unet(x, t, ctx), plain)
+    layer = next(a for _, a in A.adapters(unet)).dropout
+    with A.sample_keys([unet], [1]):
+        kept = (layer(torch.ones(1, 20000)) != 0).float().mean()
+    assert abs(float(kept) - 0.5) < 0.02

@@ -165,8 +165,9 @@ def test_kill_9_then_resume_is_bitwise(tmp_path):
 
 
 def test_two_processes_equal_one(tmp_path):
+    """With lora.dropout too: the masks come from (seed, stream position), not from the rank's RNG."""
     folder = init_folder(tmp_path)
-    opts = ["max_steps=4", "lr_schedule=constant", "lr=1e-4"]
+    opts = ["max_steps=4", "lr_schedule=constant", "lr=1e-4", "lora.dropout=0.3"]
     one, two = tmp_path / "one", tmp_path / "two"
     run(one, folder, opts)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(_script(tmp_path)),

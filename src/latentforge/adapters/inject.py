@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from ..errors import UserError
+from .dropout import KeyedDropout
 from .layers import KINDS, Adapter, LoRA, plain_layer
 
 _ATTN = ("to_q", "to_k", "to_v", "to_out.0")
@@ -71,6 +72,8 @@ def inject(model: nn.Module, kind: str, rank: int, alpha: float, targets: str = 
             made[path] = KINDS[kind](base, rank, alpha, dropout, generator=gen, **extra)
         except ValueError as e:  # rank too large for this layer
             raise UserError(f"lora.rank={rank}: layer {path} {tuple(plain_layer(base).weight.shape)}: {e}") from None
+        if isinstance(made[path].dropout, KeyedDropout):
+            made[path].dropout.name = path  # the layer's part of its dropout masks' seed
         _set(model, path, made[path])
     return made
 

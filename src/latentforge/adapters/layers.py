@@ -28,6 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .dropout import KeyedDropout
+
 Layer = Union[nn.Linear, nn.Conv2d]
 
 
@@ -62,7 +64,7 @@ class Adapter(nn.Module):
         self.rank = int(rank)
         self.register_buffer("alpha", torch.tensor(float(alpha)))  # kohya's `.alpha`, saved with the file
         self.multiplier = 1.0  # the user's strength, e.g. --lora FILE:0.5
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.dropout = KeyedDropout(dropout) if dropout > 0 else nn.Identity()  # masks from (sample, layer)
         self.merged = False
 
     # ------------------------------------------------------------------ what subclasses provide

@@ -24,6 +24,7 @@ import torch
 from tqdm import tqdm
 
 from .. import io
+from ..adapters import sample_keys
 from ..config import config_hash, math_dict, to_toml
 from ..errors import UserError
 from ..schedule import NoiseSchedule
@@ -186,26 +187,42 @@ def _accumulate(r: _Run, state: TrainState, model, stream: Stream, ac, null) -> 
     losses, picked = [], []
     for micro in range(A):
         positions = stream.positions(state.step, micro, A, cfg.batch_size, d.rank, d.world_size)
-        batch = stream.batch(positions)
-        draws = draw(cfg, positions, batch.latent.shape[1:], ac.shape[0])
-        if text_training.enabled(cfg):  # the context from the captions, by the text model as it is now
-            batch = text_training.encode_batch(r.text_encoder, batch, draws.drop)
-        elif cfg.conditioning != "none":
-            batch = apply_dropout(batch, draws.drop, *null)
-        picked += [{"id": i, "t": t} for i, t in zip(batch.ids, draws.t.tolist())]
-        sync = model.no_sync() if d.enabled and micro < A - 1 else contextlib.nullcontext()
-        with sync:
-            loss = train_step(model, batch.to(d.device), draws, ac, cfg.schedule.prediction_type,
-                              cfg.min_snr_gamma, None if r.lowp else autocast_dtype(cfg.precision),
-                              micro=cfg.unet.addition_input_dim is not None,
-                              compute_dtype=r.lowp.dtype if r.lowp else None)
-            state.backward(loss, A)
+        with _dropout_keys(r, model, positions):  # the text model's and the UNet's forward and backward
+            loss, samples = _micro_batch(r, state, model, stream.batch(positions), positions, ac, null, micro)
+        picked += samples
         losses.append(loss.detach().float())
     if r.lowp:
         r.lowp.grads_to_master()  # fp32 gradients on the master weights: clip, guard and AdamW act there
     if text_training.enabled(cfg):
         text_training.average_gradients(state.parts[1].trainable(), d)
     return distributed.mean_tensor(torch.stack(losses).mean(), d), picked  # on the device, no host read
+
+
+def _micro_batch(r: _Run, state: TrainState, model, batch, positions, ac, null, micro: int):
+    """Forward and backward of one micro-batch; (its loss, its samples [{"id", "t"}])."""
+    cfg, d, A = r.cfg, r.d, r.cfg.grad_accum
+    draws = draw(cfg, positions, batch.latent.shape[1:], ac.shape[0])
+    if text_training.enabled(cfg):  # the context from the captions, by the text model as it is now
+        batch = text_training.encode_batch(r.text_encoder, batch, draws.drop)
+    elif cfg.conditioning != "none":
+        batch = apply_dropout(batch, draws.drop, *null)
+    sync = model.no_sync() if d.enabled and micro < A - 1 else contextlib.nullcontext()
+    with sync:
+        loss = train_step(model, batch.to(d.device), draws, ac, cfg.schedule.prediction_type,
+                          cfg.min_snr_gamma, None if r.lowp else autocast_dtype(cfg.precision),
+                          micro=cfg.unet.addition_input_dim is not None,
+                          compute_dtype=r.lowp.dtype if r.lowp else None)
+        state.backward(loss, A)
+    return loss, [{"id": i, "t": t} for i, t in zip(batch.ids, draws.t.tolist())]
+
+
+def _dropout_keys(r: _Run, model, positions):
+    """lora.dropout: the adapters' masks from (seed, stream position) of each sample (adapters/dropout.py), so
+    they do not depend on the rank or on a resume."""
+    if not (adapter.enabled(r.cfg) and r.cfg.lora.dropout > 0):
+        return contextlib.nullcontext()
+    modules = [model] + ([r.text_encoder.model] if adapter.adapts_text(r.cfg) else [])
+    return sample_keys(modules, [mix(r.cfg.seed, "lora-dropout", p) for p in positions])
 
 
 def _periodic(r: _Run, state: TrainState, stopped: str) -> None:
