@@ -142,26 +142,33 @@ def _script(tmp_path):
     return path
 
 
+@pytest.mark.slow  # ~30 s: two training subprocesses and a reference run
 def test_kill_9_then_resume_is_bitwise(tmp_path):
+    """A real kill -9, and a SIGTERM (a checkpoint of the step it stopped at, exit 0), then --resume."""
     from test_train_loop import _wait_for, assert_bitwise
 
     folder = init_folder(tmp_path)
     opts = ["lr_schedule=constant", "lora.dropout=0.1"]
     ref = tmp_path / "ref"
     run(ref, folder, opts + ["max_steps=10"])
-    out = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, str(_script(tmp_path)), str(out), str(folder), "fresh", *opts,
-                             "max_steps=100000"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
-    _wait_for(lambda: (checkpoint.complete_steps(out / "checkpoints") or [0])[-1] >= 4)
-    proc.send_signal(signal.SIGKILL)
-    proc.communicate(timeout=60)
-    k = checkpoint.complete_steps(out / "checkpoints")[-1]
-    assert proc.returncode == -signal.SIGKILL and 4 <= k < 10, k
-    assert run(out, folder, opts + ["max_steps=10"], resume=True).step == 10
-    for name in ("model", "ema", "optimizer"):
-        a, b = (load_file(str(d / "checkpoints" / "step-10" / f"{name}.safetensors")) for d in (out, ref))
-        assert_bitwise(a, b, f"{name} after kill -9 at step {k}:")
+    for sig in (signal.SIGKILL, signal.SIGTERM):
+        out = tmp_path / sig.name
+        proc = subprocess.Popen([sys.executable, str(_script(tmp_path)), str(out), str(folder), "fresh", *opts,
+                                 "max_steps=100000"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                env={**os.environ, "OMP_NUM_THREADS": "1"})
+        _wait_for(lambda: (checkpoint.complete_steps(out / "checkpoints") or [0])[-1] >= 4)
+        proc.send_signal(sig)
+        stdout, stderr = proc.communicate(timeout=60)
+        k = checkpoint.complete_steps(out / "checkpoints")[-1]
+        if sig == signal.SIGKILL:
+            assert proc.returncode == -signal.SIGKILL
+        else:  # honoured at the next step boundary, with a checkpoint of exactly that step
+            assert proc.returncode == 0 and stdout.split() == ["done", str(k), "SIGTERM"], stderr[-2000:]
+        assert 4 <= k < 10, k
+        assert run(out, folder, opts + ["max_steps=10"], resume=True).step == 10
+        for name in ("model", "ema", "optimizer"):
+            a, b = (load_file(str(d / "checkpoints" / "step-10" / f"{name}.safetensors")) for d in (out, ref))
+            assert_bitwise(a, b, f"{name} after {sig.name} at step {k}:")
 
 
 def test_two_processes_equal_one(tmp_path):
