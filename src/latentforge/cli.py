@@ -56,8 +56,25 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"error: {self.prog}: {message} (see `{self.prog} --help`)\n")
 
 
-def build_parser(only: str | None = None) -> argparse.ArgumentParser:
-    parser = OneLineParser(prog="latentforge", description=__doc__.splitlines()[0], epilog=_EPILOG,
+class CommandParser(OneLineParser):
+    """The top-level parser; `commands` maps each sub-command's name to its own parser."""
+
+    commands: dict
+
+    def parse_command(self, argv: list[str]) -> argparse.Namespace:
+        """`latentforge COMMAND ...` is parsed by COMMAND's parser with argparse's `parse_intermixed_args`, so
+        key=value settings may stand anywhere between the flags (`train --out R lr=1e-3 --resume max_steps=9`);
+        argparse's own sub-command dispatch would take positionals only once. Anything else (--help, no command,
+        a typo) goes through the top-level parser."""
+        if not argv or argv[0] not in self.commands:
+            return self.parse_args(argv)
+        args = self.commands[argv[0]].parse_intermixed_args(argv[1:])
+        args.command = argv[0]
+        return args
+
+
+def build_parser(only: str | None = None) -> CommandParser:
+    parser = CommandParser(prog="latentforge", description=__doc__.splitlines()[0], epilog=_EPILOG,
                            formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=OneLineParser)
     for name, (module, help_text, *example) in COMMANDS.items():
@@ -65,13 +82,12 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
                            formatter_class=argparse.RawDescriptionHelpFormatter)
         if only is None or only == name:
             _module(module).add_arguments(p)
+    parser.commands = sub.choices
     return parser
 
 
 def _module(name: str):
     return importlib.import_module(f"latentforge.commands.{name}")
-
-
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -80,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     # Only the chosen sub-command's module is imported (keeps `--help` and errors fast).
     chosen = next((a for a in argv if a in COMMANDS), None)
     parser = build_parser(only=chosen)
-    args = parser.parse_args(argv)
+    args = parser.parse_command(argv)
     if args.command is None:
         parser.print_help()
         return 2

@@ -20,12 +20,12 @@ from tqdm import tqdm
 
 from . import io
 from .data import shapes
+from .data.images import IMAGE_EXTENSIONS
 from .errors import UserError
 from .metrics import adherence, fid as fidlib
 from .metrics.adherence import Prompt
 
 Generate = Callable[[list, list], Sequence[Image.Image]]
-IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
 
 
 def shapes_prompts() -> list[Prompt]:
@@ -160,7 +160,7 @@ def reference_items(reference_dir: str | os.PathLike) -> list[tuple[Path, str]]:
         raise UserError(f"--reference: {root} is not a folder — give a folder of reference images")
     items = []
     for p in sorted(root.rglob("*")):
-        if p.suffix.lower() in IMAGE_EXTS and p.is_file():
+        if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file():
             txt = p.with_suffix(".txt")
             items.append((p, txt.read_text(encoding="utf-8").strip() if txt.is_file() else ""))
     if len(items) < 2:

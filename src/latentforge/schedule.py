@@ -18,10 +18,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .config import BETA_SCHEDULES, PREDICTION_TYPES  # noqa: F401 (the names are config.py's; used here)
 from .errors import UserError
-
-BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2", "cosine")
-PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 
 
 # ----------------------------------------------------------------------------- betas and ᾱ

@@ -102,7 +102,7 @@ def _check_safetensors(model_dir: str) -> None:
     raise UserError(f"{model_dir}: no .safetensors weights — pass a transformers model folder saved with safetensors")
 
 
-def _quiet_transformers() -> None:
+def quiet_transformers() -> None:
     """transformers' own "Loading weights"/"Writing model shards" bars and info logs would interleave with
     ours; its warnings and errors still show."""
     from transformers.utils import logging as hf_logging
@@ -167,7 +167,7 @@ class TextEncoder(CaptionLength):
         """A local text model folder or model root; a root with `text_encoder_2/` gives a DualTextEncoder."""
         from transformers import AutoConfig, AutoModel, AutoTokenizer, CLIPTextModel
 
-        _quiet_transformers()
+        quiet_transformers()
         if name_or_dir not in (None, DEFAULT) and os.path.isdir(os.path.join(os.fspath(name_or_dir), "text_encoder_2")):
             return DualTextEncoder.from_pretrained(name_or_dir, max_length, device)
         model_dir, tok_dir = _resolve(name_or_dir)
@@ -234,7 +234,7 @@ class TextEncoder(CaptionLength):
 
     def save_pretrained(self, model_root: str) -> None:
         """Write `text_encoder/` + `tokenizer/` under a model root (diffusers layout)."""
-        _quiet_transformers()
+        quiet_transformers()
         self.tokenizer.model_max_length = self.max_length  # the pipeline pads to this
         if not self.is_clip:
             self.model.config.use_attention_mask = True  # diffusers passes the mask when this is set
@@ -289,7 +289,7 @@ class DualTextEncoder(CaptionLength):
         context follows model_index.json's `force_zeros_for_empty_prompt` when there is one (default True)."""
         from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection
 
-        _quiet_transformers()
+        quiet_transformers()
         root = os.fspath(root)
         models, tokenizers = [], []
         for i, model_cls in enumerate((CLIPTextModel, CLIPTextModelWithProjection)):
@@ -378,7 +378,7 @@ class DualTextEncoder(CaptionLength):
 
     def save_pretrained(self, model_root: str) -> None:
         """Write text_encoder/, tokenizer/, text_encoder_2/, tokenizer_2/ under a model root (diffusers' SDXL)."""
-        _quiet_transformers()
+        quiet_transformers()
         for i, (model, tokenizer) in enumerate(zip(self.models, self.tokenizers)):
             sub = "" if i == 0 else "_2"
             tokenizer.model_max_length = self.max_length  # the pipeline pads to this

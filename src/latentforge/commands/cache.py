@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import os
 
+from ..data.sources import LABELS
 from ..errors import UserError
+from .common import choose_device, load_vae
 
 
 def add_arguments(p):
@@ -25,7 +27,7 @@ def add_arguments(p):
     add_bucket_arguments(p)
     p.add_argument("--strict", action="store_true", help="fail if any file has to be skipped")
     p.add_argument("--caption-column", default="text", help="metadata.jsonl caption key (default text)")
-    p.add_argument("--labels", choices=["auto", "folders", "none"], default="auto",
+    p.add_argument("--labels", choices=LABELS, default="auto",
                    help="class labels from sub-folders (default auto: when there are no captions)")
     p.add_argument("--min-size", type=int, default=None, help="skip images with a shorter side below this (default 16)")
     p.add_argument("--max-pixels", type=int, default=None,
@@ -59,24 +61,12 @@ def bucket_spec(args):
 
 
 def run(args):
-    import torch
-
     from ..data.cache import build_cache
     from ..data.images import MAX_PIXELS, MIN_SIZE
     from ..io import check_out_dir
-    from ..models import AutoencoderKL
 
     check_out_dir(args.out)
-    if not os.path.isdir(args.vae):
-        raise UserError(f"--vae {args.vae}: no such folder — pass a model folder (with vae/) or a vae/ folder")
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-    try:
-        device = torch.device(device)
-    except RuntimeError:
-        raise UserError(f"--device {args.device}: not a device — use cpu, cuda, cuda:N or auto") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"--device {args.device}: CUDA is not available here — use --device cpu")
-    vae = AutoencoderKL.from_pretrained(args.vae).to(device).eval()
+    vae = load_vae(args.vae, choose_device(args.device))
     text_encoder = None if args.text_encoder.lower() == "none" else args.text_encoder  # loaded if captioned
     report = build_cache(
         args.data, vae, text_encoder, args.out, size=args.size, batch_size=args.batch_size, flip=args.flip,

@@ -1,6 +1,6 @@
 """`latentforge export`: a model folder -> one single-file checkpoint, or a single file -> a model folder.
 
-    latentforge export --model runs/x/model --single-file x.safetensors [--dtype fp16|bf16|fp32]
+    latentforge export --model runs/x/model --single-file x.safetensors [--dtype bf16]
     latentforge export --model x.safetensors --diffusers out/x --tokenizer CLIP_TOKENIZER_DIR
 
 The single file is the original SD layout A1111 and ComfyUI read (formats/single_file.py); the folder
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-DTYPES = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}
+from ..config import PRECISIONS, PREDICTION_TYPES
 
 
 def add_arguments(p):
@@ -19,11 +19,13 @@ def add_arguments(p):
     out = p.add_mutually_exclusive_group(required=True)
     out.add_argument("--single-file", help="write OUT.safetensors in the original SD layout (from a folder)")
     out.add_argument("--diffusers", help="write a diffusers model folder OUT_DIR (from a single file)")
-    p.add_argument("--dtype", default="fp16", help="fp16 (default) | bf16 | fp32: the single file's float type")
+    p.add_argument("--dtype", default="fp16", help=f"{' | '.join(PRECISIONS)}: the single file's float type "
+                                                   "(default: %(default)s)")
     p.add_argument("--tokenizer", default=None,
                    help="CLIP tokenizer folder for --diffusers (a single file holds none), e.g. an SD model's tokenizer/")
     p.add_argument("--prediction-type", default=None,
-                   help="epsilon | v_prediction: override the rule for a single file (SD 2.x-base 512 px: epsilon)")
+                   help=f"{' | '.join(PREDICTION_TYPES)}: override the rule for a single file (SD 2.x-base 512 px: "
+                        "epsilon)")
 
 
 def _refuse_existing(path: Path, flag: str) -> None:
@@ -41,8 +43,8 @@ def to_single_file(model: Path, out: Path, dtype: str) -> Path:
     from ..formats.single_file import save_single_file
     from ..text import TextEncoder
 
-    if dtype not in DTYPES:
-        raise UserError(f"--dtype {dtype}: unknown — use one of {', '.join(DTYPES)}")
+    if dtype not in PRECISIONS:
+        raise UserError(f"--dtype {dtype}: unknown — use one of {', '.join(PRECISIONS)}")
     if out.suffix != ".safetensors":
         raise UserError(f"--single-file {out}: must end in .safetensors")
     if model.is_file():
@@ -53,7 +55,7 @@ def to_single_file(model: Path, out: Path, dtype: str) -> Path:
         raise UserError(f"--model {model}: no text_encoder/ — a single file holds UNet, VAE and text encoder")
     text = TextEncoder.from_pretrained(str(model))
     return save_single_file(out, parts["unet"], parts["vae"], text, parts["schedule_config"],
-                            getattr(torch, DTYPES[dtype]))
+                            getattr(torch, PRECISIONS[dtype]))
 
 
 def to_diffusers(model: Path, out: Path, tokenizer, prediction_type) -> Path:
@@ -70,9 +72,9 @@ def to_diffusers(model: Path, out: Path, tokenizer, prediction_type) -> Path:
 
 
 def run(args):
-    from .sample import _quiet_transformers
+    from ..text import quiet_transformers
 
-    _quiet_transformers()
+    quiet_transformers()
     model = Path(args.model)
     if args.single_file:
         path = to_single_file(model, Path(args.single_file), args.dtype)

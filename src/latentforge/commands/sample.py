@@ -6,6 +6,9 @@ settings in a `parameters` text chunk (A1111 layout), named `00000-<seed>.png`, 
 
 from __future__ import annotations
 
+from ..config import PREDICTION_TYPES
+from ..samplers import SAMPLERS, SPACINGS
+from .common import choose_device
 
 
 def add_common_arguments(p, cfg_default: float = 5.0):
@@ -13,16 +16,17 @@ def add_common_arguments(p, cfg_default: float = 5.0):
                    help="model folder (diffusers layout, e.g. runs/x/model) or an SD 1.x/2.x .safetensors single file")
     p.add_argument("--tokenizer", default=None, help="CLIP tokenizer folder, for a single-file --model (it holds none)")
     p.add_argument("--prediction-type", default=None,
-                   help="single-file --model: epsilon | v_prediction, overriding the inferred one (SD 2.x-base: epsilon)")
+                   help=f"single-file --model: {' | '.join(PREDICTION_TYPES)}, overriding the inferred one "
+                        "(SD 2.x-base: epsilon)")
     p.add_argument("--prompt", default="", help="what to draw (text-conditional models)")
     p.add_argument("--negative", default=None, help="negative prompt: what to steer away from")
     p.add_argument("--class", dest="class_label", type=int, default=None,
                    help="class label (class-conditional models)")
-    p.add_argument("--sampler", default="dpmpp-2m", help="ddpm | ddim | euler | euler-a | heun | dpmpp-2m (default)")
+    p.add_argument("--sampler", default="dpmpp-2m", help=f"{' | '.join(SAMPLERS)} (default: %(default)s)")
     p.add_argument("--karras", action="store_true", default=None,
                    help="Karras et al. (2022) sigma spacing (default: the model's use_karras_sigmas)")
     p.add_argument("--spacing", default=None,
-                   help="timestep spacing leading | trailing | linspace (default: the model's scheduler config)")
+                   help=f"timestep spacing {' | '.join(SPACINGS)} (default: the model's scheduler config)")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM η: 0 deterministic … 1 DDPM-like (default 0)")
     p.add_argument("--steps", type=int, default=25, help="sampling steps (default 25)")
     p.add_argument("--cfg", type=float, default=cfg_default, help=f"guidance scale; ≤ 1 turns guidance off "
@@ -33,7 +37,7 @@ def add_common_arguments(p, cfg_default: float = 5.0):
                    help="apply a LoRA/LoCon/LoHa/LoKr/DoRA file (diffusers or kohya format) at SCALE (default 1); "
                         "repeat to stack several")
     p.add_argument("--out", required=True, help="folder to write the PNGs into")
-    p.add_argument("--device", default=None, help="cpu | cuda (default: cuda if available)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:N or auto (default: cuda if available)")
     p.add_argument("--width", type=int, default=None, help="image width in pixels, a multiple of the VAE factor")
     p.add_argument("--height", type=int, default=None, help="image height in pixels, a multiple of the VAE factor")
     xl = p.add_argument_group("SDXL micro-conditioning (SDXL models only; defaults as diffusers)")
@@ -114,8 +118,9 @@ def generate(args, mode: str, **inputs) -> int:
     """Load the model, run `mode` (text2img | img2img | inpaint), write one PNG per image."""
     from .. import load, samplers
     from ..io import check_out_dir
-    from ..png import save_png
     from ..errors import UserError
+    from ..png import save_png
+    from ..text import quiet_transformers
 
     # the cheap checks first: a typo should not wait for the model to load
     samplers.get_sampler(args.sampler)
@@ -133,9 +138,9 @@ def generate(args, mode: str, **inputs) -> int:
     loras = [parse_lora(spec) for spec in args.lora]
     micro = micro_conditioning(args)
     check_numbers(args, inputs)
-    device = check_device(args.device)
+    device = choose_device(args.device)
     out = check_out_dir(args.out)  # before the model loads and the images are made, not after
-    _quiet_transformers()
+    quiet_transformers()
     from ..formats.single_file import is_single_file
 
     extra = dict(tokenizer=args.tokenizer, prediction_type=args.prediction_type) if is_single_file(args.model) else {}
@@ -169,41 +174,12 @@ def check_numbers(args, inputs) -> None:
         raise UserError(f"--seed {args.seed}: must be between 0 and 2^64 - n (each image i uses seed + i)")
 
 
-def check_device(text):
-    """None (cuda if available) or a device that exists here; a typo or a missing GPU is one line."""
-    import torch
-
-    from ..errors import UserError
-
-    if text is None:
-        return None
-    try:
-        device = torch.device(text)
-    except RuntimeError:
-        raise UserError(f"--device {text}: not a device — use cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and (not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()):
-        raise UserError(f"--device {text}: no such CUDA device here — use --device cpu")
-    if device.type not in ("cpu", "cuda"):
-        raise UserError(f"--device {text}: only cpu and cuda are supported")
-    return device
-
-
 def next_index(out) -> int:
     """1 + the highest `NNNNN-` number of the PNGs already in `out` (0 for an empty folder)."""
     import re
 
     numbers = [int(m.group(1)) for p in out.iterdir() if (m := re.match(r"^(\d{5,})-.*\.png$", p.name))]
     return max(numbers, default=-1) + 1
-
-
-def _quiet_transformers():
-    """No per-file 'Loading weights' bars from transformers: the CLI's stderr is for errors."""
-    try:
-        from transformers.utils import logging
-
-        logging.disable_progress_bar()
-    except ImportError:
-        pass
 
 
 def run(args):

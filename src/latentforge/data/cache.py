@@ -50,7 +50,8 @@ from .images import MAX_PIXELS, MIN_SIZE, BadImage, load_image, open_checked, or
 from ..io import fsync_dir
 from .shards import CacheCorruptError, ShardStore, write_json
 
-__all__ = ["build_cache", "BucketSpec", "LatentDataset", "CacheReport", "CacheCorruptError", "module_fingerprint"]
+__all__ = ["build_cache", "BucketSpec", "LatentDataset", "open_cache", "CacheReport", "CacheCorruptError",
+           "module_fingerprint"]
 
 FORMAT, VERSION = "latentforge-latent-cache", 1
 PREPROCESS = "rgb-white-alpha/lanczos-shorter-side/center-crop/v1"  # bump when image handling changes
@@ -451,6 +452,26 @@ def _collect_garbage(out: str, keep: set) -> None:
 
 
 # ---- reading -------------------------------------------------------------------------------
+
+
+def open_cache(cache_dir: str, vae, text_encoder_name: str, device):
+    """(LatentDataset, the text encoder it was built with, on `device`; None if not captioned). Refuses a VAE
+    or a text encoder other than the ones the cache was built with (their fingerprints in the manifest)."""
+    dataset = LatentDataset(cache_dir)
+    settings = dataset.manifest["settings"]
+    if settings.get("vae") and settings["vae"] != module_fingerprint(vae.cpu(), vae.config):
+        raise UserError(f"--vae: {cache_dir} was encoded with a different VAE — pass the VAE used by "
+                        "`latentforge cache`, or rebuild the cache with this one")
+    vae.to(device)
+    if dataset.conditioning != "text":
+        return dataset, None
+    from ..text import TextEncoder
+
+    text_encoder = TextEncoder.from_pretrained(text_encoder_name, max_length=settings.get("max_length"), device=device)
+    if settings.get("text_encoder") and text_encoder.fingerprint() != settings["text_encoder"]:
+        raise UserError(f"--text-encoder {text_encoder_name}: {cache_dir} was built with a different text encoder "
+                        "— pass the one given to `latentforge cache`")
+    return dataset, text_encoder
 
 
 class LatentDataset(torch.utils.data.Dataset):

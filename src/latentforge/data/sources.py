@@ -52,6 +52,7 @@ REASONS = {
     "no_class_folder": "class labels from folders, but the image is not in a sub-folder",
 }
 IGNORED_EXTENSIONS = {".json", ".jsonl", ".md", ".csv"}  # notes and metadata next to the data
+LABELS = ("auto", "folders", "none")  # scan(labels=): where class labels come from (see scan)
 
 
 @dataclass(frozen=True)
@@ -238,8 +239,8 @@ def scan(data_dir: str, caption_column: str = "text", labels: str = "auto", min_
     labels: "auto" (class folders when there are no captions and every image is in one of >= 2
     sub-folders), "folders" (always) or "none".
     """
-    if labels not in ("auto", "folders", "none"):
-        raise UserError(f"labels={labels!r}: choose auto, folders or none")
+    if labels not in LABELS:
+        raise UserError(f"labels={labels!r}: choose one of {', '.join(LABELS)}")
     if not os.path.isdir(data_dir):
         raise UserError(f"{data_dir}: not a data folder — pass a folder of images (see `latentforge cache --help`)")
     root = os.path.abspath(data_dir)

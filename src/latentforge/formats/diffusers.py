@@ -25,7 +25,7 @@ from typing import Any, Dict, Optional
 
 import torch
 
-from ..config import ScheduleConfig, UNetConfig, VAEConfig
+from ..config import BETA_SCHEDULES, PREDICTION_TYPES, ScheduleConfig, UNetConfig, VAEConfig
 from ..errors import UserError
 
 CONFIG_NAME = "config.json"
@@ -51,8 +51,7 @@ _UNET_FIXED = {
     "mid_block_only_cross_attention": None, "cross_attention_norm": None,
 }
 _VAE_FIXED = {"act_fn": "silu", "latents_mean": None, "latents_std": None}
-_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
-_PREDICTIONS = ("epsilon", "v_prediction", "sample")
+_SCHEDULES = tuple(s for s in BETA_SCHEDULES if s != "cosine")  # diffusers' names (our "cosine" is an alias)
 
 
 # --------------------------------------------------------------------------- small helpers
@@ -356,8 +355,8 @@ def schedule_from_diffusers(d: Dict[str, Any], path: Path) -> ScheduleConfig:
     if beta_schedule not in _SCHEDULES:
         raise _unsupported(path, "beta_schedule", beta_schedule, f"use one of {', '.join(_SCHEDULES)}")
     prediction = d.get("prediction_type", "epsilon")
-    if prediction not in _PREDICTIONS:
-        raise _unsupported(path, "prediction_type", prediction, f"use one of {', '.join(_PREDICTIONS)}")
+    if prediction not in PREDICTION_TYPES:
+        raise _unsupported(path, "prediction_type", prediction, f"use one of {', '.join(PREDICTION_TYPES)}")
     return ScheduleConfig(
         num_train_timesteps=int(d.get("num_train_timesteps", 1000)),
         beta_schedule=beta_schedule,

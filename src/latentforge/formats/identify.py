@@ -11,7 +11,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+from ..data.images import IMAGE_EXTENSIONS
+
+IMAGE_SUFFIXES = tuple(IMAGE_EXTENSIONS)  # what data.sources.scan reads as images
 
 
 def _json(path: Path) -> dict:

@@ -17,6 +17,7 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
+from ..config import BUCKET_LEFTOVERS
 from ..errors import UserError
 from .step import Batch, mix
 
@@ -60,8 +61,8 @@ class BucketStream(Stream):
 
     def __init__(self, dataset, seed: int, batch_size: int, leftovers: str = "carry"):
         super().__init__(dataset, seed)
-        if leftovers not in ("carry", "drop"):
-            raise UserError(f"bucket_leftovers={leftovers!r}: choose carry or drop")
+        if leftovers not in BUCKET_LEFTOVERS:
+            raise UserError(f"bucket_leftovers={leftovers!r}: choose one of {', '.join(BUCKET_LEFTOVERS)}")
         self.B, self.leftovers = batch_size, leftovers
         groups: Dict[str, List[int]] = {}
         for i, name in enumerate(dataset.buckets):

@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from .. import io
 from ..adapters import sample_keys
-from ..config import config_hash, math_dict, to_toml
+from ..config_loading import config_hash, math_dict, to_toml
 from ..errors import UserError
 from ..schedule import NoiseSchedule
 from . import adapter, distributed, resume as runs, text_training

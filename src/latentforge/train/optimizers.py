@@ -15,9 +15,8 @@ from __future__ import annotations
 
 import torch
 
+from ..config import OPTIMIZERS
 from ..errors import UserError
-
-OPTIMIZERS = ("adamw", "adamw8bit", "prodigy", "adafactor")
 
 
 def make_optimizer(params, cfg, device: torch.device) -> torch.optim.Optimizer:

@@ -30,7 +30,7 @@ import os
 import sys
 from pathlib import Path
 
-from ..config import config_hash, math_dict
+from ..config_loading import config_hash, math_dict
 from ..errors import UserError
 from ..io import sha256_file
 from . import checkpoint, distributed

@@ -7,6 +7,7 @@ import dataclasses
 
 import torch
 
+from ..config import PRECISIONS
 from ..errors import UserError
 
 
@@ -98,7 +99,7 @@ def make_optimizer(model, cfg, device: torch.device) -> torch.optim.Optimizer:
 
 
 def autocast_dtype(precision: str):
-    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    return None if precision == "fp32" else getattr(torch, PRECISIONS[precision])
 
 
 def check_precision(precision: str, device: torch.device) -> None:

@@ -23,7 +23,7 @@ from torch import nn
 from tqdm import tqdm
 
 from .. import io
-from ..config import config_hash, math_dict, to_toml
+from ..config_loading import config_hash, math_dict, to_toml
 from ..errors import UserError
 from ..models import AutoencoderKL
 from . import checkpoint, distributed, resume as runs
