@@ -40,8 +40,10 @@ def _open(image: ImageLike, flag: str) -> Image.Image:
     path = Path(image)
     if not path.is_file():
         raise UserError(f"{flag} {path}: no such file — pass an existing image")
+    from .data.images import open_image
+
     try:
-        with Image.open(path) as im:
+        with open_image(path, f"{flag} {path}") as im:
             im.load()
             return im.copy()
     except Image.DecompressionBombError:

@@ -70,6 +70,23 @@ def case_decompression_bomb_image(world, tmp, capsys, monkeypatch):
     return clear_error(code, lines, "--image") == "ok", lines, "1024 px over a 512 px bomb limit"
 
 
+def case_image_over_the_bomb_warning_limit(world, tmp, capsys, monkeypatch):
+    import warnings
+
+    from PIL import Image
+
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 600)  # a 32x32 image (1,024 px) stands for a 100-megapixel one
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        code, lines = run_cli(["img2img", "--model", world["ref"] / "model", "--class", "0", "--steps", "2",
+                               "--strength", "1", "--image", world["data"] / "reds" / "0.png", "--out", tmp / "o"],
+                              capsys)
+    raw = [str(w.message) for w in seen if issubclass(w.category, Image.DecompressionBombWarning)]
+    said = [l for l in lines if "decompression" in l.lower()]
+    ok = code == 0 and not raw and len(said) == 1 and said[0].startswith("warning: --image ") and "1,024" in said[0]
+    return ok, lines + [f"python warning: {m}" for m in raw], f"Python warnings: {len(raw)}, warning lines: {len(said)}"
+
+
 def case_shapes_into_a_users_folder(world, tmp, capsys, monkeypatch):
     mine = tmp / "photos"
     mine.mkdir()
@@ -139,6 +156,8 @@ CASES = {
     "train lr=nan / lr=inf": case_non_finite_learning_rate,
     "eval (shapes benchmark) of a class-conditional model": case_adherence_eval_of_a_class_model,
     "disk full while sample writes its PNG": case_disk_full_while_writing_a_png,
+    "img2img --image over PIL's decompression-bomb warning limit, under its error limit":
+        case_image_over_the_bomb_warning_limit,
 }
 BEFORE = {  # what the code before this round did (measured by hand with the same commands)
     case_demo_into_a_users_folder: "deleted the whole folder (notes.txt gone), then ran the demo",
@@ -153,6 +172,8 @@ BEFORE = {  # what the code before this round did (measured by hand with the sam
     case_non_finite_learning_rate: "lr=nan: traceback (ValueError: Invalid learning rate); lr=inf: trained to NaN",
     case_adherence_eval_of_a_class_model: "started generating, then 'error: --prompt: …' about a flag not given",
     case_disk_full_while_writing_a_png: "traceback (OSError errno 28), a partial 00000-0.png left",
+    case_image_over_the_bomb_warning_limit: "PIL's DecompressionBombWarning as a Python warning (PIL/Image.py:3593: "
+                                            "... and its `warnings.warn(` source line)",
 }
 
 

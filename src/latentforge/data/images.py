@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import os
 import random
+import sys
 import warnings
 from typing import BinaryIO, Union
 
@@ -66,6 +67,24 @@ def open_checked(src: Source, name: str = "", max_pixels: int = MAX_PIXELS,
         raise BadImage("wrong_extension", f"content is {img.format} but the extension is {ext}; rename the file")
     if min(w, h) < min_size:
         raise BadImage("too_small", f"{w}x{h} is smaller than {min_size} pixels on a side")
+    return img
+
+
+def open_image(path, where: str) -> Image.Image:
+    """Image.open for an image given as a flag (img2img's --image, inpaint's --mask): one over
+    PIL's decompression-bomb limit (Image.MAX_IMAGE_PIXELS, below twice that) gets one `warning: <where>: ...`
+    line instead of PIL's Python warning; over twice it PIL raises DecompressionBombError as usual."""
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always", Image.DecompressionBombWarning)
+        img = Image.open(path)
+    for w in seen:
+        if not issubclass(w.category, Image.DecompressionBombWarning):
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+            continue
+        width, height = img.size
+        print(f"warning: {where}: {width}x{height} = {width * height:,} pixels is over PIL's decompression-bomb "
+              f"limit of {Image.MAX_IMAGE_PIXELS:,} — it is decoded at this size (slow, many GB of memory); "
+              "resize it if that is not what you want", file=sys.stderr)
     return img
 
 
