@@ -10,13 +10,14 @@ import json
 from pathlib import Path
 
 from ..errors import UserError
+from ..samplers import SAMPLERS, get_sampler
 
 
 def add_arguments(p):
     p.add_argument("--model", required=True, help="model folder (diffusers layout)")
     p.add_argument("--benchmark", choices=["shapes"], default=None,
                    help="prompt-adherence benchmark (default: shapes, unless only --fid is asked for)")
-    p.add_argument("--sampler", default=None, help="sampler name (default: the pipeline's)")
+    p.add_argument("--sampler", default=None, help=f"{' | '.join(SAMPLERS)} (default: the pipeline's)")
     p.add_argument("--steps", type=int, default=None, help="sampling steps (default: the pipeline's)")
     p.add_argument("--cfg", type=float, default=None, help="classifier-free guidance scale")
     p.add_argument("--n", type=int, default=4, help="images per prompt (shapes benchmark)")
@@ -35,6 +36,8 @@ def run(args):
 
     if args.n < 1:
         raise UserError(f"--n: {args.n} — give at least 1 image per prompt")
+    if args.sampler is not None:
+        get_sampler(args.sampler)  # a typo is one line now, not after the model has loaded
     if args.fid and not args.reference:
         raise UserError("--reference: required with --fid — give a folder of reference images")
     benchmark = args.benchmark or (None if args.fid else "shapes")
