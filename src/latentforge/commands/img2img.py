@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from .sample import add_common_arguments, generate
+from .common import add_generation_arguments, generate
 
 
 def add_arguments(p):
-    add_common_arguments(p)
+    add_generation_arguments(p)
     p.add_argument("--image", required=True, help="the starting image (the output has its size, rounded down to the VAE grid, "
                                                    "unless --width/--height)")
     p.add_argument("--strength", type=float, default=0.6,

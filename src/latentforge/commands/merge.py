@@ -3,7 +3,7 @@ adapters folded into its weights (W + scale·ΔW), loadable anywhere a diffusers
 
 from __future__ import annotations
 
-from .sample import parse_lora
+from .common import parse_lora
 
 
 def add_arguments(p):
