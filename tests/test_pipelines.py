@@ -102,6 +102,45 @@ def test_same_image_as_diffusers_stable_diffusion_pipeline(tmp_path, sampler, sc
     torch.testing.assert_close(got, ref, atol=1e-3, rtol=0)
 
 
+def test_model_folder_scheduler_defaults_reach_the_sampler(tmp_path):
+    """A folder's scheduler_config.json (read by formats.load_scheduler_defaults) sets the sampler's spacing and
+    Karras σ, as diffusers' `from_config` does: the same image as diffusers' pipeline with that scheduler."""
+    import diffusers
+
+    from latentforge.formats.diffusers import load_scheduler_defaults
+
+    folder = _folder(tmp_path, "m")
+    path = folder / "scheduler" / "scheduler_config.json"
+    path.write_text(json.dumps(dict(json.loads(path.read_text()), timestep_spacing="trailing", use_karras_sigmas=True)))
+    defaults = load_scheduler_defaults(folder)
+    assert (defaults.spacing, defaults.karras) == ("trailing", True) and defaults.config["use_karras_sigmas"] is True
+    ref_pipe = diffusers.StableDiffusionPipeline.from_pretrained(folder, safety_checker=None,
+                                                                 requires_safety_checker=False, feature_extractor=None)
+    ref_pipe.scheduler = diffusers.EulerDiscreteScheduler.from_config(ref_pipe.scheduler.config)
+    ref_pipe.set_progress_bar_config(disable=True)
+    latents = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(5))
+    ref = ref_pipe("lower newer", latents=latents, output_type="pt", guidance_scale=4.0, num_inference_steps=4,
+                   height=32, width=32).images
+    ours = Pipeline.from_pretrained(folder, device="cpu")
+    got = ours.text2img("lower newer", sampler="euler", steps=4, cfg=4.0, latents=latents, output="pt", progress=False)
+    torch.testing.assert_close(got, ref, atol=1e-3, rtol=0)
+    plain = ours.text2img("lower newer", sampler="euler", steps=4, cfg=4.0, latents=latents, output="pt",
+                          karras=False, spacing="leading", progress=False)
+    assert (plain - got).abs().max() > 1e-3  # the folder's settings made the difference
+
+
+def test_a_misspelt_option_is_a_type_error_at_the_call(pipe):
+    """Raised by the public method itself, before any work (not by a helper deep inside the generation)."""
+    img = _image()
+    cases = [(lambda: pipe.text2img("x", stpes=2), r"text2img\(\) got an unexpected keyword argument 'stpes'"),
+             (lambda: pipe.img2img(img, "x", sampeler="euler"), r"img2img\(\) got an unexpected keyword"),
+             (lambda: pipe.inpaint(img, img, "x", guidance=2.0), r"inpaint\(\) got an unexpected keyword"),
+             (lambda: pipe.text2img("x", "wider"), r"text2img\(\) takes from 1 to 2 positional")]  # options: keywords
+    for call, message in cases:
+        with pytest.raises(TypeError, match=message):
+            call()
+
+
 # ----------------------------------------------------------------------------- semantics
 
 def test_same_seed_same_png_bytes_and_parameters(pipe, tmp_path):

@@ -41,7 +41,7 @@ def _diffusers(name, config, steps, z, seed):
 
 
 def _ours(name, config, steps, z, seed):
-    opts = SC.sampling_options(config, name)
+    opts = SC.SchedulerDefaults.from_config(config).options(name)
     ac = NoiseSchedule.from_config(schedule_from_diffusers(config, "scheduler_config.json")).alphas_cumprod
     plan = S.plan(ac, name, steps, **opts.plan_kwargs())
     vp, xs = S.get_sampler(name).family != "k", []  # diffusers' DDPM/DDIM/DPM keep x_t = x/√(1+σ²)
@@ -138,5 +138,5 @@ def test_pipeline_warns_when_a_model_is_loaded(fresh_warnings, tmp_path):
                            mid_attention=False, norm_groups=4, sample_size=4))
     vae = AutoencoderKL(VAEConfig(channels=(8, 8), layers_per_level=1, norm_groups=4, sample_size=8))
     with pytest.warns(UserWarning, match="solver_order=3"):
-        Pipeline(unet, vae, NoiseSchedule.from_config(ScheduleConfig()), scheduler_config={"solver_order": 3},
-                 name="m")
+        Pipeline(unet, vae, NoiseSchedule.from_config(ScheduleConfig()),
+                 scheduler=SC.SchedulerDefaults.from_config({"solver_order": 3}), name="m")

@@ -221,7 +221,7 @@ def test_v_prediction_file_samples_like_stable_diffusion_pipeline(exported, tmp_
     unet, vae, text = _diffusers_models(ckpt, folder, "sd2v")
     pipe = latentforge_load(fresh, folder / "tokenizer")
     assert pipe.schedule.prediction_type == "v_prediction"
-    sched = DDIMScheduler.from_config(pipe.scheduler_config)
+    sched = DDIMScheduler.from_config(dict(pipe.scheduler.config))
     ref = StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=CLIPTokenizer.from_pretrained(folder / "tokenizer"),
                                   unet=unet, scheduler=sched, safety_checker=None, feature_extractor=None,
                                   requires_safety_checker=False)

@@ -15,7 +15,7 @@ matching scheduler (tests/test_pipelines.py).
 
 from __future__ import annotations
 
-import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple, Union
 
@@ -28,10 +28,46 @@ from . import samplers
 from .errors import UserError
 from .guidance import classifier_free_guidance
 from .png import format_parameters
-from .scheduler_config import sampling_options, warn_unhonoured
+from .scheduler_config import SchedulerDefaults, warn_unhonoured
 from .schedule import NoiseSchedule
 
 ImageLike = Union[str, Path, Image.Image]
+Size = Tuple[int, int]
+
+
+@dataclass(frozen=True)
+class _Micro:
+    """SDXL's size/crop conditioning: (height, width) sizes, (top, left) crops; None = the output's size."""
+
+    original_size: Optional[Size] = None
+    crops_coords_top_left: Size = (0, 0)
+    target_size: Optional[Size] = None
+    negative_original_size: Optional[Size] = None
+    negative_crops_coords_top_left: Size = (0, 0)
+    negative_target_size: Optional[Size] = None
+
+
+@dataclass(frozen=True)
+class _Request:
+    """One call's options, as the public methods take them (see the comment above `Pipeline.text2img`)."""
+
+    prompt: str
+    negative_prompt: Optional[str]
+    sampler: str
+    steps: int
+    cfg: float
+    seed: int
+    n: int
+    size: Optional[Size]
+    latents: Optional[torch.Tensor]
+    class_label: Optional[int]
+    karras: Optional[bool]
+    eta: float
+    spacing: Optional[str]
+    guidance_rescale: float
+    output: str
+    progress: Optional[bool]
+    micro: _Micro
 
 
 def _open(image: ImageLike, flag: str) -> Image.Image:
@@ -68,13 +104,13 @@ def to_pil(images: torch.Tensor) -> List[Image.Image]:
 class Pipeline:
     """A UNet, a VAE, the noise schedule and (for text models) the text encoder."""
 
-    def __init__(self, unet, vae, schedule: NoiseSchedule, text_encoder=None, scheduler_config: Optional[dict] = None,
-                 name: str = "", use_context_mask: bool = False):
+    def __init__(self, unet, vae, schedule: NoiseSchedule, text_encoder=None,
+                 scheduler: Optional[SchedulerDefaults] = None, name: str = "", use_context_mask: bool = False):
         self.unet, self.vae, self.schedule, self.text_encoder = unet.eval(), vae.eval(), schedule, text_encoder
-        self.scheduler_config = dict(scheduler_config or {})
+        self.scheduler = scheduler or SchedulerDefaults()  # the model's sampling defaults (formats/ reads them)
         self.name = name
         self.loras: List[str] = []  # "file:scale" of the adapters applied by with_lora
-        warn_unhonoured(self.scheduler_config, where=f"{name or 'model'}/scheduler")
+        warn_unhonoured(self.scheduler.config, where=f"{name or 'model'}/scheduler")
         # diffusers' StableDiffusionPipeline gives the UNet no attention mask (captions are padded to a
         # fixed length); keep False for identical images there, True if the model was trained with it.
         self.use_context_mask = use_context_mask
@@ -106,7 +142,7 @@ class Pipeline:
         if is_single_file(folder):
             sf = load_single_file(folder, tokenizer=tokenizer, prediction_type=prediction_type)
             pipe = cls(sf.unet, sf.vae, NoiseSchedule.from_config(sf.schedule_config), sf.text_encoder(),
-                       sf.scheduler_config, name=folder.stem, **kwargs)
+                       sf.scheduler, name=folder.stem, **kwargs)
             return pipe.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         parts = load_model_folder(folder)
         text = None
@@ -114,9 +150,8 @@ class Pipeline:
             from .text import TextEncoder
 
             text = TextEncoder.from_pretrained(str(folder))
-        sched_file = folder / "scheduler" / "scheduler_config.json"
-        raw = json.loads(sched_file.read_text()) if sched_file.is_file() else {}
-        pipe = cls(parts["unet"], parts["vae"], NoiseSchedule.from_config(parts["schedule_config"]), text, raw,
+        pipe = cls(parts["unet"], parts["vae"], NoiseSchedule.from_config(parts["schedule_config"]), text,
+                   parts["scheduler"],
                    name=folder.resolve().name if folder.name in ("", ".") else folder.name, **kwargs)
         return pipe.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
@@ -185,37 +220,62 @@ class Pipeline:
 
     # ------------------------------------------------------------------ public API
 
-    def text2img(self, prompt: str = "", negative_prompt: Optional[str] = None, sampler: str = "dpmpp-2m",
-                 steps: int = 25, cfg: float = 5.0, seed: int = 0, n: int = 1,
-                 size: Optional[Tuple[int, int]] = None, latents: Optional[torch.Tensor] = None,
-                 class_label: Optional[int] = None, width: Optional[int] = None, height: Optional[int] = None,
-                 **options):
+    # Each mode takes the same keyword-only options (a misspelt one is a TypeError at the call):
+    #   negative_prompt; sampler, steps, cfg (guidance scale), guidance_rescale; seed (image i: seed + i) or
+    #   latents (n, C, h, w); n; class_label (class-conditional models); karras (default: the model's
+    #   use_karras_sigmas), eta (DDIM's η), spacing (override the model's timestep_spacing); output ("pil" |
+    #   "pt" in [0, 1] | "latent"); progress (a tqdm bar; None: tqdm's default); original_size,
+    #   crops_coords_top_left, target_size and their negative_* twins: SDXL's (height, width) / (top, left)
+    #   micro-conditioning, defaulting as in diffusers' StableDiffusionXLPipeline.
+
+    def text2img(self, prompt: str = "", *, negative_prompt: Optional[str] = None, sampler: str = "dpmpp-2m",
+                 steps: int = 25, cfg: float = 5.0, seed: int = 0, n: int = 1, size: Optional[Size] = None,
+                 width: Optional[int] = None, height: Optional[int] = None, latents: Optional[torch.Tensor] = None,
+                 class_label: Optional[int] = None, karras: Optional[bool] = None, eta: float = 0.0,
+                 spacing: Optional[str] = None, guidance_rescale: float = 0.0, output: str = "pil",
+                 progress: Optional[bool] = None, original_size: Optional[Size] = None,
+                 crops_coords_top_left: Size = (0, 0), target_size: Optional[Size] = None,
+                 negative_original_size: Optional[Size] = None, negative_crops_coords_top_left: Size = (0, 0),
+                 negative_target_size: Optional[Size] = None):
         """n images of width x height (or `size` (W, H); default the model's) for `prompt`, each side a
-        multiple of the VAE factor. Image i starts from noise drawn with seed + i (or from `latents`
-        (n, C, h, w), unit-variance noise as in diffusers). Options: karras, eta (DDIM), spacing
-        (override the model's timestep_spacing), guidance_rescale, output ("pil" | "pt" | "latent"), progress."""
+        multiple of the VAE factor; the options are listed above."""
         if size is not None and (width or height):
             raise UserError("--size: give either --size WxH or --width/--height, not both")
         W, H = size or self.default_size
         size = self._check_size((width or W, height or H), "--width/--height" if width or height else "--size")
-        return self._generate(prompt, negative_prompt, sampler, steps, cfg, seed, n, size, latents, class_label,
-                              **options)
+        micro = _Micro(original_size, crops_coords_top_left, target_size, negative_original_size,
+                       negative_crops_coords_top_left, negative_target_size)
+        return self._generate(_Request(prompt, negative_prompt, sampler, steps, cfg, seed, n, size, latents,
+                                       class_label, karras, eta, spacing, guidance_rescale, output, progress, micro))
 
-    def img2img(self, image: ImageLike, prompt: str = "", strength: float = 0.6, negative_prompt: Optional[str] = None,
-                sampler: str = "dpmpp-2m", steps: int = 25, cfg: float = 5.0, seed: int = 0, n: int = 1,
+    def img2img(self, image: ImageLike, prompt: str = "", *, strength: float = 0.6,
+                negative_prompt: Optional[str] = None, sampler: str = "dpmpp-2m", steps: int = 25, cfg: float = 5.0,
+                seed: int = 0, n: int = 1, width: Optional[int] = None, height: Optional[int] = None,
                 latents: Optional[torch.Tensor] = None, class_label: Optional[int] = None,
-                width: Optional[int] = None, height: Optional[int] = None, **options):
+                karras: Optional[bool] = None, eta: float = 0.0, spacing: Optional[str] = None,
+                guidance_rescale: float = 0.0, output: str = "pil", progress: Optional[bool] = None,
+                original_size: Optional[Size] = None, crops_coords_top_left: Size = (0, 0),
+                target_size: Optional[Size] = None, negative_original_size: Optional[Size] = None,
+                negative_crops_coords_top_left: Size = (0, 0), negative_target_size: Optional[Size] = None):
         """Change `image`: noise it to `strength` ∈ (0, 1] and run the last ⌊steps·strength⌋ steps.
         strength 1.0 starts from pure noise and equals text→image. The output is width x height (default:
         the image's size rounded down to the VAE grid, as diffusers); the image is resized to it (LANCZOS)."""
         init = self._resized(_open(image, "--image"), width, height)
-        return self._generate(prompt, negative_prompt, sampler, steps, cfg, seed, n, init.size, latents, class_label,
-                              init=init, strength=strength, **options)
+        micro = _Micro(original_size, crops_coords_top_left, target_size, negative_original_size,
+                       negative_crops_coords_top_left, negative_target_size)
+        return self._generate(_Request(prompt, negative_prompt, sampler, steps, cfg, seed, n, init.size, latents,
+                                       class_label, karras, eta, spacing, guidance_rescale, output, progress, micro),
+                              init=init, strength=strength)
 
-    def inpaint(self, image: ImageLike, mask: ImageLike, prompt: str = "", strength: float = 1.0,
+    def inpaint(self, image: ImageLike, mask: ImageLike, prompt: str = "", *, strength: float = 1.0,
                 negative_prompt: Optional[str] = None, sampler: str = "dpmpp-2m", steps: int = 25, cfg: float = 5.0,
-                seed: int = 0, n: int = 1, latents: Optional[torch.Tensor] = None, class_label: Optional[int] = None,
-                width: Optional[int] = None, height: Optional[int] = None, **options):
+                seed: int = 0, n: int = 1, width: Optional[int] = None, height: Optional[int] = None,
+                latents: Optional[torch.Tensor] = None, class_label: Optional[int] = None,
+                karras: Optional[bool] = None, eta: float = 0.0, spacing: Optional[str] = None,
+                guidance_rescale: float = 0.0, output: str = "pil", progress: Optional[bool] = None,
+                original_size: Optional[Size] = None, crops_coords_top_left: Size = (0, 0),
+                target_size: Optional[Size] = None, negative_original_size: Optional[Size] = None,
+                negative_crops_coords_top_left: Size = (0, 0), negative_target_size: Optional[Size] = None):
         """Repaint where `mask` is white (≥ 50 % grey); elsewhere the latents stay the encoded image's.
         Image and mask are resized to width x height as in img2img."""
         init, m = _open(image, "--image"), _open(mask, "--mask")
@@ -223,37 +283,37 @@ class Pipeline:
             raise UserError(f"--mask: its size {m.size[0]}x{m.size[1]} differs from the image's "
                             f"{init.size[0]}x{init.size[1]} — give a mask of the same size")
         init, m = self._resized(init, width, height), self._resized(m, width, height)
-        return self._generate(prompt, negative_prompt, sampler, steps, cfg, seed, n, init.size, latents, class_label,
-                              init=init, strength=strength, mask=m, **options)
+        micro = _Micro(original_size, crops_coords_top_left, target_size, negative_original_size,
+                       negative_crops_coords_top_left, negative_target_size)
+        return self._generate(_Request(prompt, negative_prompt, sampler, steps, cfg, seed, n, init.size, latents,
+                                       class_label, karras, eta, spacing, guidance_rescale, output, progress, micro),
+                              init=init, strength=strength, mask=m)
 
     # ------------------------------------------------------------------ the one generation loop
 
     @torch.no_grad()
-    def _generate(self, prompt, negative_prompt, sampler, steps, cfg, seed, n, size, latents, class_label,
-                  init: Optional[Image.Image] = None, strength: float = 1.0, mask: Optional[Image.Image] = None,
-                  karras: Optional[bool] = None, eta: float = 0.0, guidance_rescale: float = 0.0, output: str = "pil",
-                  progress: Optional[bool] = None, spacing: Optional[str] = None, **micro):
-        info = samplers.get_sampler(sampler)
-        if n < 1:
-            raise UserError(f"--n: must be at least 1, got {n}")
-        W, H = self._check_size(size or self.default_size, "--image" if init is not None else "--size")
+    def _generate(self, r: "_Request", init: Optional[Image.Image] = None, strength: float = 1.0,
+                  mask: Optional[Image.Image] = None):
+        info = samplers.get_sampler(r.sampler)
+        if r.n < 1:
+            raise UserError(f"--n: must be at least 1, got {r.n}")
+        W, H = self._check_size(r.size or self.default_size, "--image" if init is not None else "--size")
         ac = self.schedule.alphas_cumprod
-        opts = sampling_options(self.scheduler_config, sampler, spacing, karras)  # the model's scheduler config
-        karras = opts.karras
-        plan = samplers.plan(ac, sampler, steps, **opts.plan_kwargs())
-        first = samplers.start_index(steps, strength)  # validates strength ∈ (0, 1]
+        opts = self.scheduler.options(r.sampler, r.spacing, r.karras)  # the model's scheduler config, flags win
+        plan = samplers.plan(ac, r.sampler, r.steps, **opts.plan_kwargs())
+        first = samplers.start_index(r.steps, strength)  # validates strength ∈ (0, 1]
         f, C = self.vae.downsample_factor, self.unet.config.in_channels
-        gens = [torch.Generator(device="cpu").manual_seed(seed + i) for i in range(n)]
-        noise = self._noise(latents, gens, (n, C, H // f, W // f))  # (n, C, h, w)
+        gens = [torch.Generator(device="cpu").manual_seed(r.seed + i) for i in range(r.n)]
+        noise = self._noise(r.latents, gens, (r.n, C, H // f, W // f))  # (n, C, h, w)
         x0 = None
         if init is not None:
-            x0 = self.vae.encode(to_tensor(init).to(self.device)).expand(n, -1, -1, -1)  # (n, C, h, w)
+            x0 = self.vae.encode(to_tensor(init).to(self.device)).expand(r.n, -1, -1, -1)  # (n, C, h, w)
         if first:  # below full strength: x0 noised part-way down (full: pure noise, diffusers' `is_strength_max`)
             plan = plan.start_at(first)
         x = plan.start(noise, x0 if first else None)
-        cond, uncond = self._conditions(prompt, negative_prompt, class_label, n)
-        self._micro_conditioning(cond, uncond, (H, W), n, **micro)
-        model_fn = classifier_free_guidance(self._unet_fn(), cond, uncond, cfg, guidance_rescale)
+        cond, uncond = self._conditions(r.prompt, r.negative_prompt, r.class_label, r.n)
+        self._micro_conditioning(cond, uncond, (H, W), r.n, r.micro)
+        model_fn = classifier_free_guidance(self._unet_fn(), cond, uncond, r.cfg, r.guidance_rescale)
         keep = after_step = None
         if mask is not None:
             keep = self._latent_mask(mask, x0.shape[-2:])  # (1, 1, h, w): 1 = repaint
@@ -262,31 +322,36 @@ class Pipeline:
                 return keep * x + (1 - keep) * plan.noised(x0, noise, sigma_next)
 
         denoiser = plan.denoiser(model_fn, ac, self.schedule.prediction_type, **opts.denoiser_kwargs())
-        x = samplers.sample(sampler, denoiser, x, plan.sigmas, generator=gens, eta=eta,
-                            after_step=after_step, disable=None if progress is None else not progress,
-                            **opts.solver_kwargs(steps))
+        x = samplers.sample(r.sampler, denoiser, x, plan.sigmas, generator=gens, eta=r.eta, after_step=after_step,
+                            disable=None if r.progress is None else not r.progress, **opts.solver_kwargs(r.steps))
         out = plan.finish(x)  # (n, C, h, w) at the UNet's scale
         if keep is not None:
             out = keep * out + (1 - keep) * x0
-        if output == "latent":
+        if r.output == "latent":
             return out
         images = self.vae.decode(out).float()  # (n, 3, H, W) in about [-1, 1]
-        if output == "pt":
+        if r.output == "pt":
             return (images / 2 + 0.5).clamp(0, 1)
         pils = to_pil(images)
+        for i, im in enumerate(pils):
+            im.info["parameters"] = self._parameters(r, i, opts.karras, (W, H), strength if init is not None else None)
+        return pils
+
+    def _parameters(self, r: "_Request", i: int, karras: bool, size: Tuple[int, int], strength: Optional[float]) -> str:
+        """Image i's A1111 'parameters' text (png.py)."""
+        info, (W, H) = samplers.get_sampler(r.sampler), size
+        prompt, negative_prompt = r.prompt, r.negative_prompt
         if self.text_encoder is not None:  # record what the encoder saw, not what was typed past max_length
             prompt = self.text_encoder.kept_text(prompt or "")
             negative_prompt = self.text_encoder.kept_text(negative_prompt or "") or None
-        for i, im in enumerate(pils):
-            im.info["parameters"] = format_parameters(prompt, negative_prompt, {
-                "Steps": steps, "Sampler": info.display + (" Karras" if karras else ""),
-                "CFG scale": float(cfg), "Seed": seed + i, "Size": f"{W}x{H}", "Model": self.name or None,
-                "Denoising strength": float(strength) if init is not None else None,
-                "Eta": float(eta) if "eta" in info.options and eta else None,
-                "Class": class_label, "Guidance rescale": float(guidance_rescale) if guidance_rescale else None,
-                "LoRA": " + ".join(self.loras) or None,
-            })
-        return pils
+        return format_parameters(prompt, negative_prompt, {
+            "Steps": r.steps, "Sampler": info.display + (" Karras" if karras else ""),
+            "CFG scale": float(r.cfg), "Seed": r.seed + i, "Size": f"{W}x{H}", "Model": self.name or None,
+            "Denoising strength": float(strength) if strength is not None else None,
+            "Eta": float(r.eta) if "eta" in info.options and r.eta else None,
+            "Class": r.class_label, "Guidance rescale": float(r.guidance_rescale) if r.guidance_rescale else None,
+            "LoRA": " + ".join(self.loras) or None,
+        })
 
     # ------------------------------------------------------------------ helpers
 
@@ -315,24 +380,22 @@ class Pipeline:
             return latents.to(self.device, torch.float32)
         return torch.cat([torch.randn((1, *shape[1:]), generator=g) for g in gens]).to(self.device)
 
-    def _micro_conditioning(self, cond: dict, uncond: dict, size: Tuple[int, int], n: int,
-                            original_size=None, crops_coords_top_left=(0, 0), target_size=None,
-                            negative_original_size=None, negative_crops_coords_top_left=(0, 0),
-                            negative_target_size=None) -> None:
+    def _micro_conditioning(self, cond: dict, uncond: dict, size: Tuple[int, int], n: int, micro: "_Micro") -> None:
         """SDXL's size/crop conditioning, as diffusers' StableDiffusionXLPipeline: sizes (height, width) default
         to the output's, the crop to (0, 0); the negative branch reuses them unless both negative sizes are given."""
         from .models.unet import time_ids
 
+        m = micro
         if self.unet.config.addition_input_dim is None:
-            if original_size or target_size or negative_original_size or negative_target_size or \
-                    tuple(crops_coords_top_left) != (0, 0):
+            if m.original_size or m.target_size or m.negative_original_size or m.negative_target_size or \
+                    tuple(m.crops_coords_top_left) != (0, 0) or tuple(m.negative_crops_coords_top_left) != (0, 0):
                 raise UserError("--original-size/--crop/--target-size: only SDXL (micro-conditioned) models take "
                                 "them — leave them out for this model")
             return
-        ids = time_ids(original_size or size, crops_coords_top_left, target_size or size)  # (6,)
+        ids = time_ids(m.original_size or size, m.crops_coords_top_left, m.target_size or size)  # (6,)
         neg = ids
-        if negative_original_size is not None and negative_target_size is not None:
-            neg = time_ids(negative_original_size, negative_crops_coords_top_left, negative_target_size)
+        if m.negative_original_size is not None and m.negative_target_size is not None:
+            neg = time_ids(m.negative_original_size, m.negative_crops_coords_top_left, m.negative_target_size)
         cond["time_ids"] = ids.to(self.device).expand(n, -1)  # (n, 6)
         uncond["time_ids"] = neg.to(self.device).expand(n, -1)
 

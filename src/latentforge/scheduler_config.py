@@ -22,8 +22,9 @@ from __future__ import annotations
 
 import math
 import warnings
-from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Tuple
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 # key -> (the values that equal what latentforge does, what latentforge does instead)
 NOT_HONOURED: Dict[str, Tuple[tuple, str]] = {
@@ -85,32 +86,55 @@ class SamplingOptions:
         return dict(lower_order_final=self.lower_order_final, euler_at_final=self.euler_at_final, total_steps=steps)
 
 
-def sampling_options(config: Dict[str, Any], sampler: str, spacing: Optional[str] = None,
-                     karras: Optional[bool] = None) -> SamplingOptions:
-    """Options for `sampler` from a scheduler config; `spacing` / `karras` (flags) override the config's."""
-    c = dict(config or {})
-    if sampler == "ddim":
-        final = "zero" if c.get("set_alpha_to_one", True) else "sigma_min"
-    else:
-        final = c.get("final_sigmas_type", "zero")
-    clip = float(c.get("clip_sample_range", 1.0)) if c.get("clip_sample", False) else None
-    threshold = None
-    if c.get("thresholding", False):
-        threshold = (float(c.get("dynamic_thresholding_ratio", 0.995)), float(c.get("sample_max_value", 1.0)))
-    return SamplingOptions(
-        spacing=spacing or c.get("timestep_spacing", _default_spacing(c)), steps_offset=int(c.get("steps_offset", 0)),
-        final_sigma=final, karras=bool(c.get("use_karras_sigmas", False)) if karras is None else bool(karras),
-        clip_sample=clip, thresholding=threshold, lower_order_final=bool(c.get("lower_order_final", True)),
-        euler_at_final=bool(c.get("euler_at_final", False)),
-    )
+@dataclass(frozen=True)
+class SchedulerDefaults:
+    """A model's scheduler config as sampling reads it: the honoured keys, typed, and `config`, the keys as
+    written (what diffusers' `Scheduler.from_config` and `unhonoured` read). `formats` builds it from a model
+    folder or a single file; `options` gives one sampler's options."""
+
+    config: Mapping[str, Any] = field(default_factory=dict)
+    spacing: str = "leading"  # timestep_spacing, or the default of the config's _class_name
+    steps_offset: int = 0
+    set_alpha_to_one: bool = True  # DDIM's last step: to σ = 0, or stop at σ_min
+    final_sigmas_type: str = "zero"  # the same for the other schedulers
+    karras: bool = False  # use_karras_sigmas
+    clip_sample: Optional[float] = None  # x0 ∈ [-r, r]
+    thresholding: Optional[Tuple[float, float]] = None  # (ratio, max value)
+    lower_order_final: bool = True
+    euler_at_final: bool = False
+
+    @classmethod
+    def from_config(cls, config: Optional[Mapping[str, Any]] = None) -> "SchedulerDefaults":
+        c = dict(config or {})
+        clip = float(c.get("clip_sample_range", 1.0)) if c.get("clip_sample", False) else None
+        threshold = None
+        if c.get("thresholding", False):
+            threshold = (float(c.get("dynamic_thresholding_ratio", 0.995)), float(c.get("sample_max_value", 1.0)))
+        return cls(config=MappingProxyType(c), spacing=c.get("timestep_spacing", _default_spacing(c)),
+                   steps_offset=int(c.get("steps_offset", 0)), set_alpha_to_one=bool(c.get("set_alpha_to_one", True)),
+                   final_sigmas_type=c.get("final_sigmas_type", "zero"), karras=bool(c.get("use_karras_sigmas", False)),
+                   clip_sample=clip, thresholding=threshold, lower_order_final=bool(c.get("lower_order_final", True)),
+                   euler_at_final=bool(c.get("euler_at_final", False)))
+
+    def options(self, sampler: str, spacing: Optional[str] = None, karras: Optional[bool] = None) -> SamplingOptions:
+        """Options for `sampler`; `spacing` / `karras` (flags) override the config's."""
+        if sampler == "ddim":  # diffusers' DDIMScheduler names its last step differently
+            final = "zero" if self.set_alpha_to_one else "sigma_min"
+        else:
+            final = self.final_sigmas_type
+        return SamplingOptions(
+            spacing=spacing or self.spacing, steps_offset=self.steps_offset, final_sigma=final,
+            karras=self.karras if karras is None else bool(karras), clip_sample=self.clip_sample,
+            thresholding=self.thresholding, lower_order_final=self.lower_order_final,
+            euler_at_final=self.euler_at_final)
 
 
-def _default_spacing(config: Dict[str, Any]) -> str:
+def _default_spacing(config: Mapping[str, Any]) -> str:
     name = config.get("_class_name")
     return "leading" if name is None or name in LEADING_CLASSES else "linspace"
 
 
-def unhonoured(config: Dict[str, Any]) -> List[Tuple[str, str]]:
+def unhonoured(config: Mapping[str, Any]) -> List[Tuple[str, str]]:
     """(key, message) for every key whose value latentforge does not honour."""
     out = []
     for key, value in sorted((config or {}).items()):
@@ -125,7 +149,7 @@ def unhonoured(config: Dict[str, Any]) -> List[Tuple[str, str]]:
     return out
 
 
-def warn_unhonoured(config: Dict[str, Any], where: str = "scheduler_config.json") -> List[str]:
+def warn_unhonoured(config: Mapping[str, Any], where: str = "scheduler_config.json") -> List[str]:
     """Warn once per process for each (key, value) `unhonoured` finds; -> the messages of this call."""
     messages = []
     for key, message in unhonoured(config):

@@ -27,6 +27,7 @@ import torch
 
 from ..config import BETA_SCHEDULES, PREDICTION_TYPES, ScheduleConfig, UNetConfig, VAEConfig
 from ..errors import UserError
+from ..scheduler_config import SchedulerDefaults
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
@@ -508,6 +509,13 @@ def load_schedule(folder) -> ScheduleConfig:
     return schedule_from_diffusers(_read_json(path), path)
 
 
+def load_scheduler_defaults(folder) -> SchedulerDefaults:
+    """The sampling defaults of a model folder's `scheduler/scheduler_config.json` (timestep spacing, Karras σ,
+    x0 clipping, …; see scheduler_config.py); a folder without one gets diffusers' defaults."""
+    path = Path(folder) / "scheduler" / SCHEDULER_CONFIG_NAME
+    return SchedulerDefaults.from_config(_read_json(path) if path.is_file() else {})
+
+
 # --------------------------------------------------------------------------- whole model folder
 
 
@@ -602,7 +610,8 @@ def check_components(folder: Path, index: Dict[str, Any]) -> None:
 
 
 def load_model_folder(folder) -> Dict[str, Any]:
-    """-> dict(unet, vae, schedule_config, text_encoder_dir (Path or None), model_index)."""
+    """-> dict(unet, vae, schedule_config, scheduler (SchedulerDefaults), text_encoder_dir (Path or None),
+    model_index)."""
     folder = Path(folder)
     index_path = folder / MODEL_INDEX_NAME
     if not index_path.is_file():
@@ -616,6 +625,7 @@ def load_model_folder(folder) -> Dict[str, Any]:
         "unet": load_unet(folder / "unet"),
         "vae": load_vae(folder / "vae"),
         "schedule_config": load_schedule(folder / "scheduler" / SCHEDULER_CONFIG_NAME),
+        "scheduler": load_scheduler_defaults(folder),
         "text_encoder_dir": text_dir if text_dir.is_dir() else None,
         "model_index": index,
     }

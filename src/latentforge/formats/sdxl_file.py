@@ -93,8 +93,6 @@ def load_tokenizers(tokenizer):
 def load_sdxl(path: Path, state: Dict[str, Any], family, tokenizer, prediction_type):
     """SDXL: one UNet, one VAE, two CLIP text models (single_file.LOADERS["sdxl"]). `tokenizer` is what
     --tokenizer gave, unread (this family needs two)."""
-    from .diffusers import schedule_to_diffusers
-
     if tokenizer is not None and not isinstance(tokenizer, (str, Path)):
         raise UserError(f"{path}: an SDXL file needs both of SDXL's tokenizers — pass --tokenizer SDXL_MODEL_ROOT")
     schedule = sf.infer_schedule(state, family, prediction_type, path)
@@ -104,10 +102,8 @@ def load_sdxl(path: Path, state: Dict[str, Any], family, tokenizer, prediction_t
     vae = sf._vae_from(state, path, SDXL_SCALING_FACTOR)
     vae.config = replace(vae.config, sample_size=1024)  # sd_xl_base.yaml: 1024 px (diffusers' SDXL vae/config.json)
     tok, tok_2 = load_tokenizers(tokenizer)
-    out = sf.SingleFile(path, family.name, unet.eval(), vae.eval(), first, tok, schedule, text_model_2=second,
-                        tokenizer_2=tok_2)
-    out.scheduler_config = dict(schedule_to_diffusers(schedule), set_alpha_to_one=False)  # as from_single_file
-    return out
+    return sf.SingleFile(path, family.name, unet.eval(), vae.eval(), first, tok, schedule, text_model_2=second,
+                         tokenizer_2=tok_2)
 
 
 def dual_text_encoder(single, max_length: Optional[int] = None):

@@ -24,7 +24,7 @@ The key maps are data in ldm_keys.py; here are only the reshapes and the checks.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
@@ -32,6 +32,7 @@ import torch
 
 from ..config import ScheduleConfig, UNetConfig, VAEConfig
 from ..errors import UserError
+from ..scheduler_config import SchedulerDefaults
 from . import ldm_keys as K
 
 SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth")
@@ -447,9 +448,16 @@ class SingleFile:
     text_model: Any  # transformers.CLIPTextModel
     tokenizer: Any  # a transformers CLIP tokenizer, or None when none was given
     schedule_config: ScheduleConfig
-    scheduler_config: Dict[str, Any] = field(default_factory=dict)  # scheduler_config.json contents
     text_model_2: Any = None  # SDXL: transformers.CLIPTextModelWithProjection
     tokenizer_2: Any = None  # SDXL: its tokenizer
+
+    @property
+    def scheduler(self) -> SchedulerDefaults:
+        """The sampling defaults diffusers' `from_single_file` gives the file's schedule: its final step goes to
+        ᾱ_0, not to 1 (`set_alpha_to_one=False`)."""
+        from .diffusers import schedule_to_diffusers
+
+        return SchedulerDefaults.from_config(dict(schedule_to_diffusers(self.schedule_config), set_alpha_to_one=False))
 
     def text_encoder(self, max_length: Optional[int] = None):
         """The text model + tokenizer as a `text.TextEncoder` (SDXL: a `text.DualTextEncoder`; a UserError if no
@@ -505,15 +513,10 @@ def load_single_file(path, tokenizer=None, prediction_type: Optional[str] = None
 
 def _load_sd(path: Path, state: Dict[str, Any], family: Family, tokenizer, prediction_type) -> SingleFile:
     """SD 1.x / 2.x: one UNet, one VAE, one CLIP text model."""
-    from .diffusers import schedule_to_diffusers
-
     schedule = infer_schedule(state, family, prediction_type, path)
     unet = _unet_from(state, family, schedule.prediction_type == "v_prediction", path)
-    sf = SingleFile(path, family.name, unet.eval(), _vae_from(state, path).eval(), _text_from(state, family, path),
-                    tokenizer, schedule)
-    # as diffusers' from_single_file: final step to ᾱ_0, not to 1 (set_alpha_to_one=False)
-    sf.scheduler_config = dict(schedule_to_diffusers(schedule), set_alpha_to_one=False)
-    return sf
+    return SingleFile(path, family.name, unet.eval(), _vae_from(state, path).eval(), _text_from(state, family, path),
+                      tokenizer, schedule)
 
 
 # family name -> loader(path, state, family, tokenizer, prediction_type) -> SingleFile, for each supported
