@@ -11,13 +11,16 @@ def add_arguments(p):
     p.add_argument("--out", default="runs/demo", help="output folder (replaced if it holds an earlier demo)")
     p.add_argument("--budget", choices=["full", "tiny"], default="full",
                    help="full: the real demo (~10 min on 2 CPU cores); tiny: every stage for a few steps")
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
+                   help="the UNet's training precision; auto: bf16 (fp32 master weights) on a CPU with native bf16, "
+                        "else fp32")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
 
 
 def run(args):
     from ..demo import run_demo
 
-    summary = run_demo(args.out, args.budget, threads=args.threads)
+    summary = run_demo(args.out, args.budget, threads=args.threads, precision=args.precision)
     seen = summary["scores"]["seen"]["all"]
     held = summary["scores"].get("held_out", {}).get("all")
     print(f"\nall-attribute accuracy: seen {seen['accuracy']:.3f} [{seen['low']:.3f}, {seen['high']:.3f}]"

@@ -39,3 +39,23 @@ class LowPrecisionCompute:
     def weights_to_compute(self) -> None:
         """Round the master weights into the compute copy (after every optimizer step and after a resume)."""
         torch._foreach_copy_(self._compute, self._master)
+
+
+NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16")  # x86 instructions that compute in bf16 (not emulate it)
+
+
+def cpu_native_bf16(cpuinfo: str | None = None) -> str | None:
+    """The first native-bf16 CPU flag of this machine (Linux /proc/cpuinfo), or None where it has none or
+    the flags cannot be read. Without one, bf16 runs emulated on CPU and is slower than fp32."""
+    if cpuinfo is None:
+        try:
+            with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+                cpuinfo = f.read()
+        except OSError:
+            return None
+    flags = set()
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "flags":
+            flags.update(value.split())
+    return next((f for f in NATIVE_BF16_FLAGS if f in flags), None)
