@@ -76,6 +76,37 @@ def one_run(preset: str, steps: int, rank: int, latent: int = 32) -> dict:
             "wall_s": statistics.median(wall), "cpu_s": statistics.median(cpu), "peak_rss_mib": common.status_mib("VmHWM")}
 
 
+def run(preset: str = "sdxl", steps: int = 1, rank: int = 16, threads: int = 2, subprocess: bool = True) -> dict:
+    """The measured run, in a fresh subprocess (`subprocess=False`: in this process, for smoke runs)."""
+    if subprocess:
+        env = {"MALLOC_MMAP_THRESHOLD_": "65536", "OMP_NUM_THREADS": str(threads)}
+        r = common.run_json_subprocess([str(Path(__file__)), "--run", "--steps", str(steps), "--threads", str(threads),
+                                        "--preset", preset, "--rank", str(rank)], timeout=3600, env=env)
+    else:
+        r = one_run(preset, steps, rank)
+    # a full fine-tune in fp32 AdamW: the base's weights + gradients + Adam's 2 moments, 16 B per parameter
+    r.update(steps=steps, rank=rank, threads=threads, full_finetune_gb=16 * (r["parameters"] - r["trainable"]) / 1e9)
+    return r
+
+
+def markdown(r: dict) -> str:
+    return (f"A full fine-tune of the `{r['preset']}` UNet ({r['parameters']:,} parameters) needs 16 B per parameter "
+            f"in fp32 AdamW (weights, gradients, two moments) = **{r['full_finetune_gb']:.1f} GB**. The LoRA step: "
+            f"random weights (fp32 base, frozen), LoRA rank {r['rank']} on the attention projections "
+            f"({r['trainable']:,} trainable parameters), batch 1, 32×32×4 latents, a "
+            f"77×{PRESETS[r['preset']].unet.cross_attention_dim} context, the pooled text + six size/crop numbers of "
+            "SDXL's micro-conditioning, gradient checkpointing, bf16 autocast; one step = `train_step` + backward + "
+            "gradient clipping + fused AdamW over the adapter; one warm-up step, then the median of "
+            f"{r['steps']} timed step(s), {r['threads']} torch thread(s); peak RSS = VmHWM with "
+            "`MALLOC_MMAP_THRESHOLD_=65536`, in a fresh process.\n\n"
+            + common.table(["step wall s", "step CPU s", "peak RSS GiB", "build s (random init)"],
+                           [[f"{r['wall_s']:.1f}", f"{r['cpu_s']:.1f}", f"{r['peak_rss_mib'] / 1024:.2f}",
+                             f"{r['build_s']:.0f}"]])
+            + "\n\nThe resident memory is mostly the fp32 base weights "
+            f"({(r['parameters'] - r['trainable']) / 1e9:.2f} G × 4 B = "
+            f"{(r['parameters'] - r['trainable']) * 4 / 2**30:.1f} GiB).")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=1, help="timed steps (after one warm-up step)")
@@ -88,19 +119,9 @@ def main() -> None:
     if args.run:
         print(json.dumps(one_run(args.preset, args.steps, args.rank)))
         return
-    env = {"MALLOC_MMAP_THRESHOLD_": "65536", "OMP_NUM_THREADS": str(args.threads)}
-    r = common.run_json_subprocess([str(Path(__file__)), "--run", "--steps", str(args.steps), "--threads",
-                                    str(args.threads), "--preset", args.preset, "--rank", str(args.rank)],
-                                   timeout=3600, env=env)
-    full_gb = 16 * (r["parameters"] - r["trainable"]) / 1e9  # the base's fp32 weights + gradients + Adam's 2 moments
-    print("machine: " + ", ".join(f"{k} {v}" for k, v in common.machine().items()))
-    print(f"{args.preset} UNet {r['parameters']:,} parameters (random), LoRA rank {args.rank} on attention "
-          f"({r['trainable']:,} trainable), batch 1, 32×32×4 latents, 77×{PRESETS[args.preset].unet.cross_attention_dim} "
-          f"context + micro-conditioning, gradient checkpointing, bf16 autocast, {args.threads} torch thread(s), "
-          f"median of {args.steps} step(s) after one warm-up\n")
-    print(common.table(["step wall s", "step CPU s", "peak RSS GiB", "build s", "full fine-tune fp32 AdamW GB"],
-                       [[f"{r['wall_s']:.1f}", f"{r['cpu_s']:.1f}", f"{r['peak_rss_mib'] / 1024:.2f}",
-                         f"{r['build_s']:.0f}", f"{full_gb:.1f}"]]))
+    r = run(args.preset, args.steps, args.rank, args.threads)
+    print("machine: " + ", ".join(f"{k} {v}" for k, v in common.machine().items()) + "\n")
+    print(markdown(r))
 
 
 if __name__ == "__main__":

@@ -78,11 +78,14 @@ def load_pair(folder: Path, device: torch.device):
 
 
 def run(preset: str = "small", steps: int = 20, batch: int = 4, cfg: float = 7.5, repeats: int = 5, warmup: int = 1,
-        device: str = "cpu", progress: bool = True) -> dict:
+        device: str = "cpu", progress: bool = True, bf16: bool = True) -> dict:
+    """latentforge vs diffusers at fp32 (same images), plus (`bf16`) latentforge with its UNet in bf16
+    (`Pipeline.compute_in(torch.bfloat16)`) as a third arm of the same rounds, with its image difference."""
     dev = torch.device(device)
     with tempfile.TemporaryDirectory() as tmp:
         folder = write_model(Path(tmp) / "model", preset)
         ours, theirs = load_pair(folder, dev)
+        low = Pipeline.from_pretrained(folder, device=dev).compute_in(torch.bfloat16) if bf16 else None
     side = ours.default_size[0]
     latents = torch.randn(batch, ours.unet.config.in_channels, side // ours.vae.downsample_factor,
                           side // ours.vae.downsample_factor, generator=torch.Generator().manual_seed(0))
@@ -98,9 +101,21 @@ def run(preset: str = "small", steps: int = 20, batch: int = 4, cfg: float = 7.5
                                     guidance_scale=cfg, height=side, width=side,
                                     generator=[torch.Generator().manual_seed(i) for i in range(batch)]).images,
     }
+    if low is not None:
+        arms["latentforge bf16"] = lambda: low.text2img(PROMPT, negative_prompt=NEGATIVE, seed=0, **common_kw)
     samples = common.interleaved(arms, batch, repeats, warmup, dev, progress)
     la, di = samples["latentforge"], samples["diffusers"]
-    return {"preset": preset, "steps": steps, "batch": batch, "cfg": cfg, "size": side, "sampler": "DPM++ 2M",
+    extra = {}
+    if low is not None:
+        c = low.text2img(PROMPT, negative_prompt=NEGATIVE, latents=latents, output="pt", **common_kw).cpu()
+        lb = samples["latentforge bf16"]
+        extra["bf16"] = {"images_per_s": lb.rate("wall"), "images_per_cpu_s": lb.rate("cpu"), "wall": lb.wall,
+                         "cpu": lb.cpu, "vs_fp32_cpu": common.paired_ratio(lb, la, "cpu"),
+                         "vs_fp32_wall": common.paired_ratio(lb, la, "wall"),
+                         "vs_diffusers_cpu": common.paired_ratio(lb, di, "cpu"),
+                         "max_abs_diff": float((c - a.cpu()).abs().max()),
+                         "mean_abs_diff": float((c - a.cpu()).abs().mean())}
+    return {**extra, "preset": preset, "steps": steps, "batch": batch, "cfg": cfg, "size": side, "sampler": "DPM++ 2M",
             "repeats": repeats, "warmup": warmup, "max_abs_diff": diff,
             "latentforge": {"images_per_s": la.rate("wall"), "images_per_cpu_s": la.rate("cpu"), "wall": la.wall, "cpu": la.cpu},
             "diffusers": {"images_per_s": di.rate("wall"), "images_per_cpu_s": di.rate("cpu"), "wall": di.wall, "cpu": di.cpu},
@@ -118,7 +133,17 @@ def markdown(r: dict) -> str:
           f"{r['batch']} images per call", common.fmt(a["images_per_s"]), common.fmt(b["images_per_s"]),
           f"**{r['ratio_wall']:.2f}×**", common.fmt(a["images_per_cpu_s"]), common.fmt(b["images_per_cpu_s"]),
           f"**{r['ratio_cpu']:.2f}×**", f"{r['paired_ratio_wall']:.2f}× / {r['paired_ratio_cpu']:.2f}×",
-          f"{r['max_abs_diff']:.1e}"]])
+          f"{r['max_abs_diff']:.1e}"]]) + (_markdown_bf16(r) if "bf16" in r else "")
+
+
+def _markdown_bf16(r: dict) -> str:
+    b = r["bf16"]
+    return "\n\n" + common.table(
+        ["arm (same rounds)", "img/s (CPU time)", "vs latentforge fp32 (paired, CPU / wall)",
+         "vs diffusers fp32 (paired, CPU)", "image Δ vs fp32: max / mean abs"],
+        [["latentforge, UNet in bf16 (`compute_in(torch.bfloat16)`)", common.fmt(b["images_per_cpu_s"]),
+          f"**{b['vs_fp32_cpu']:.2f}×** / {b['vs_fp32_wall']:.2f}×", f"{b['vs_diffusers_cpu']:.2f}×",
+          f"{b['max_abs_diff']:.1e} / {b['mean_abs_diff']:.1e}"]])
 
 
 def main(argv=None) -> int:

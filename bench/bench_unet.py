@@ -229,25 +229,28 @@ CATEGORIES = {  # aten op name fragments -> category (first match wins)
 }
 
 
-def profile_breakdown(steps: Dict[str, object], n: int = 2) -> Dict[str, Dict[str, float]]:
-    """ms per step by op category (torch.profiler self CPU time of aten ops), for each arm."""
+def profile_breakdown(steps: Dict[str, object], n: int = 2) -> tuple:
+    """(ms per step by op category, ms per step and calls per step by aten op) from torch.profiler's self CPU
+    time of aten ops, for each arm."""
     from torch.profiler import ProfilerActivity, profile
 
-    out = {}
+    out, ops = {}, {}
     for name, step in steps.items():
         step()
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             for _ in range(n):
                 step()
         cats = {c: 0.0 for c in [*CATEGORIES, "other (elementwise, reductions, …)"]}
+        ops[name] = {}
         for e in prof.key_averages():
             if not e.key.startswith("aten::"):
                 continue
             cat = next((c for c, keys in CATEGORIES.items() if any(k in e.key for k in keys)),
                        "other (elementwise, reductions, …)")
             cats[cat] += e.self_cpu_time_total / 1e3 / n
+            ops[name][e.key] = {"ms": e.self_cpu_time_total / 1e3 / n, "calls": e.count / n, "category": cat}
         out[name] = cats
-    return out
+    return out, ops
 
 
 # ---- memory (one arm per subprocess) --------------------------------------------------------
@@ -343,12 +346,12 @@ def compare(name: str, cfg: BenchConfig, dev: torch.device, dtype, repeats: int,
     if with_precision:
         for arm, mode in PRECISION_ARMS.items():
             steps[arm] = bf16_step(copy.deepcopy(ours), cfg, dev, dtype, mode)
-    breakdown = profile_breakdown({k: steps[k] for k in ARMS}) if with_profile else None
+    breakdown, ops = profile_breakdown({k: steps[k] for k in ARMS}) if with_profile else (None, None)
     arms = {k: (lambda f=f: [f() for _ in range(steps_per_sample)]) for k, f in steps.items()}
     samples = common.interleaved(arms, cfg.batch * steps_per_sample, repeats, warmup, dev, progress)
     flops = train_flops_per_image(cfg)
     row = {"config": name, "note": cfg.note, "batch": cfg.batch, "latent": cfg.latent, "max_abs_diff": diff,
-           "profile": breakdown, "flops_per_image": flops, "params": count_parameters(cfg.unet)}
+           "profile": breakdown, "profile_ops": ops, "flops_per_image": flops, "params": count_parameters(cfg.unet)}
     for arm in ARMS:
         s = samples[arm]
         row[arm] = {"images_per_s": s.rate("wall"), "images_per_cpu_s": s.rate("cpu"), "wall": s.wall, "cpu": s.cpu,
@@ -441,7 +444,7 @@ def markdown_ablations(res: dict) -> str:
 
 
 def markdown_profile(res: dict) -> str:
-    rows, out = [], []
+    rows = []
     for r in res["rows"]:
         if not r.get("profile"):
             continue
@@ -450,9 +453,33 @@ def markdown_profile(res: dict) -> str:
         tot = {arm: sum(p[arm].values()) for arm in p}
         for c in cats + ["total"]:
             vals = {arm: tot[arm] if c == "total" else p[arm][c] for arm in p}
-            rows.append([f"`{r['config']}`", c] + [f"{vals[arm]:.0f} ({100 * vals[arm] / tot[arm]:.0f} %)" for arm in p])
-        out.append(common.table(["config", "op category", "latentforge ms/step (share)", "diffusers ms/step (share)"], rows))
-    return "\n".join(out)
+            rows.append([f"`{r['config']}`", c] + [f"{vals[arm]:.0f} ({100 * vals[arm] / tot[arm]:.0f} %)" for arm in p]
+                        + [f"{vals['latentforge'] - vals['diffusers']:+.0f}"])
+    return common.table(["config", "op category", "latentforge ms/step (share)", "diffusers ms/step (share)",
+                         "Δ ms"], rows) if rows else ""
+
+
+def markdown_ops(res: dict, top: int = 14) -> str:
+    """Per aten op: self CPU ms per step and calls per step of each arm, the ops with the largest time first
+    (their sum in either arm), and the difference latentforge − diffusers."""
+    rows = []
+    for r in res["rows"]:
+        ops = r.get("profile_ops")
+        if not ops:
+            continue
+        a, b = ops["latentforge"], ops["diffusers"]
+        names = sorted(set(a) | set(b), key=lambda k: -(a.get(k, {}).get("ms", 0) + b.get(k, {}).get("ms", 0)))
+        z = {"ms": 0.0, "calls": 0.0}
+        for k in names[:top]:
+            x, y = a.get(k, z), b.get(k, z)
+            rows.append([f"`{r['config']}`", f"`{k}`", (x.get("category") or y.get("category", "")).split(" (")[0],
+                         f"{x['ms']:.0f} ({x['calls']:.0f})", f"{y['ms']:.0f} ({y['calls']:.0f})",
+                         f"{x['ms'] - y['ms']:+.0f}"])
+        rest = [k for k in names[top:]]
+        ra, rb = sum(a.get(k, z)["ms"] for k in rest), sum(b.get(k, z)["ms"] for k in rest)
+        rows.append([f"`{r['config']}`", f"{len(rest)} other ops", "", f"{ra:.0f}", f"{rb:.0f}", f"{ra - rb:+.0f}"])
+    return common.table(["config", "aten op", "category", "latentforge ms/step (calls)", "diffusers ms/step (calls)",
+                         "Δ ms"], rows) if rows else ""
 
 
 def main(argv=None) -> int:
@@ -486,7 +513,7 @@ def main(argv=None) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps(res, indent=1))
     print(markdown(res))
-    for extra in (markdown_precision(res), markdown_ablations(res), markdown_profile(res)):
+    for extra in (markdown_precision(res), markdown_ablations(res), markdown_profile(res), markdown_ops(res)):
         if extra:
             print("\n" + extra)
     print(f"\nSD 1.5 UNet, 64×64 latent: {res['flops_sd15_64'] / 1e12:.2f} TFLOP per image per training step")
