@@ -39,6 +39,8 @@ import bench_threads  # noqa: E402
 import bench_unet  # noqa: E402
 import bench_common as common  # noqa: E402
 
+from latentforge.errors import UserError  # noqa: E402
+
 FULL = {
     "unet": dict(configs=("small", "cpu-18m"), repeats=5, warmup=1, ablations=("cpu-18m",), profile=("cpu-18m",),
                  precision=("small",), gemm_size=2048),
@@ -344,7 +346,10 @@ def section_demo_precision(runs: str | None) -> tuple[dict | None, str]:
         return None, ("No demo runs were given (`--demo-runs FP32_DIR,BF16_DIR`: the folders of `latentforge demo "
                       "--precision fp32` and `--precision bf16`), so bf16 training quality is not in this document.")
     fp32, bf16 = runs.split(",")
-    r = bench_demo_precision.compare(fp32, bf16)
+    try:
+        r = bench_demo_precision.compare(fp32, bf16)
+    except UserError as e:  # e.g. a demo run that had not finished when this section ran
+        return None, f"The demo runs given with `--demo-runs` could not be read: {e}."
     return r, ("`latentforge demo` run twice, `--precision fp32` and `--precision bf16` (the UNet stage; the VAE and "
                "all sampling run in fp32), read back by `bench/bench_demo_precision.py`; these two runs are not "
                "re-run by this script.\n\n" + bench_demo_precision.markdown(r))
@@ -363,7 +368,9 @@ def section_gpu(device: str) -> str:
             "steps, the bf16 step of the SD 1.5-size UNet with its MFU, the LoRA step on a GPU) are not measured here.")
 
 
-SECTIONS = ("unet", "text2img", "data", "quality", "gpu", "lora", "finetune", "threads", "demo_precision", "sdxl")
+# Run in this order (the document orders them by number); the demo runs are read last, so that a demo run started
+# with the bench has the most time to finish.
+SECTIONS = ("unet", "text2img", "data", "quality", "gpu", "lora", "finetune", "threads", "sdxl", "demo_precision")
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -61,7 +61,7 @@ def test_document_has_every_section_and_the_machine(quick):
     for key in ("| cpu |", "| cores |", "| torch |", "| diffusers (oracle) |"):
         assert key in doc
     assert "No GPU was available for this run" in doc  # this machine has no CUDA
-    assert len(_rows(doc, "training step vs diffusers, `tiny`")) == 1 and len(_rows(doc, "epoch on the fly")) == 1
+    assert len(_rows(doc, "#16.4 fp32 training step vs diffusers, `tiny`")) == 1 and len(_rows(doc, "epoch on the fly")) == 1
 
 
 def test_unet_step_same_weights_ratio_memory_and_flops(quick):
@@ -83,7 +83,7 @@ def test_unet_step_same_weights_ratio_memory_and_flops(quick):
     assert all(a["images_per_cpu_s"] > 0 and 0 < a["gemm_fraction"] for a in row["precision"].values())
     assert set(raw["unet"]["gemm_gflops"]) == {"fp32", "bf16"} and min(raw["unet"]["gemm_gflops"].values()) > 0
     assert 0 < row["latentforge"]["gemm_fraction"] and "fraction of the measured fp32 GEMM rate" in doc
-    assert len(_rows(doc, "bf16 training step vs fp32, `tiny` (CPU)")) == 1
+    assert len(_rows(doc, "#16.2 bf16 training step vs fp32, `tiny` (CPU)")) == 1
     arms = raw["threads"]["arms"]  # the step with a competing busy process, threads 1 / 2 / default
     assert len(arms) == 3 and arms["1 thread"]["threads"] == 1 and all(a["ms"] > 0 for a in arms.values())
     assert "## 8. Threads with a competing busy process" in doc

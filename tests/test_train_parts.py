@@ -211,3 +211,16 @@ def test_disk_full_cleans_up_and_says_so(tmp_path, monkeypatch):
     with pytest.raises(UserError, match="no space left on the device while writing checkpoint step-4 .* step-2"):
         _fake(tmp_path, 4)
     assert checkpoint.complete_steps(tmp_path) == [2] and not list(tmp_path.glob(".tmp-*"))
+
+
+def test_stop_signal_poll_steps():
+    """One process asks about a stop signal after every step (a flag); under DDP, where asking is an all-reduce
+    and a host read, every min(log_every, 10) steps and at the last step — the same steps on every rank."""
+    from latentforge.config import TrainConfig
+    from latentforge.train.loop import stop_poll_due
+
+    cfg = TrainConfig(log_every=50, max_steps=95)
+    assert all(stop_poll_due(s, cfg, False) for s in range(1, 96))
+    assert [s for s in range(1, 96) if stop_poll_due(s, cfg, True)] == list(range(10, 91, 10)) + [95]
+    cfg = TrainConfig(log_every=4, max_steps=10)
+    assert [s for s in range(1, 11) if stop_poll_due(s, cfg, True)] == [4, 8, 10]

@@ -128,7 +128,8 @@ def _train(cfg, dataset, run_dir: Path, d, resume_flags, vae, text_encoder, prog
             if state.step % cfg.val_every == 0 or state.step == cfg.max_steps:
                 _validate(r, state, ac, log)
             bar.update(1)
-            stopped = stop.name if distributed.any_true(stop.requested, d) else ""
+            if stop_poll_due(state.step, cfg, d.enabled):
+                stopped = stop.name if distributed.any_true(stop.requested, d) else ""
             _periodic(r, state, stopped)
             if stopped:
                 break
@@ -139,6 +140,16 @@ def _train(cfg, dataset, run_dir: Path, d, resume_flags, vae, text_encoder, prog
         _finish(r, state, stopped, start, meter.t0)
     distributed.barrier(d)
     return TrainResult(run_dir, state.step, stopped, state.guard.skipped)
+
+
+STOP_POLL_STEPS = 10  # under DDP the ranks agree on a stop signal at most this many steps apart
+
+
+def stop_poll_due(step: int, cfg, distributed_run: bool) -> bool:
+    """Whether the loop asks about a stop signal after `step`: every step in one process (a flag, no device
+    work); under DDP (an all-reduce and a host read) every min(log_every, STOP_POLL_STEPS) steps and at the last
+    step, the same steps on every rank."""
+    return not distributed_run or step % min(cfg.log_every, STOP_POLL_STEPS) == 0 or step == cfg.max_steps
 
 
 def _checked(cfg, d, dataset=None, text_encoder=None):
