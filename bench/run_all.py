@@ -368,9 +368,9 @@ def section_gpu(device: str) -> str:
             "steps, the bf16 step of the SD 1.5-size UNet with its MFU, the LoRA step on a GPU) are not measured here.")
 
 
-# Run in this order (the document orders them by number); the demo runs are read last, so that a demo run started
-# with the bench has the most time to finish.
-SECTIONS = ("unet", "text2img", "data", "quality", "gpu", "lora", "finetune", "threads", "sdxl", "demo_precision")
+# Run in this order (the document orders them by number): steps vs quality, whose DDPM reference may still be
+# computing (or cached) by a separate bench_steps_quality.py run, and the demo runs come last.
+SECTIONS = ("unet", "text2img", "data", "gpu", "lora", "finetune", "threads", "sdxl", "quality", "demo_precision")
 
 
 def _parser() -> argparse.ArgumentParser:
