@@ -35,7 +35,8 @@ from latentforge.data import shapes  # noqa: E402
 from latentforge.errors import UserError  # noqa: E402
 from latentforge.evaluate import shapes_prompts  # noqa: E402
 from latentforge.metrics import adherence  # noqa: E402
-from latentforge.pipelines import Pipeline, to_pil  # noqa: E402
+from latentforge.data.images import to_pil  # noqa: E402
+from latentforge.pipelines import Pipeline  # noqa: E402
 
 SAMPLERS = ("ddim", "euler", "dpmpp-2m")
 NAMES = {"ddim": "DDIM", "euler": "Euler", "dpmpp-2m": "DPM++ 2M", "ddpm": "DDPM"}

@@ -130,7 +130,7 @@ def test_fid_wiring_on_fake_generator(tmp_path):
     assert diff["fid"] > 1.0
     # Identical sets of all 12 rows: every subset is a permutation, so the unbiased MMD² is exactly
     # 2·(mean off-diagonal k − mean k) over the reference features.
-    f = extractor(evaluate._to_tensor([Image.open(ref / f"{i:02d}.png") for i in range(12)])).double().numpy()
+    f = extractor(evaluate.inception_input([Image.open(ref / f"{i:02d}.png") for i in range(12)])).double().numpy()
     k = (f @ f.T / f.shape[1] + 1) ** 3
     expected = 2 * ((k.sum() - np.trace(k)) / (12 * 11) - k.sum() / 144)
     assert same["kid"] == pytest.approx(expected, rel=1e-9) and same["kid_std"] == pytest.approx(0, abs=1e-9)

@@ -211,11 +211,11 @@ def _shape_latents(vae, shape: str, n: int, seed: int) -> torch.Tensor:
     import random
 
     from latentforge.data import shapes
-    from latentforge.pipelines import to_tensor
+    from latentforge.data.images import to_tensor
 
     combos = [a for a in shapes.seen_combinations() if a["shape"] == shape]
     rng = random.Random(seed)
-    images = torch.cat([to_tensor(shapes.render(combos[i % len(combos)], 32, rng)) for i in range(n)])
+    images = to_tensor([shapes.render(combos[i % len(combos)], 32, rng) for i in range(n)])
     with torch.no_grad():
         latents = vae.encode(images)  # (n, 4, 8, 8)
     return latents / 0.05  # about unit variance (a random VAE's latents are small), as a calibrated VAE's are

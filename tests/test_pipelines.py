@@ -15,7 +15,8 @@ from latentforge.config import ScheduleConfig, UNetConfig, VAEConfig
 from latentforge.errors import UserError
 from latentforge.formats import save_model_folder
 from latentforge.models import AutoencoderKL, UNet
-from latentforge.pipelines import Pipeline, to_tensor
+from latentforge.data.images import to_tensor
+from latentforge.pipelines import Pipeline
 from latentforge.text import TextEncoder
 
 VOCAB = ["l", "o", "w", "e", "r", "s", "t", "i", "d", "n", "a", "c", "lo", "l</w>", "w</w>", "r</w>", "t</w>",
@@ -176,7 +177,7 @@ def test_img2img_starts_part_way_down(text_model):
     torch.nn.init.zeros_(p.unet.conv_out.bias)
     img = _image(seed=1)
     out = p.img2img(img, "lower", strength=0.5, steps=10, seed=4, sampler="euler", output="latent")
-    x0 = p.vae.encode(to_tensor(img))
+    x0 = p.vae.encode(to_tensor([img]))
     plan = samplers.plan(p.schedule.alphas_cumprod, "euler", 10, spacing="leading", steps_offset=1)
     noise = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(4))
     torch.testing.assert_close(out, x0 + plan.sigmas[5] * noise, atol=1e-5, rtol=1e-5)
@@ -188,7 +189,7 @@ def test_inpaint_keeps_unmasked_latents(pipe, sampler):
     mask = np.zeros((32, 32), dtype=np.uint8)
     mask[8:24, 4:20] = 255  # repaint this box
     out = pipe.inpaint(img, Image.fromarray(mask), "lower", steps=5, seed=1, sampler=sampler, output="latent")
-    x0 = pipe.vae.encode(to_tensor(img))
+    x0 = pipe.vae.encode(to_tensor([img]))
     keep = torch.ones(8, 8, dtype=torch.bool)
     keep[2:6, 1:5] = False  # the box on the 4x latent grid
     assert torch.equal(out[0][:, keep], x0[0][:, keep])
@@ -271,6 +272,6 @@ def test_img2img_and_inpaint_round_the_input_down_to_the_vae_grid(pipe):
     mask = Image.new("L", (38, 27), 0)
     out = pipe.inpaint(odd, mask, "lower", steps=3, seed=1, output="latent")  # nothing masked: the image itself
     with torch.no_grad():
-        x0 = pipe.vae.encode(to_tensor(odd.resize((36, 24), Image.Resampling.LANCZOS)))
+        x0 = pipe.vae.encode(to_tensor([odd.resize((36, 24), Image.Resampling.LANCZOS)]))
     assert out.shape == (1, 4, 6, 9) and torch.equal(out, x0)
     assert pipe.inpaint(odd, mask, "lower", steps=2, width=24, height=40)[0].size == (24, 40)

@@ -124,9 +124,9 @@ def test_inpaint_keeps_the_unmasked_latents(ours):
     mask = np.zeros((16, 24), dtype=np.uint8)
     mask[:, 12:] = 255  # repaint the right half
     out = ours.inpaint(image, Image.fromarray(mask), "lower", steps=3, sampler="euler", output="latent")
-    from latentforge.pipelines import to_tensor
+    from latentforge.data.images import to_tensor
 
-    x0 = ours.vae.encode(to_tensor(image))
+    x0 = ours.vae.encode(to_tensor([image]))
     torch.testing.assert_close(out[..., :6], x0[..., :6], atol=1e-6, rtol=0)
     assert (out[..., 6:] - x0[..., 6:]).abs().max() > 1e-2
 

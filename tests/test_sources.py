@@ -9,6 +9,7 @@ import tarfile
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from latentforge.data import sources
@@ -288,3 +289,23 @@ def test_tensor_round_trip():
     t = to_tensor(img)
     assert t.shape == (3, 8, 8) and t.min() >= -1 and t.max() <= 1
     assert np.array_equal(np.asarray(to_pil(t)), np.asarray(img))
+
+
+def test_pixel_convention_is_batch_aware_and_rounds_as_diffusers():
+    """One pair for every module: lists / uint8 tensors in, (B, 3, H, W) out; to_pil of a batch is a list,
+    each image rounded exactly as diffusers' VaeImageProcessor.numpy_to_pil (the pipeline's oracle)."""
+    from diffusers.image_processor import VaeImageProcessor
+
+    rng = np.random.default_rng(1)
+    imgs = [Image.fromarray(rng.integers(0, 256, (6, 10, 3), dtype=np.uint8)) for _ in range(3)]
+    batch = to_tensor(imgs)
+    assert batch.shape == (3, 3, 6, 10) and torch.equal(batch[1], to_tensor(imgs[1]))
+    u8 = torch.stack([torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1) for im in imgs])  # (3, 3, 6, 10)
+    assert torch.equal(to_tensor(u8), batch)
+    assert torch.equal(to_tensor(imgs[0].convert("L")), to_tensor(imgs[0].convert("L").convert("RGB")))
+    x = torch.randn(3, 3, 6, 10, generator=torch.Generator().manual_seed(2)) * 0.7  # decoder-like, past ±1 too
+    ours = to_pil(x)
+    ref = VaeImageProcessor.numpy_to_pil(VaeImageProcessor.pt_to_numpy((x / 2 + 0.5).clamp(0, 1)))
+    assert isinstance(ours, list) and len(ours) == 3
+    assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(ours, ref))
+    assert [np.asarray(im).tolist() for im in to_pil(batch)] == [np.asarray(im).tolist() for im in imgs]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Callable, Sequence
@@ -20,7 +21,8 @@ from tqdm import tqdm
 
 from . import io
 from .data import shapes
-from .data.images import IMAGE_EXTENSIONS
+from .data.images import BadImage, open_checked, to_rgb, to_tensor
+from .data.sources import REASONS, Item, scan, summary
 from .errors import UserError
 from .metrics import adherence, fid as fidlib
 from .metrics.adherence import Prompt
@@ -153,28 +155,32 @@ def _wrap(text: str, chars: int) -> list[str]:
 # ---- FID / KID ------------------------------------------------------------------------------
 
 
-def reference_items(reference_dir: str | os.PathLike) -> list[tuple[Path, str]]:
-    """(image path, caption) for every image under the folder; caption from a same-name .txt or ''."""
+def reference_items(reference_dir: str | os.PathLike) -> list[Item]:
+    """Every usable image under the folder, read as training data is (`data.sources.scan`: same-name .txt,
+    metadata.jsonl or webdataset captions; unusable files skipped with their reason on stderr); caption None = ''."""
     root = Path(reference_dir)
     if not root.is_dir():
         raise UserError(f"--reference: {root} is not a folder — give a folder of reference images")
-    items = []
-    for p in sorted(root.rglob("*")):
-        if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file():
-            txt = p.with_suffix(".txt")
-            items.append((p, txt.read_text(encoding="utf-8").strip() if txt.is_file() else ""))
+    items, skipped = scan(str(root), labels="none")
+    if skipped:
+        print(f"--reference {root}: " + summary(skipped), file=sys.stderr)
     if len(items) < 2:
-        raise UserError(f"--reference: {root} holds {len(items)} images — FID/KID need at least 2")
+        raise UserError(f"--reference: {root} holds {len(items)} usable images — FID/KID need at least 2")
     return items
 
 
-def _to_tensor(images: Sequence[Image.Image]) -> torch.Tensor:
+def reference_image(item: Item) -> Image.Image:
+    """A reference image as the data pipeline decodes it (EXIF orientation, alpha on white, RGB)."""
+    try:
+        return to_rgb(open_checked(item.read_bytes(), item.name))
+    except BadImage as e:  # scan reads headers only; the pixels may still be broken
+        raise UserError(f"--reference {item.id}: {REASONS[e.reason]} ({e.detail}) — replace or remove it") from None
+
+
+def inception_input(images: Sequence[Image.Image]) -> torch.Tensor:
     """PIL images of any sizes -> (B, 3, 299, 299) in [-1, 1], resized as pytorch-fid does (torch bilinear)."""
-    out = []
-    for im in images:
-        x = torch.from_numpy(np.asarray(im.convert("RGB")).copy()).permute(2, 0, 1)[None].float()  # (1, 3, H, W)
-        x = torch.nn.functional.interpolate(x / 127.5 - 1, size=(299, 299), mode="bilinear", align_corners=False)
-        out.append(x)
+    out = [torch.nn.functional.interpolate(to_tensor(im)[None], size=(299, 299), mode="bilinear", align_corners=False)
+           for im in images]  # (1, 3, 299, 299) each
     return torch.cat(out)  # (B, 3, 299, 299)
 
 
@@ -182,7 +188,7 @@ def inception_features(extractor, images: Sequence[Image.Image], batch_size: int
     """pool3 features (N, 2048) of PIL images."""
     feats = []
     for i in tqdm(range(0, len(images), batch_size), desc=desc, unit="batch"):
-        feats.append(extractor(_to_tensor(images[i : i + batch_size])).double().numpy())
+        feats.append(extractor(inception_input(images[i : i + batch_size])).double().numpy())
     return np.concatenate(feats)
 
 
@@ -190,8 +196,8 @@ def evaluate_fid(generate: Generate, reference_dir, extractor, n: int | None = N
                  batch_size: int = 16, kid_subsets: int = 100, kid_subset_size: int = 1000) -> dict:
     """Generate one image per reference caption (the first n), compare Inception features."""
     items = reference_items(reference_dir)[: n or None]
-    references = [Image.open(p) for p, _ in items]
-    captions = [c for _, c in items]
+    references = [reference_image(it) for it in items]
+    captions = [it.caption or "" for it in items]
     generated = []
     for i in tqdm(range(0, len(captions), batch_size), desc="generate", unit="batch"):
         chunk = captions[i : i + batch_size]

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from . import samplers
+from .data.images import open_image, to_pil, to_tensor
 from .errors import UserError
 from .guidance import classifier_free_guidance
 from .png import format_parameters
@@ -76,8 +77,6 @@ def _open(image: ImageLike, flag: str) -> Image.Image:
     path = Path(image)
     if not path.is_file():
         raise UserError(f"{flag} {path}: no such file — pass an existing image")
-    from .data.images import open_image
-
     try:
         with open_image(path, f"{flag} {path}") as im:
             im.load()
@@ -87,18 +86,6 @@ def _open(image: ImageLike, flag: str) -> Image.Image:
                         "resize it to the size you want to generate") from None
     except (OSError, ValueError) as e:
         raise UserError(f"{flag} {path}: not a readable image ({e}) — pass a PNG or JPEG") from None
-
-
-def to_tensor(image: Image.Image) -> torch.Tensor:
-    """PIL RGB -> (1, 3, H, W) float32 in [-1, 1]."""
-    a = np.asarray(image.convert("RGB"), dtype=np.float32) / 127.5 - 1.0  # (H, W, 3)
-    return torch.from_numpy(a).permute(2, 0, 1)[None]
-
-
-def to_pil(images: torch.Tensor) -> List[Image.Image]:
-    """(B, 3, H, W) in [-1, 1] -> PIL RGB, rounded like diffusers' `numpy_to_pil`."""
-    a = (images / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).float().cpu().numpy()  # (B, H, W, 3)
-    return [Image.fromarray(x) for x in (a * 255).round().astype(np.uint8)]
 
 
 class Pipeline:
@@ -307,7 +294,7 @@ class Pipeline:
         noise = self._noise(r.latents, gens, (r.n, C, H // f, W // f))  # (n, C, h, w)
         x0 = None
         if init is not None:
-            x0 = self.vae.encode(to_tensor(init).to(self.device)).expand(r.n, -1, -1, -1)  # (n, C, h, w)
+            x0 = self.vae.encode(to_tensor([init]).to(self.device)).expand(r.n, -1, -1, -1)  # (n, C, h, w)
         if first:  # below full strength: x0 noised part-way down (full: pure noise, diffusers' `is_strength_max`)
             plan = plan.start_at(first)
         x = plan.start(noise, x0 if first else None)

@@ -11,7 +11,7 @@ import os
 import random
 import sys
 import warnings
-from typing import BinaryIO, Union
+from typing import BinaryIO, List, Sequence, Union
 
 import numpy as np
 import torch
@@ -157,13 +157,22 @@ def load_image(src: Source, size: int, name: str = "", random_crop: bool = False
     return resize_crop(to_rgb(img), size, random_crop, flip, rng)
 
 
-def to_tensor(img: Image.Image) -> torch.Tensor:
-    """RGB PIL -> (3, H, W) float32 in [-1, 1]."""
-    x = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy())  # (H, W, 3)
+def to_tensor(images: Union[Image.Image, Sequence[Image.Image], torch.Tensor]) -> torch.Tensor:
+    """Pixels -> float32 in [-1, 1], the one pixel convention: a PIL image -> (3, H, W); a sequence of
+    same-size PIL images -> (B, 3, H, W); a uint8 tensor (..., 3, H, W) -> the same shape. Not-RGB images
+    are converted with PIL's `convert("RGB")` (data files go through `to_rgb` first)."""
+    if isinstance(images, torch.Tensor):
+        return images.float().div(127.5).sub(1.0)
+    if not isinstance(images, Image.Image):
+        return torch.stack([to_tensor(im) for im in images])  # (B, 3, H, W)
+    rgb = images if images.mode == "RGB" else images.convert("RGB")
+    x = torch.from_numpy(np.asarray(rgb, dtype=np.uint8).copy())  # (H, W, 3)
     return x.permute(2, 0, 1).float().div(127.5).sub(1.0)  # (3, H, W)
 
 
-def to_pil(x: torch.Tensor) -> Image.Image:
-    """(3, H, W) in [-1, 1] -> RGB PIL."""
-    x = ((x.detach().float().clamp(-1, 1) + 1) * 127.5).round().byte()  # (3, H, W)
-    return Image.fromarray(x.permute(1, 2, 0).cpu().numpy(), "RGB")
+def to_pil(x: torch.Tensor) -> Union[Image.Image, List[Image.Image]]:
+    """[-1, 1] -> RGB PIL, rounded as diffusers' `numpy_to_pil`: (3, H, W) -> an image, (B, 3, H, W) -> a list."""
+    if x.ndim == 4:
+        return [to_pil(one) for one in x]
+    a = ((x.detach().float() / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8)  # (3, H, W)
+    return Image.fromarray(a.permute(1, 2, 0).cpu().numpy(), "RGB")

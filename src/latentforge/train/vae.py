@@ -24,6 +24,7 @@ from tqdm import tqdm
 
 from .. import io
 from ..config_loading import config_hash, math_dict, to_toml
+from ..data.images import BadImage, load_image, to_pil, to_tensor
 from ..errors import UserError
 from ..models import AutoencoderKL
 from . import checkpoint, distributed, resume as runs
@@ -53,7 +54,6 @@ class PatchDiscriminator(nn.Module):
 
 def load_images(data_dir, size: int, progress: bool = True) -> tuple[torch.Tensor, list[str]]:
     """Every usable image under data_dir as uint8 (N, 3, size, size), and their ids; bad files skipped."""
-    from ..data.images import BadImage, load_image
     from ..data.sources import scan, summary
 
     items, skipped = scan(str(data_dir), labels="none")
@@ -73,16 +73,12 @@ def load_images(data_dir, size: int, progress: bool = True) -> tuple[torch.Tenso
     return torch.stack(images), ids
 
 
-def to_float(x: torch.Tensor) -> torch.Tensor:
-    return x.float().div(127.5).sub(1.0)  # uint8 -> [-1, 1]
-
-
 def psnr(vae, images: torch.Tensor, batch: int = 16) -> float:
     """Mean PSNR (dB, images in [0, 1]) of decode(encode(x)) with the posterior mode."""
     vals = []
     with torch.no_grad():
         for i in range(0, len(images), batch):
-            x = to_float(images[i:i + batch]).to(vae.device)
+            x = to_tensor(images[i:i + batch]).to(vae.device)
             rec = vae.decode_raw(vae.encode_posterior(x).mode()).clamp(-1, 1)
             mse = ((rec - x) / 2).square().mean(dim=(1, 2, 3)).clamp_min(1e-10)  # (B,) on [0, 1]
             vals += (10 * torch.log10(1 / mse)).tolist()
@@ -185,7 +181,7 @@ def _vae_step(cfg, state: TrainState, disc: _Disc | None, data: _Images, device)
     loss parts as floats."""
     step, B = state.step, cfg.batch_size
     idx = [data.stream.index(p) for p in data.stream.positions(step, 0, 1, B, 0, 1)]
-    x = to_float(data.train[idx]).to(device)  # (B, 3, H, W)
+    x = to_tensor(data.train[idx]).to(device)  # (B, 3, H, W)
     gen = torch.Generator(device).manual_seed(mix(cfg.seed, "posterior", step))
     adv = disc is not None and step >= cfg.disc_start
     loss, parts, rec = vae_loss(state.part.module, x, cfg, disc.module if disc else None, adv, gen)
@@ -212,7 +208,7 @@ def _save(run: Path, cfg, d, state: TrainState, disc: _Disc | None, psnr_before:
 
 def _finish(run: Path, cfg, vae, data: _Images, psnr_before: float, step: int) -> None:
     """Calibrate the latent scale, write vae/, report.md and psnr.json."""
-    scale = vae.calibrate_latent_scale(to_float(data.train[:256]))  # unit-variance latents for the UNet
+    scale = vae.calibrate_latent_scale(to_tensor(data.train[:256]))  # unit-variance latents for the UNet
     vae.eval().save_pretrained(str(run / "vae"))
     after = psnr(vae, data.held) if len(data.held) else float("nan")
     size, f = cfg.image_size, 2 ** (len(cfg.vae.channels) - 1)
@@ -229,11 +225,8 @@ def _finish(run: Path, cfg, vae, data: _Images, psnr_before: float, step: int) -
 @torch.no_grad()
 def _recon_grid(vae, images, path: Path) -> None:
     """Top row: held-out originals; bottom row: their reconstructions."""
-    from PIL import Image
-
-    x = to_float(images).to(vae.device)
+    x = to_tensor(images).to(vae.device)
     rec = vae.decode_raw(vae.encode_posterior(x).mode()).clamp(-1, 1)
     grid = torch.cat([torch.cat(list(x), dim=2), torch.cat(list(rec), dim=2)], dim=1)  # (3, 2H, n·W)
-    arr = ((grid + 1) * 127.5).round().clamp(0, 255).byte().permute(1, 2, 0).cpu().numpy()
     path.parent.mkdir(parents=True, exist_ok=True)
-    io.save_image(Image.fromarray(arr), path)
+    io.save_image(to_pil(grid), path)
