@@ -136,6 +136,24 @@ def test_fid_wiring_on_fake_generator(tmp_path):
     assert same["kid"] == pytest.approx(expected, rel=1e-9) and same["kid_std"] == pytest.approx(0, abs=1e-9)
 
 
+def test_reference_folder_is_read_like_training_data(tmp_path, capsys):
+    """data.sources.scan reads --reference: every extension it knows (.tif too), captions as in training data,
+    unusable files skipped and counted on stderr; images decoded as the cache decodes them (RGBA on white)."""
+    ref = tmp_path / "ref"
+    (ref / "sub").mkdir(parents=True)
+    img = shapes.render(shapes.all_combinations()[0], 32)
+    img.save(ref / "a.png")
+    (ref / "a.txt").write_text("a caption")
+    img.putalpha(255)
+    img.save(ref / "sub" / "b.tif")
+    (ref / "empty.png").write_bytes(b"")
+    items = evaluate.reference_items(ref)
+    assert [(it.id, it.caption or "") for it in items] == [("a.png", "a caption"), ("sub/b.tif", "")]
+    assert "skipped 1 file(s): 1 zero_bytes" in capsys.readouterr().err
+    got = evaluate.reference_image(items[1])
+    assert got.mode == "RGB" and np.array_equal(np.asarray(got), np.asarray(img.convert("RGB")))
+
+
 def test_eval_cli_user_errors(tmp_path, monkeypatch, capsys):
     monkeypatch.delenv(inception.ENV_VAR, raising=False)
     ref = tmp_path / "ref"
