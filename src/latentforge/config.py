@@ -17,6 +17,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Optional, Tuple, Union
 
+from .errors import UserError
+
 IntOrTuple = Union[int, Tuple[int, ...]]
 
 # ------------------------------------------------------------------ the choices of each string setting, once
@@ -88,6 +90,39 @@ class UNetConfig:
     # Training only (not part of the architecture): parameter-name patterns (fnmatch) that are not
     # trained, applied in order; "!pattern" trains again. ["*", "!*attn*"] = train only attention.
     freeze: Tuple[str, ...] = ()
+
+    def level_heads(self) -> Tuple[int, ...]:
+        """Attention heads per level: from `head_dim` (channels per head, wins if set) or `num_heads`.
+
+        Checked where attention is used (the levels with `attention`, and the last level for the mid block).
+        """
+        n, ch = len(self.channels), self.channels
+        used = list(self.attention[:-1]) + [self.attention[-1] or self.mid_attention]
+        if self.head_dim is not None:
+            dims = _per_level(self.head_dim, n, "head_dim")
+            bad = [(c, f"head_dim {d}") for c, d, u in zip(ch, dims, used) if u and (d < 1 or c % d)]
+            heads = tuple(max(c // d, 1) for c, d in zip(ch, dims))
+        else:
+            heads = _per_level(self.num_heads, n, "num_heads")
+            bad = [(c, f"{h} heads") for c, h, u in zip(ch, heads, used) if u and (h < 1 or c % h)]
+        if bad:
+            raise ValueError(f"UNetConfig: {bad[0][0]} channels do not split into {bad[0][1]}")
+        return heads
+
+    def level_depths(self) -> Tuple[int, ...]:
+        """Transformer blocks per attention, per level (SDXL: 1, 2, 10); the mid block uses the last level's."""
+        depths = _per_level(self.transformer_layers, len(self.channels), "transformer_layers")
+        if any(d < 1 for d in depths):
+            raise ValueError(f"UNetConfig.transformer_layers: {list(depths)} — every level needs at least 1")
+        return depths
+
+
+def _per_level(value, n: int, name: str) -> Tuple[int, ...]:
+    """An int (the same on every level) or one entry per level."""
+    values = tuple(value) if isinstance(value, (tuple, list)) else (value,) * n
+    if len(values) != n:
+        raise ValueError(f"UNetConfig.{name}: {len(values)} entries for {n} levels")
+    return values
 
 
 @dataclass(frozen=True)
@@ -182,8 +217,6 @@ PRESETS = {
 
 
 def preset(name: str) -> ModelPreset:
-    from .errors import UserError
-
     if name not in PRESETS:
         raise UserError(f"unknown preset {name!r}: choose one of {', '.join(PRESETS)}")
     return PRESETS[name]

@@ -25,12 +25,18 @@ import torch.nn.functional as F
 from PIL import Image
 
 from . import samplers
+from .adapters import remove
 from .data.images import open_image, to_pil, to_tensor
 from .errors import UserError
+from .formats import lora
+from .formats.diffusers import load_model_folder
+from .formats.single_file import is_single_file, load_single_file
 from .guidance import classifier_free_guidance
+from .models.unet import time_ids
 from .png import format_parameters
-from .scheduler_config import SchedulerDefaults, warn_unhonoured
 from .schedule import NoiseSchedule
+from .scheduler_config import SchedulerDefaults, warn_unhonoured
+from .text import TextEncoder
 
 ImageLike = Union[str, Path, Image.Image]
 Size = Tuple[int, int]
@@ -122,9 +128,6 @@ class Pipeline:
                         prediction_type: Optional[str] = None, **kwargs) -> "Pipeline":
         """A model folder (diffusers layout) or an SD 1.x/2.x single file (.safetensors / legacy .ckpt); for a
         single file, `tokenizer` is a CLIP tokenizer folder and `prediction_type` overrides the inferred one."""
-        from .formats.diffusers import load_model_folder
-        from .formats.single_file import is_single_file, load_single_file
-
         folder = Path(model_dir)
         if is_single_file(folder):
             sf = load_single_file(folder, tokenizer=tokenizer, prediction_type=prediction_type)
@@ -134,8 +137,6 @@ class Pipeline:
         parts = load_model_folder(folder)
         text = None
         if parts["text_encoder_dir"] is not None:
-            from .text import TextEncoder
-
             text = TextEncoder.from_pretrained(str(folder))
         pipe = cls(parts["unet"], parts["vae"], NoiseSchedule.from_config(parts["schedule_config"]), text,
                    parts["scheduler"],
@@ -154,15 +155,11 @@ class Pipeline:
         """Apply an adapter file (diffusers' `pytorch_lora_weights.safetensors`, or kohya/A1111 LoRA, LoCon,
         LoHa, LoKr, DoRA) at strength `scale`. The base weights are not modified; call again to stack
         another file; `without_lora()` takes them all off."""
-        from .formats import lora
-
         lora.apply(lora.read(file), self._adaptable(), scale)
         self.loras.append(f"{Path(file).stem}:{float(scale):g}")  # recorded in the PNG parameters
         return self
 
     def without_lora(self) -> "Pipeline":
-        from .adapters import remove
-
         for model in self._adaptable().values():
             remove(model)
         self.loras = []
@@ -370,8 +367,6 @@ class Pipeline:
     def _micro_conditioning(self, cond: dict, uncond: dict, size: Tuple[int, int], n: int, micro: "_Micro") -> None:
         """SDXL's size/crop conditioning, as diffusers' StableDiffusionXLPipeline: sizes (height, width) default
         to the output's, the crop to (0, 0); the negative branch reuses them unless both negative sizes are given."""
-        from .models.unet import time_ids
-
         m = micro
         if self.unet.config.addition_input_dim is None:
             if m.original_size or m.target_size or m.negative_original_size or m.negative_target_size or \

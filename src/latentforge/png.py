@@ -15,6 +15,8 @@ from typing import Dict, Optional
 
 from PIL import Image, PngImagePlugin
 
+from .io import save_image
+
 
 def format_parameters(prompt: str, negative_prompt: Optional[str], settings: Dict[str, object]) -> str:
     """The A1111 text: prompt, optional 'Negative prompt:' line, then 'Key: value, ...' settings."""
@@ -46,8 +48,6 @@ def parse_parameters(text: str) -> Dict[str, str]:
 
 def save_png(image: Image.Image, path, parameters: str) -> Path:
     """Write `image` as PNG with its `parameters` chunk, atomically (a kill never leaves a truncated PNG)."""
-    from .io import save_image
-
     info = PngImagePlugin.PngInfo()
     info.add_text("parameters", parameters)
     return save_image(image, Path(path), format="PNG", pnginfo=info)

@@ -44,6 +44,7 @@ from .. import io
 from ..errors import UserError
 from ..locks import LOCK_NAME, folder_lock
 from ..models.unet import time_ids
+from ..text import TextEncoder
 from . import sources
 from . import buckets as bk
 from .images import MAX_PIXELS, MIN_SIZE, BadImage, load_image, open_checked, oriented_size, to_rgb, to_tensor
@@ -184,8 +185,6 @@ def _build_cache(data_dir, vae, text_encoder, out, size, batch_size, flip, shard
 
     captioned = any(it.caption is not None for it in items)
     if captioned and isinstance(text_encoder, (str, os.PathLike)):
-        from ..text import TextEncoder
-
         text_encoder = TextEncoder.from_pretrained(text_encoder, max_length=text_max_length, device=vae.device)
     text_encoder = text_encoder if captioned else None
     settings = {"size": size, "flip": flip, "preprocess": BUCKET_PREPROCESS if buckets else PREPROCESS,
@@ -465,7 +464,6 @@ def open_cache(cache_dir: str, vae, text_encoder_name: str, device):
     vae.to(device)
     if dataset.conditioning != "text":
         return dataset, None
-    from ..text import TextEncoder
 
     text_encoder = TextEncoder.from_pretrained(text_encoder_name, max_length=settings.get("max_length"), device=device)
     if settings.get("text_encoder") and text_encoder.fingerprint() != settings["text_encoder"]:

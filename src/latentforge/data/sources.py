@@ -23,6 +23,7 @@ from collections import Counter
 from dataclasses import asdict, dataclass, replace
 from typing import Dict, List, Optional, Tuple
 
+from .. import io
 from ..errors import UserError
 from .images import IMAGE_EXTENSIONS, MAX_PIXELS, MIN_SIZE, BadImage, load_image, open_checked, to_rgb
 
@@ -349,6 +350,4 @@ def summary(skipped: List[Skip]) -> str:
 
 def write_skipped(path: str, skipped: List[Skip]) -> None:
     """One JSON object per line: {"path": ..., "reason": ..., "detail": ...}."""
-    from .. import io
-
     io.write_text(path, "".join(s.to_json() + "\n" for s in skipped))

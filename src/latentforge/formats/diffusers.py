@@ -27,7 +27,10 @@ import torch
 
 from ..config import BETA_SCHEDULES, PREDICTION_TYPES, ScheduleConfig, UNetConfig, VAEConfig
 from ..errors import UserError
+from ..io import atomic_path, write_json
+from ..models import AutoencoderKL, UNet
 from ..scheduler_config import SchedulerDefaults
+from .identify import describe
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
@@ -71,8 +74,6 @@ def _read_json(path: Path) -> Dict[str, Any]:
 
 
 def _write_json(path: Path, data: Dict[str, Any]) -> None:
-    from ..io import write_json
-
     write_json(path, data, indent=2, sort_keys=True)
 
 
@@ -93,8 +94,6 @@ def _uniform(path: Path, d: Dict[str, Any], key: str, default):
 
 def _component_dir(folder, sub: str) -> Path:
     """`folder` itself if it holds config.json, else `folder/sub`, else a UserError naming the folder."""
-    from .identify import describe
-
     folder = Path(folder)
     if not folder.is_dir():
         what = "no such folder" if not folder.exists() else describe(folder)
@@ -120,12 +119,10 @@ def _check_class(path: Path, d: Dict[str, Any], expected: str) -> None:
 
 def unet_to_diffusers(cfg: UNetConfig) -> Dict[str, Any]:
     """Our UNetConfig -> diffusers UNet2DConditionModel config.json contents."""
-    from ..models.unet import level_depths, level_heads
-
     cross = cfg.cross_attention_dim is not None
-    depths = level_depths(cfg)
+    depths = cfg.level_depths()
     kinds = [("cross" if cross else "self") if a else None for a in cfg.attention]
-    heads = level_heads(cfg)
+    heads = cfg.level_heads()
     # diffusers' `attention_head_dim` is the number of heads for transformer (CrossAttn) blocks, a
     # historical misnomer, but the channels per head for the self-attention-only Attn blocks.
     per_level = [h if cross else c // h for c, h in zip(cfg.channels, heads)]
@@ -439,8 +436,6 @@ def load_weights(model: torch.nn.Module, path: Path, dtype: torch.dtype = torch.
 def save_weights(model: torch.nn.Module, path: Path) -> None:
     from safetensors.torch import save_file
 
-    from ..io import atomic_path
-
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     with atomic_path(path) as tmp:
         save_file(state, str(tmp), metadata={"format": "pt"})
@@ -457,22 +452,10 @@ def _build(cls, cfg, config_path: Path):
         raise UserError(f"{config_path}: {e}") from None
 
 
-def load_unet(folder):
-    """`UNet` from a diffusers `unet/` folder or a model root holding one."""
-    from ..models.unet import UNet
-
-    return _load_component(folder, "unet", unet_from_diffusers, UNet)
-
-
-def load_vae(folder):
-    """`AutoencoderKL` from a diffusers `vae/` folder or a model root holding one."""
-    from ..models.vae import AutoencoderKL
-
-    return _load_component(folder, "vae", vae_from_diffusers, AutoencoderKL)
-
-
-def _load_component(folder, name: str, from_diffusers, cls):
-    """Our model of class `cls` from `folder` (or `folder/name`): config.json translated, weights checked."""
+def load_component(name: str, folder):
+    """Our model for component `name` ("unet", "vae") from `folder` (or `folder/name`): config.json translated,
+    weights checked (`UNet.from_pretrained` / `AutoencoderKL.from_pretrained`)."""
+    cls, from_diffusers, _ = _COMPONENTS[name]
     folder = _component_dir(folder, name)
     cfg = from_diffusers(_read_json(folder / CONFIG_NAME), folder / CONFIG_NAME)
     model = _build(cls, cfg, folder / CONFIG_NAME)
@@ -487,12 +470,13 @@ def _save_component(model, config: Dict[str, Any], folder) -> None:
     save_weights(model, folder / WEIGHTS_NAME)
 
 
-def save_unet(unet, folder) -> None:
-    _save_component(unet, unet_to_diffusers(unet.config), folder)
+def save_component(model, folder) -> None:
+    """A UNet or VAE as its diffusers component folder (`save_pretrained`)."""
+    _save_component(model, _COMPONENTS[model.component][2](model.config), folder)
 
-
-def save_vae(vae, folder) -> None:
-    _save_component(vae, vae_to_diffusers(vae.config), folder)
+# component -> (our class, its config from diffusers' config.json, and back)
+_COMPONENTS = {"unet": (UNet, unet_from_diffusers, unet_to_diffusers),
+               "vae": (AutoencoderKL, vae_from_diffusers, vae_to_diffusers)}
 
 
 def save_schedule(cfg: ScheduleConfig, folder) -> None:
@@ -536,8 +520,8 @@ def save_model_folder(folder, unet, vae, schedule_config: ScheduleConfig, text_e
     """Write a whole model in the diffusers layout (see the module docstring). Returns the folder."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    save_unet(unet, folder / "unet")
-    save_vae(vae, folder / "vae")
+    save_component(unet, folder / "unet")
+    save_component(vae, folder / "vae")
     save_schedule(schedule_config, folder / "scheduler")
     text = {"text_encoder": [None, None], "tokenizer": [None, None]}
     if text_encoder is not None:
@@ -622,8 +606,8 @@ def load_model_folder(folder) -> Dict[str, Any]:
     check_components(folder, index)
     text_dir = folder / "text_encoder"
     return {
-        "unet": load_unet(folder / "unet"),
-        "vae": load_vae(folder / "vae"),
+        "unet": load_component("unet", folder / "unet"),
+        "vae": load_component("vae", folder / "vae"),
         "schedule_config": load_schedule(folder / "scheduler" / SCHEDULER_CONFIG_NAME),
         "scheduler": load_scheduler_defaults(folder),
         "text_encoder_dir": text_dir if text_dir.is_dir() else None,

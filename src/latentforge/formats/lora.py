@@ -25,9 +25,10 @@ from typing import Dict, List, Optional, Tuple
 import torch
 from torch import nn
 
-from ..adapters.inject import adapters, attach
+from ..adapters.inject import adapters, attach, merge, remove
 from ..adapters.layers import KINDS, Adapter, LoKr, LoRA, plain_layer
 from ..errors import UserError
+from ..io import atomic_path
 
 DIFFUSERS_NAME = "pytorch_lora_weights.safetensors"
 # component -> (diffusers prefix, kohya prefix); SDXL kohya files name the two text encoders lora_te1_/lora_te2_
@@ -114,8 +115,6 @@ def _write(path: Path, tensors: Dict[str, torch.Tensor], metadata: Optional[Dict
 
     if not tensors:
         raise UserError(f"{path}: the model carries no adapter to save — inject or load one first")
-    from ..io import atomic_path
-
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata={"format": "pt", **{k: str(v) for k, v in (metadata or {}).items()}})
@@ -274,9 +273,7 @@ def merge_model_folder(model_dir, loras: List[Tuple[Path, float]], out) -> Path:
     """Copy the model folder to `out` with every (file, scale) folded into the UNet (and text encoder)."""
     import shutil
 
-    from ..adapters.inject import merge, remove
-    from ..pipelines import Pipeline
-    from .diffusers import save_unet
+    from ..pipelines import Pipeline  # late: pipelines imports this module (Pipeline.with_lora)
 
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
@@ -292,7 +289,7 @@ def merge_model_folder(model_dir, loras: List[Tuple[Path, float]], out) -> Path:
         merge(model)
         remove(model)
         if touched and comp == "unet":
-            save_unet(model, tmp / "unet")
+            model.save_pretrained(tmp / "unet")
         elif touched:
             model.save_pretrained(str(tmp / "text_encoder"), safe_serialization=True)
     if out.exists():

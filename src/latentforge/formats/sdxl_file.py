@@ -20,6 +20,7 @@ from typing import Any, Dict, List, Optional
 
 from ..config import UNetConfig, replace
 from ..errors import UserError
+from ..text import DualTextEncoder
 from . import ldm_keys as K
 from . import single_file as sf
 
@@ -108,8 +109,6 @@ def load_sdxl(path: Path, state: Dict[str, Any], family, tokenizer, prediction_t
 
 def dual_text_encoder(single, max_length: Optional[int] = None):
     """A SingleFile's two text models + tokenizers as a text.DualTextEncoder."""
-    from ..text import DualTextEncoder
-
     if single.tokenizer is None or single.tokenizer_2 is None:
         raise UserError(f"{single.path}: a single file holds no tokenizers — pass --tokenizer DIR (tokenizer=DIR): an "
                         "SDXL model root with tokenizer/ and tokenizer_2/")
@@ -121,10 +120,8 @@ def dual_text_encoder(single, max_length: Optional[int] = None):
 
 
 def _check_exportable(unet, vae, text, where: str) -> None:
-    from ..models.unet import level_heads
-
     c = unet.config
-    heads = [h for h, a in zip(level_heads(c), c.attention) if a]
+    heads = [h for h, a in zip(c.level_heads(), c.attention) if a]
     want = [ch // 64 for ch, a in zip(c.channels, c.attention) if a]
     problems = [
         (c.addition_input_dim is None, "the UNet is not micro-conditioned (not SDXL) but there are two text encoders"),

@@ -30,10 +30,18 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 
-from ..config import ScheduleConfig, UNetConfig, VAEConfig
+from ..config import ScheduleConfig, UNetConfig, VAEConfig, replace
 from ..errors import UserError
+from ..io import atomic_path
+from ..models import AutoencoderKL, UNet
+from ..schedule import PREDICTION_TYPES, NoiseSchedule
 from ..scheduler_config import SchedulerDefaults
+from ..text import TextEncoder, check_tokenizer
 from . import ldm_keys as K
+from .diffusers import schedule_to_diffusers
+
+# sdxl_file builds on this module (it imports it at load time), so this module imports sdxl_file inside the
+# functions that hand over to it.
 
 SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth")
 SD_SCHEDULE = ScheduleConfig(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085,
@@ -349,8 +357,6 @@ def _build(cls, cfg, path):
 
 
 def _unet_from(state, family: Family, v_prediction: bool, path, pooled_dim: Optional[int] = None):
-    from ..models.unet import UNet
-
     cfg = infer_unet_config(_sub(state, K.UNET_PREFIX), family.name, v_prediction, path, pooled_dim)
     rules = K.unet_rules(len(cfg.channels), cfg.layers_per_level, cfg.attention)
     model = _build(UNet, cfg, path)
@@ -359,8 +365,6 @@ def _unet_from(state, family: Family, v_prediction: bool, path, pooled_dim: Opti
 
 
 def _vae_from(state, path, scaling_factor: float = 0.18215):
-    from ..models.vae import AutoencoderKL
-
     cfg = infer_vae_config(_sub(state, K.VAE_PREFIX), path, scaling_factor)
     rules = K.vae_rules(len(cfg.channels))
     model = _build(AutoencoderKL, cfg, path)
@@ -410,9 +414,6 @@ def _text_state(model) -> Dict[str, Any]:
 
 def infer_schedule(state: Dict[str, Any], family: Family, prediction_type: Optional[str], path) -> ScheduleConfig:
     """SD's training schedule; prediction type and zero terminal SNR as the module docstring says."""
-    from ..config import replace
-    from ..schedule import PREDICTION_TYPES, NoiseSchedule
-
     zsnr = ZTSNR_KEY in state
     ac = state.get("alphas_cumprod")
     if ac is not None:
@@ -455,15 +456,11 @@ class SingleFile:
     def scheduler(self) -> SchedulerDefaults:
         """The sampling defaults diffusers' `from_single_file` gives the file's schedule: its final step goes to
         ᾱ_0, not to 1 (`set_alpha_to_one=False`)."""
-        from .diffusers import schedule_to_diffusers
-
         return SchedulerDefaults.from_config(dict(schedule_to_diffusers(self.schedule_config), set_alpha_to_one=False))
 
     def text_encoder(self, max_length: Optional[int] = None):
         """The text model + tokenizer as a `text.TextEncoder` (SDXL: a `text.DualTextEncoder`; a UserError if no
         tokenizer was given)."""
-        from ..text import TextEncoder
-
         if self.text_model_2 is not None:
             from .sdxl_file import dual_text_encoder
 
@@ -485,8 +482,6 @@ def load_tokenizer(tokenizer):
         folder = folder / "tokenizer"
     if not folder.is_dir():
         raise UserError(f"--tokenizer {tokenizer}: no such folder — pass a CLIP tokenizer folder")
-    from ..text import check_tokenizer
-
     try:
         loaded = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
     except Exception as e:  # transformers raises many kinds; all mean "not a tokenizer folder"
@@ -555,8 +550,6 @@ def _text_layout(text_model, where: str) -> Tuple[str, Any]:
 
 def _check_exportable(unet, vae, layout: str, where: str) -> None:
     """The single-file layout carries no architecture: refuse what other tools would read differently."""
-    from ..models.unet import level_heads
-
     c = unet.config
     want = tuple(ch // 64 for ch in c.channels) if layout == "openclip" else (8,) * len(c.channels)
     problems = [
@@ -565,7 +558,7 @@ def _check_exportable(unet, vae, layout: str, where: str) -> None:
         (c.num_class_embeds is not None, "the UNet is class-conditional"),
         (c.addition_input_dim is not None, "the UNet is micro-conditioned (SDXL) but there is one text encoder"),
         (c.norm_groups != 32 or vae.config.norm_groups != 32, "GroupNorm groups are not 32"),
-        (tuple(level_heads(c)) != want and any(c.attention), f"the UNet's heads per level {level_heads(c)} are not the "
+        (tuple(c.level_heads()) != want and any(c.attention), f"the UNet's heads per level {c.level_heads()} are not the "
          f"{'64-channel heads of SD 2.x' if layout == 'openclip' else '8 heads of SD 1.x'} that SD tools assume"),
         (vae.config.shift_factor is not None, "the VAE has a shift_factor (not an SD 1.x/2.x VAE)"),
     ]
@@ -619,8 +612,6 @@ def save_single_file(path, unet, vae, text_model, schedule_config: ScheduleConfi
                         "SD tools would sample it wrongly; keep the diffusers folder")
     path = Path(path)
     state = single_file_state(unet, vae, text_model, schedule_config, dtype, where=str(path))
-    from ..io import atomic_path
-
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp:
         save_file(state, str(tmp), metadata={"format": "pt"})
@@ -628,6 +619,4 @@ def save_single_file(path, unet, vae, text_model, schedule_config: ScheduleConfi
 
 
 def _sd_compatible(cfg: ScheduleConfig) -> ScheduleConfig:
-    from ..config import replace
-
     return replace(SD_SCHEDULE, prediction_type=cfg.prediction_type, rescale_betas_zero_snr=cfg.rescale_betas_zero_snr)

@@ -19,44 +19,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import UNetConfig
+from .pretrained import PretrainedModule
 from .layers import (
     Downsample, MidBlock, ResnetBlock, SpatialSelfAttention, SpatialTransformer, TimestepEmbedding, Upsample,
     run, timestep_embedding,
 )
-
-
-def _per_level(value, n: int, name: str) -> Tuple[int, ...]:
-    values = tuple(value) if isinstance(value, (tuple, list)) else (value,) * n
-    if len(values) != n:
-        raise ValueError(f"UNetConfig.{name}: {len(values)} entries for {n} levels")
-    return values
-
-
-def level_heads(config: UNetConfig) -> Tuple[int, ...]:
-    """Attention heads per level: from `head_dim` (channels per head, wins if set) or `num_heads`.
-
-    Checked where attention is used (the levels with `attention`, and the last level for the mid block).
-    """
-    n, ch = len(config.channels), config.channels
-    used = list(config.attention[:-1]) + [config.attention[-1] or config.mid_attention]
-    if config.head_dim is not None:
-        dims = _per_level(config.head_dim, n, "head_dim")
-        bad = [(c, f"head_dim {d}") for c, d, u in zip(ch, dims, used) if u and (d < 1 or c % d)]
-        heads = tuple(max(c // d, 1) for c, d in zip(ch, dims))
-    else:
-        heads = _per_level(config.num_heads, n, "num_heads")
-        bad = [(c, f"{h} heads") for c, h, u in zip(ch, heads, used) if u and (h < 1 or c % h)]
-    if bad:
-        raise ValueError(f"UNetConfig: {bad[0][0]} channels do not split into {bad[0][1]}")
-    return heads
-
-
-def level_depths(config: UNetConfig) -> Tuple[int, ...]:
-    """Transformer blocks per attention, per level (SDXL: 1, 2, 10); the mid block uses the last level's."""
-    depths = _per_level(config.transformer_layers, len(config.channels), "transformer_layers")
-    if any(d < 1 for d in depths):
-        raise ValueError(f"UNetConfig.transformer_layers: {list(depths)} — every level needs at least 1")
-    return depths
 
 
 def _attention(config: UNetConfig, channels: int, heads: int, depth: int) -> nn.Module:
@@ -139,8 +106,10 @@ class UpLevel(nn.Module):
         return x
 
 
-class UNet(nn.Module):
+class UNet(PretrainedModule):
     """Noise-prediction UNet. `forward(x, t, context, class_labels, context_mask) -> (B, out_channels, H, W)`."""
+
+    component = "unet"  # its diffusers sub-folder (PretrainedModule.from_pretrained)
 
     def __init__(self, config: UNetConfig):
         super().__init__()
@@ -148,7 +117,7 @@ class UNet(nn.Module):
         ch, n = config.channels, len(config.channels)
         if len(config.attention) != n:
             raise ValueError(f"UNetConfig.attention: {len(config.attention)} entries for {n} levels")
-        heads, depths = level_heads(config), level_depths(config)
+        heads, depths = config.level_heads(), config.level_depths()
         temb_ch = ch[0] * 4
 
         self.conv_in = nn.Conv2d(config.in_channels, ch[0], 3, padding=1)
@@ -219,13 +188,6 @@ class UNet(nn.Module):
 
     # ------------------------------------------------------------------ utilities
 
-    def enable_gradient_checkpointing(self, flag: bool = True) -> "UNet":
-        """Recompute each ResnetBlock/attention in backward instead of storing its activations."""
-        for m in self.modules():
-            if hasattr(m, "gradient_checkpointing"):
-                m.gradient_checkpointing = flag
-        return self
-
     @property
     def device(self) -> torch.device:
         return self.conv_in.weight.device
@@ -233,19 +195,3 @@ class UNet(nn.Module):
     @property
     def dtype(self) -> torch.dtype:
         return self.conv_in.weight.dtype
-
-    def num_parameters(self) -> int:
-        return sum(p.numel() for p in self.parameters())
-
-    @classmethod
-    def from_pretrained(cls, folder) -> "UNet":
-        """Load from a diffusers `unet/` folder, or a model root that contains one."""
-        from ..formats.diffusers import load_unet
-
-        return load_unet(folder)
-
-    def save_pretrained(self, folder) -> None:
-        """Write diffusers' `config.json` + `diffusion_pytorch_model.safetensors` into `folder`."""
-        from ..formats.diffusers import save_unet
-
-        save_unet(self, folder)

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import VAEConfig
+from .pretrained import PretrainedModule
 from .layers import Downsample, MidBlock, ResnetBlock, SpatialSelfAttention, Upsample, run
 
 _EPS = 1e-6  # GroupNorm eps throughout the VAE
@@ -119,8 +120,10 @@ class Decoder(nn.Module):
         return self.conv_out(F.silu(self.conv_norm_out(h)))  # (B, 3, H, W)
 
 
-class AutoencoderKL(nn.Module):
+class AutoencoderKL(PretrainedModule):
     """Images in [-1, 1] (B, 3, H, W) <-> scaled latents (B, latent_channels, H/f, W/f), f = downsample_factor."""
+
+    component = "vae"  # its diffusers sub-folder (PretrainedModule.from_pretrained)
 
     def __init__(self, config: VAEConfig):
         super().__init__()
@@ -195,27 +198,3 @@ class AutoencoderKL(nn.Module):
         posterior = self.encode_posterior(images)
         z = posterior.sample(generator) if sample else posterior.mode()  # (B, C, h, w)
         return self.decode_raw(z), posterior
-
-    # ------------------------------------------------------------------ utilities
-
-    def enable_gradient_checkpointing(self, flag: bool = True) -> "AutoencoderKL":
-        for m in self.modules():
-            if hasattr(m, "gradient_checkpointing"):
-                m.gradient_checkpointing = flag
-        return self
-
-    def num_parameters(self) -> int:
-        return sum(p.numel() for p in self.parameters())
-
-    @classmethod
-    def from_pretrained(cls, folder) -> "AutoencoderKL":
-        """Load from a diffusers `vae/` folder, or a model root that contains one."""
-        from ..formats.diffusers import load_vae
-
-        return load_vae(folder)
-
-    def save_pretrained(self, folder) -> None:
-        """Write diffusers' `config.json` + `diffusion_pytorch_model.safetensors` into `folder`."""
-        from ..formats.diffusers import save_vae
-
-        save_vae(self, folder)

@@ -27,6 +27,8 @@ import torch
 from ..adapters import adapters, inject, merge, remove
 from ..config import LoRAConfig
 from ..errors import UserError
+from ..formats import lora as fmt
+from .step import mix
 
 
 def enabled(cfg) -> bool:
@@ -63,8 +65,6 @@ def adapts_text(cfg) -> bool:
 
 def attach(cfg, unet: torch.nn.Module) -> set:
     """Put the run's adapters on `unet`; returns the state_dict keys of the trained tensors."""
-    from .step import mix
-
     c = cfg.lora
     inject(unet, cfg.adapter, c.rank, c.alpha, c.targets, c.dora, c.dropout, seed=mix(cfg.seed, "adapter"))
     return {k for k, p in unet.named_parameters() if p.requires_grad}
@@ -72,8 +72,6 @@ def attach(cfg, unet: torch.nn.Module) -> set:
 
 def attach_text(cfg, text_encoder) -> torch.nn.Module:
     """Adapters on the text model (`text_encoder.model`, in eval mode: its own dropout stays off); returns it."""
-    from .step import mix
-
     c, model = cfg.lora, text_encoder.model.eval()
     inject(model, cfg.adapter, c.rank, c.alpha, c.targets, False, c.dropout,
            seed=mix(cfg.seed, "adapter", "text_encoder"), text=True)
@@ -103,8 +101,6 @@ def write_outputs(run: Path, cfg, parts, step: int, resolution: int) -> Path:
     """run/lora/: the (EMA) adapters of `parts` (train.state.Part: the UNet's, then the text encoder's with
     lora.text_encoder=true) in diffusers' format (LoRA/DoRA) and in kohya's format."""
     from contextlib import ExitStack
-
-    from ..formats import lora as fmt
 
     out = Path(run) / "lora"
     out.mkdir(parents=True, exist_ok=True)

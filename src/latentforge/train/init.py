@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -27,6 +28,10 @@ import torch
 
 from ..config import ScheduleConfig, TrainConfig, UNetConfig
 from ..errors import UserError
+from ..formats import diffusers as fmt
+from ..formats.diffusers import MODEL_INDEX_NAME, load_weights, save_model_folder
+from ..formats.single_file import load_single_file
+from ..models import UNet
 
 # UNetConfig fields the data decides (resolve_for_data) and fields that are training settings, not weights.
 _FROM_DATA = {"in_channels", "out_channels", "cross_attention_dim", "num_class_embeds", "mid_attention", "sample_size",
@@ -46,8 +51,6 @@ class InitModel:
 
 def read_init(path: str) -> InitModel:
     """The configs of the pretrained model at `path` (a diffusers model folder)."""
-    from ..formats import diffusers as fmt
-
     folder = Path(path)
     if not folder.exists():
         raise UserError(f"--init {path}: no such file or folder — pass a diffusers model folder")
@@ -68,11 +71,6 @@ def read_init(path: str) -> InitModel:
 def from_single_file(path: str, out, tokenizer=None, prediction_type: Optional[str] = None) -> str:
     """Convert the single file `path` into the model folder `out` (written whole, then renamed into place;
     an existing complete folder is reused). Returns the folder."""
-    import shutil
-
-    from ..formats.diffusers import MODEL_INDEX_NAME, save_model_folder
-    from ..formats.single_file import load_single_file
-
     out = Path(out)
     if (out / MODEL_INDEX_NAME).is_file():
         return str(out)
@@ -132,9 +130,6 @@ def _show(value) -> str:
 def build_unet(cfg: TrainConfig, fresh: bool = True):
     """The UNet a run starts with: the `init` model's weights when `fresh` (a run not resumed), else random
     ones drawn from the current torch seed (a resumed run overwrites them from its checkpoint)."""
-    from ..formats.diffusers import load_weights
-    from ..models import UNet
-
     if not cfg.init or not fresh:
         return UNet(cfg.unet)
     init = read_init(cfg.init)

@@ -20,6 +20,11 @@ from PIL import Image, PngImagePlugin
 MAX_CLASS_CELLS = 16  # class-conditional grids show at most this many classes
 
 from .. import io
+from ..data.images import to_pil
+from ..evaluate import caption_grid
+from ..formats.diffusers import save_model_folder
+from ..pipelines import Pipeline
+from ..schedule import NoiseSchedule
 
 
 def ema_unet(unet, ema):
@@ -32,8 +37,6 @@ def ema_unet(unet, ema):
 
 def export_model(run: Path, cfg, unet, ema, vae=None, text_encoder=None) -> Path:
     """run/model/: the EMA UNet, the VAE, the scheduler config (+ text_encoder/, tokenizer/)."""
-    from ..formats.diffusers import save_model_folder
-
     return save_model_folder(Path(run) / "model", ema_unet(unet, ema), vae, cfg.schedule, text_encoder)
 
 
@@ -95,8 +98,6 @@ def choose_previews(cfg, dataset, held_out: Sequence[str] = ()) -> list[Preview]
 
 def _source_image(vae, dataset, index: int) -> Image.Image:
     """The cached latent of item `index`, decoded: what the model was shown (or held out from)."""
-    from ..data.images import to_pil
-
     p = next(vae.parameters())
     latent = torch.as_tensor(dataset[index]["latent"])[None].to(p.device, p.dtype)  # (1, C, h, w)
     with torch.no_grad():
@@ -106,10 +107,6 @@ def _source_image(vae, dataset, index: int) -> Image.Image:
 def sample_grid(cfg, unet, ema, vae, text_encoder=None, dataset=None, held_out: Sequence[str] = ()):
     """(grid image, cells): one cell per preview with fixed seeds — the same every time, so grids are
     comparable across steps — each followed by the data image it came from, when there is one."""
-    from ..evaluate import caption_grid
-    from ..pipelines import Pipeline
-    from ..schedule import NoiseSchedule
-
     pipe = Pipeline(ema_unet(unet, ema), vae, NoiseSchedule.from_config(cfg.schedule), text_encoder, name="validation")
     opts = dict(steps=cfg.sample_steps, cfg=cfg.sample_guidance, progress=False)
     cells = choose_previews(cfg, dataset, held_out)

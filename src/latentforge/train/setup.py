@@ -9,6 +9,7 @@ import torch
 
 from ..config import PRECISIONS
 from ..errors import UserError
+from .optimizers import make_optimizer as build
 
 
 def resolve_for_data(cfg, dataset):
@@ -93,8 +94,6 @@ def null_condition(cfg, dataset, text_encoder=None):
 
 def make_optimizer(model, cfg, device: torch.device) -> torch.optim.Optimizer:
     """The optimizer `cfg.optimizer` names (train/optimizers.py) over `model`'s trainable parameters."""
-    from .optimizers import make_optimizer as build
-
     return build(model, cfg, device)
 
 

@@ -25,6 +25,7 @@ from tqdm import tqdm
 from .. import io
 from ..config_loading import config_hash, math_dict, to_toml
 from ..data.images import BadImage, load_image, to_pil, to_tensor
+from ..data.sources import scan, summary
 from ..errors import UserError
 from ..models import AutoencoderKL
 from . import checkpoint, distributed, resume as runs
@@ -54,8 +55,6 @@ class PatchDiscriminator(nn.Module):
 
 def load_images(data_dir, size: int, progress: bool = True) -> tuple[torch.Tensor, list[str]]:
     """Every usable image under data_dir as uint8 (N, 3, size, size), and their ids; bad files skipped."""
-    from ..data.sources import scan, summary
-
     items, skipped = scan(str(data_dir), labels="none")
     images, ids = [], []
     for it in tqdm(items, desc="load images", unit="img", disable=not progress):

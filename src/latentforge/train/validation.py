@@ -12,13 +12,16 @@ comparable across steps, resumes and runs (DESIGN.md: "Validation is measurement
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import List, Sequence, Tuple
 
 import torch
 
+from ..errors import UserError
 from ..schedule import add_noise, target
 from .data import collate
+from .samples import ema_unet
 from .step import mix
 
 AUTO_MIN_IMAGES, AUTO_FRACTION = 100, 0.05  # val_fraction < 0 (auto): 5 % of data sets with >= 100 images
@@ -123,24 +126,18 @@ def validation_loss(model, val, alphas_cumprod: torch.Tensor, prediction_type: s
 def held_out_split(cfg, dataset):
     """(cfg with val_fraction resolved, training items, held-out items). The training items are all of
     `dataset` (not a view) when nothing is held out."""
-    import dataclasses
-
     fraction = resolve_fraction(cfg.val_fraction, dataset_ids(dataset))
     cfg = dataclasses.replace(cfg, val_fraction=fraction)
     if fraction <= 0:
         return cfg, dataset, Subset(dataset, [])
     train, val = split(dataset, fraction, cfg.seed)
     if len(train) == 0:
-        from ..errors import UserError
-
         raise UserError(f"val_fraction={fraction}: holds out all {len(dataset)} images — lower val_fraction")
     return cfg, train, val
 
 
 def evaluate(cfg, step: int, unet, ema, val, alphas_cumprod, autocast_dtype=None, encode=None) -> dict:
     """One metrics row: the held-out loss of the training weights (val_loss) and of the EMA weights (val_loss_ema)."""
-    from .samples import ema_unet
-
     kw = dict(alphas_cumprod=alphas_cumprod, prediction_type=cfg.schedule.prediction_type, seed=cfg.seed,
               timesteps=cfg.val_timesteps, batch_size=cfg.batch_size, autocast_dtype=autocast_dtype, encode=encode)
     row = {"step": step, "val_loss": validation_loss(unet, val, **kw)}
