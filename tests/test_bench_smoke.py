@@ -165,8 +165,13 @@ def test_demo_precision_reads_two_runs(tmp_path):
         (d / "unet" / "metrics.jsonl").write_text("".join(json.dumps({"step": 10 * i, "loss": l}) + "\n"
                                                           for i, l in enumerate(losses)))
         score = {"accuracy": accuracy, "low": 0.9, "high": 1.0, "n": 176, "correct": round(176 * accuracy)}
-        (d / "demo.json").write_text(json.dumps({"scores": {"seen": {"all": score}}, "seconds": {"UNet": 100.0}}))
+        (d / "eval").mkdir()
+        (d / "eval" / "eval.json").write_text(json.dumps({"scores": {"seen": {"all": score}}, "seed": 1000,
+                                                          "images_per_prompt": 2, "settings": settings}))
+        (d / "demo.json").write_text(json.dumps({"seconds": {"UNet": 100.0}}))
         return d
+
+    settings = {"sampler": "dpmpp-2m", "steps": 20, "cfg": 4.0}
 
     a = fake_run("fp32", "fp32", [1.0, 0.5, 0.10, 0.10], 1.0)
     b = fake_run("bf16", "bf16", [1.0, 0.5, 0.11, 0.12], 0.96)
@@ -180,3 +185,6 @@ def test_demo_precision_reads_two_runs(tmp_path):
     assert not quality.compare(a, d, n=2)["met"]  # same loss, adherence below 0.95
     assert "NOT met" in quality.markdown(r) and "mean of the last 2" in quality.markdown(r)
     assert quality.main([str(a), str(tmp_path / "missing")]) == 2  # one-line error, not a traceback
+    settings["steps"] = 10
+    e = fake_run("bf16-other-eval", "bf16", [1.0, 0.5, 0.10, 0.10], 1.0)
+    assert quality.main([str(a), str(e)]) == 2  # evaluated with other settings: not comparable

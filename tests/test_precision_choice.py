@@ -29,3 +29,14 @@ def test_choose_precision():
     assert choose_precision("bf16", cuda=False, native=None)[0] == "bf16"
     with pytest.raises(UserError, match="--precision: unknown 'fp8'"):
         choose_precision("fp8")
+
+
+def test_demo_command_defaults_to_auto():
+    import argparse
+
+    from latentforge.commands import demo
+
+    p = argparse.ArgumentParser()
+    demo.add_arguments(p)
+    assert p.parse_args([]).precision == "auto"
+    assert p.parse_args(["--precision", "fp32"]).precision == "fp32"

@@ -127,7 +127,7 @@ def choose_precision(requested: str = "auto", cuda: bool | None = None, native: 
 
 
 def run_demo(out: str | os.PathLike = "runs/demo", budget: str = "full", threads: int | None = None,
-             precision: str = "fp32") -> dict:
+             precision: str = "auto") -> dict:
     """Run every stage into `out`; returns the summary also written to `out`/demo.json."""
     from .data.cache import LatentDataset, build_cache
     from .pipelines import Pipeline

@@ -11,9 +11,9 @@ def add_arguments(p):
     p.add_argument("--out", default="runs/demo", help="output folder (replaced if it holds an earlier demo)")
     p.add_argument("--budget", choices=["full", "tiny"], default="full",
                    help="full: the real demo (~10 min on 2 CPU cores); tiny: every stage for a few steps")
-    p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="fp32",
-                   help="the UNet's training precision (default fp32); auto: bf16 (fp32 master weights) on a CPU "
-                        "with native bf16, else fp32")
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
+                   help="the UNet's training precision; auto (default): bf16 (fp32 master weights) on a CPU with "
+                        "native bf16 instructions, else fp32")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
 
 
