@@ -13,8 +13,8 @@ networks under the prefixes of the original LDM code:
 
 Each map here is data: a list of `Rule(ours, theirs, renames)` — a key prefix on each side and a
 table of renamed pieces below it — built from the network's config, because where a block sits in
-`input_blocks.N` depends on the number of levels and layers. `to_theirs` / `to_ours` apply a map in
-either direction; the reshapes (VAE attention: Linear ⇄ 1×1 conv; OpenCLIP: q/k/v ⇄ in_proj) live in
+`input_blocks.N` depends on the number of levels and layers. `map_state` applies a map in either
+direction (`to_theirs`: one key, ours -> theirs); the reshapes (VAE attention: Linear ⇄ 1×1 conv; OpenCLIP: q/k/v ⇄ in_proj) live in
 single_file.py. The names follow diffusers' converter (`diffusers.loaders.single_file_utils`), which
 is the oracle in tests/test_single_file.py.
 """
@@ -78,11 +78,6 @@ def _apply(key: str, rules: KeyMap, forward: bool) -> Optional[str]:
 def to_theirs(key: str, rules: KeyMap) -> Optional[str]:
     """Our key -> the single-file key (None if no rule covers it)."""
     return _apply(key, rules, True)
-
-
-def to_ours(key: str, rules: KeyMap) -> Optional[str]:
-    """Single-file key -> our key (None if no rule covers it)."""
-    return _apply(key, rules, False)
 
 
 # --------------------------------------------------------------------------- the UNet

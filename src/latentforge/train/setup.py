@@ -9,7 +9,7 @@ import torch
 
 from ..config import PRECISIONS
 from ..errors import UserError
-from .optimizers import make_optimizer as build
+from .optimizers import make_optimizer  # noqa: F401 (the loop's setup; one definition, in optimizers.py)
 
 
 def resolve_for_data(cfg, dataset):
@@ -90,11 +90,6 @@ def null_condition(cfg, dataset, text_encoder=None):
     context = torch.as_tensor(context).float()
     mask = torch.ones(context.shape[0], dtype=torch.bool) if mask is None else torch.as_tensor(mask).bool()
     return context, mask, None, None if pooled is None else torch.as_tensor(pooled).float()
-
-
-def make_optimizer(model, cfg, device: torch.device) -> torch.optim.Optimizer:
-    """The optimizer `cfg.optimizer` names (train/optimizers.py) over `model`'s trainable parameters."""
-    return build(model, cfg, device)
 
 
 def autocast_dtype(precision: str):
