@@ -70,6 +70,27 @@ def test_diffusers_loads_the_folder_component_wise(model_dir):
     assert scheduler.config.clip_sample is False  # latents are unbounded
 
 
+def test_vae_force_upcast_round_trips_and_defaults_to_diffusers_true(tmp_path):
+    """diffusers' `force_upcast` (SDXL's VAE: true; fp16-fixed VAEs: false) is read, written and read back; a
+    config.json without it means true (diffusers' default). The cache fingerprint ignores it (same latents)."""
+    from dataclasses import replace
+
+    from diffusers import AutoencoderKL as DiffusersVAE
+
+    from latentforge.data.cache import module_fingerprint
+
+    vae = AutoencoderKL(replace(VAE, force_upcast=False))
+    vae.save_pretrained(tmp_path / "vae")
+    assert json.loads((tmp_path / "vae" / "config.json").read_text())["force_upcast"] is False
+    assert DiffusersVAE.from_pretrained(tmp_path / "vae").config.force_upcast is False
+    assert AutoencoderKL.from_pretrained(tmp_path / "vae").config.force_upcast is False
+    config = json.loads((tmp_path / "vae" / "config.json").read_text())
+    del config["force_upcast"]
+    (tmp_path / "vae" / "config.json").write_text(json.dumps(config))
+    assert AutoencoderKL.from_pretrained(tmp_path / "vae").config.force_upcast is True
+    assert module_fingerprint(vae, vae.config) == module_fingerprint(vae, replace(vae.config, force_upcast=True))
+
+
 @pytest.mark.parametrize("cfg", [
     ScheduleConfig(),
     ScheduleConfig(beta_schedule="linear", beta_start=1e-4, beta_end=0.02, prediction_type="sample"),

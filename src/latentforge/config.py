@@ -141,6 +141,7 @@ class VAEConfig:
     mid_attention: bool = True
     use_quant_conv: bool = True  # 1x1 convs around the latent (SD 1.x/2.x/XL: True; SD3/Flux: False)
     use_post_quant_conv: bool = True
+    force_upcast: bool = True  # diffusers' key: under half-precision inference the VAE still runs in float32
 
 
 @dataclass(frozen=True)

@@ -166,16 +166,23 @@ class Pipeline:
         return self
 
     def compute_in(self, dtype: torch.dtype = torch.bfloat16) -> "Pipeline":
-        """Run the UNet in `dtype` (bf16 inference; torch.float32 to go back). The sampler's arithmetic, the text
-        encoder and the VAE stay float32; the UNet's inputs are cast to `dtype` and its output back to float32.
-        The float32 weights are kept aside while in low precision, so going back gives the same images again."""
-        if self.unet.dtype == torch.float32 and dtype != torch.float32:
-            self._fp32_unet = {k: v.detach().clone() for k, v in self.unet.state_dict().items()}
-        self.unet.to(dtype)
-        if dtype == torch.float32 and getattr(self, "_fp32_unet", None) is not None:
-            self.unet.load_state_dict(self._fp32_unet)
-            self._fp32_unet = None
+        """Run the UNet in `dtype` (bf16 inference; torch.float32 to go back), and the VAE too unless its config
+        says `force_upcast` (diffusers' key, true for SD's and SDXL's VAEs, which overflow in half precision; a
+        VAE fixed for fp16 sets it false): then it stays float32. The sampler's arithmetic and the text encoder
+        stay float32; inputs are cast to each model's dtype and outputs back to float32. The float32 weights are
+        kept aside while in low precision, so going back gives the same images again."""
+        self._cast("unet", dtype)
+        self._cast("vae", torch.float32 if self.vae.config.force_upcast else dtype)
         return self
+
+    def _cast(self, name: str, dtype: torch.dtype) -> None:
+        module, kept = getattr(self, name), f"_fp32_{name}"
+        if module.dtype == torch.float32 and dtype != torch.float32:
+            setattr(self, kept, {k: v.detach().clone() for k, v in module.state_dict().items()})
+        module.to(dtype)
+        if dtype == torch.float32 and getattr(self, kept, None) is not None:
+            module.load_state_dict(getattr(self, kept))
+            setattr(self, kept, None)
 
     def _unet_fn(self):
         dtype = self.unet.dtype
@@ -291,7 +298,8 @@ class Pipeline:
         noise = self._noise(r.latents, gens, (r.n, C, H // f, W // f))  # (n, C, h, w)
         x0 = None
         if init is not None:
-            x0 = self.vae.encode(to_tensor([init]).to(self.device)).expand(r.n, -1, -1, -1)  # (n, C, h, w)
+            x0 = self.vae.encode(to_tensor([init]).to(self.device, self.vae.dtype)).float()  # (1, C, h, w)
+            x0 = x0.expand(r.n, -1, -1, -1)  # (n, C, h, w)
         if first:  # below full strength: x0 noised part-way down (full: pure noise, diffusers' `is_strength_max`)
             plan = plan.start_at(first)
         x = plan.start(noise, x0 if first else None)
@@ -313,7 +321,7 @@ class Pipeline:
             out = keep * out + (1 - keep) * x0
         if r.output == "latent":
             return out
-        images = self.vae.decode(out).float()  # (n, 3, H, W) in about [-1, 1]
+        images = self.vae.decode(out.to(self.vae.dtype)).float()  # (n, 3, H, W) in about [-1, 1]
         if r.output == "pt":
             return (images / 2 + 0.5).clamp(0, 1)
         pils = to_pil(images)

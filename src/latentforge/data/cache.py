@@ -60,11 +60,15 @@ BUCKET_PREPROCESS = "rgb-white-alpha/nearest-log-aspect-bucket/lanczos-cover/cro
 MANIFEST = "manifest.json"
 
 
+_NOT_FINGERPRINTED = {"force_upcast"}  # config fields that do not change a float32 encode (caches stay valid)
+
+
 def module_fingerprint(module: torch.nn.Module, config=None) -> str:
     """sha256 of a model's config and weights (a cache key part: new weights -> new latents)."""
     h = hashlib.sha256()
     if config is not None:
-        h.update(json.dumps(dataclasses.asdict(config), sort_keys=True, default=str).encode())
+        fields = {k: v for k, v in dataclasses.asdict(config).items() if k not in _NOT_FINGERPRINTED}
+        h.update(json.dumps(fields, sort_keys=True, default=str).encode())
     io.hash_weights(h, module)
     return h.hexdigest()
 

@@ -288,7 +288,7 @@ def vae_to_diffusers(cfg: VAEConfig) -> Dict[str, Any]:
         "shift_factor": cfg.shift_factor,
         "latents_mean": None,
         "latents_std": None,
-        "force_upcast": True,
+        "force_upcast": cfg.force_upcast,
         "use_quant_conv": cfg.use_quant_conv,
         "use_post_quant_conv": cfg.use_post_quant_conv,
         "mid_block_add_attention": cfg.mid_attention,
@@ -318,6 +318,7 @@ def vae_from_diffusers(d: Dict[str, Any], path: Path) -> VAEConfig:
         mid_attention=bool(d.get("mid_block_add_attention", True)),
         use_quant_conv=bool(d.get("use_quant_conv", True)),
         use_post_quant_conv=bool(d.get("use_post_quant_conv", True)),
+        force_upcast=bool(d.get("force_upcast", True)),  # diffusers' default
     )
 
 
