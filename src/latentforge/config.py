@@ -36,13 +36,13 @@ RECON_LOSSES = ("l1", "l2")  # train/vae.py
 BUCKET_LEFTOVERS = ("carry", "drop")  # train/data.py BucketStream
 
 
-def choice(default: str, choices) -> str:
-    """A string field whose value is one of `choices` (one of the constants above)."""
+def choice(default: str, choices):
+    """A string field (dataclasses.field) whose value is one of `choices` (one of the constants above)."""
     return field(default=default, metadata={"choices": tuple(choices)})
 
 
 def ranged(default, low, high=None):
-    """A numeric field allowed in [low, high] (inclusive; None = unbounded above)."""
+    """A numeric field (dataclasses.field) allowed in [low, high] (inclusive; None = unbounded above)."""
     return field(default=default, metadata={"range": (low, high)})
 
 
@@ -235,7 +235,7 @@ def replace(cfg, **changes):
 
 @dataclass(frozen=True)
 class LoRAConfig:
-    """The adapter a run trains with `adapter=lora|loha|lokr` on top of `--init` (see adapters/)."""
+    """The adapter a run trains with `adapter=` (any of ADAPTERS but none) on top of `--init` (see adapters/)."""
 
     rank: int = ranged(16, 1)
     alpha: float = ranged(16.0, 0.0)  # the update is scaled by alpha / rank (Hu et al. 2021 §4.1)
