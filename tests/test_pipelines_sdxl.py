@@ -156,3 +156,29 @@ def test_cli_sample_recognises_sdxl_and_takes_the_size_flags(folder, ours, tmp_p
     assert np.array_equal(got, np.asarray(want))  # WxH flags -> (height, width) keywords
     assert main(args[:-6] + ["--crop", "8", "--out", str(tmp_path / "b")]) == 2
     assert "--crop 8: expected TOP,LEFT" in capsys.readouterr().err
+
+
+def test_sdxl_png_records_the_micro_conditioning_and_reproduces_from_it(folder, ours, tmp_path):
+    """The PNG's `parameters` chunk names the sizes and crop the image was conditioned on (sizes WxH as the
+    flags take them, defaults included); sampling again with the recorded values gives the same pixels."""
+    from latentforge.cli import main
+    from latentforge.png import parse_parameters, read_parameters
+
+    base = ["sample", "--model", str(folder), "--prompt", "lower", "--steps", "2", "--sampler", "euler",
+            "--size", "24x16"]
+    flags = ["--original-size", "40x64", "--crop", "8,4", "--target-size", "48x32",
+             "--negative-original-size", "24x24", "--negative-target-size", "16x16"]
+    assert main(base + flags + ["--out", str(tmp_path / "a")]) == 0
+    png = next((tmp_path / "a").glob("*.png"))
+    got = parse_parameters(read_parameters(png))
+    assert (got["Original size"], got["Crop top left"], got["Target size"]) == ("40x64", "8 4", "48x32")
+    assert (got["Negative original size"], got["Negative crop top left"], got["Negative target size"]) == (
+        "24x24", "0 0", "16x16")
+    again = ["--original-size", got["Original size"], "--crop", got["Crop top left"].replace(" ", ","),
+             "--target-size", got["Target size"], "--negative-original-size", got["Negative original size"],
+             "--negative-target-size", got["Negative target size"]]
+    assert main(base + again + ["--out", str(tmp_path / "b")]) == 0
+    assert np.array_equal(np.asarray(Image.open(png)), np.asarray(Image.open(next((tmp_path / "b").glob("*.png")))))
+    default = parse_parameters(ours.text2img("lower", steps=1, size=(24, 16))[0].info["parameters"])
+    assert (default["Original size"], default["Crop top left"], default["Target size"]) == ("24x16", "0 0", "24x16")
+    assert "Negative original size" not in default

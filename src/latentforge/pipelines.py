@@ -77,6 +77,15 @@ class _Request:
     micro: _Micro
 
 
+def _micro_used(m: _Micro, size: Tuple[int, int]) -> tuple:
+    """(original_size, crops_coords_top_left, target_size) SDXL is conditioned on — sizes (height, width), the
+    output's `size` by default — and the negative branch's three when both negative sizes are given."""
+    used = (m.original_size or size, tuple(m.crops_coords_top_left), m.target_size or size)
+    if m.negative_original_size is not None and m.negative_target_size is not None:
+        used += (m.negative_original_size, tuple(m.negative_crops_coords_top_left), m.negative_target_size)
+    return used
+
+
 def _open(image: ImageLike, flag: str) -> Image.Image:
     if isinstance(image, Image.Image):
         return image
@@ -342,8 +351,18 @@ class Pipeline:
             "Denoising strength": float(strength) if strength is not None else None,
             "Eta": float(r.eta) if "eta" in info.options and r.eta else None,
             "Class": r.class_label, "Guidance rescale": float(r.guidance_rescale) if r.guidance_rescale else None,
-            "LoRA": " + ".join(self.loras) or None,
+            "LoRA": " + ".join(self.loras) or None, **self._micro_record(r.micro, (H, W)),
         })
+
+    def _micro_record(self, m: "_Micro", size: Tuple[int, int]) -> dict:
+        """The SDXL size/crop conditioning an image got, as PNG settings (so it can be reproduced): sizes WxH as
+        --original-size/--target-size take them, the crop "TOP LEFT" (--crop TOP,LEFT); {} for other models."""
+        if self.unet.config.addition_input_dim is None:
+            return {}
+        names = ("Original size", "Crop top left", "Target size")
+        names += tuple(f"Negative {k[0].lower()}{k[1:]}" for k in names)
+        return {k: f"{v[1]}x{v[0]}" if k.endswith("size") else f"{v[0]} {v[1]}"
+                for k, v in zip(names, _micro_used(m, size))}
 
     # ------------------------------------------------------------------ helpers
 
@@ -382,10 +401,10 @@ class Pipeline:
                 raise UserError("--original-size/--crop/--target-size: only SDXL (micro-conditioned) models take "
                                 "them — leave them out for this model")
             return
-        ids = time_ids(m.original_size or size, m.crops_coords_top_left, m.target_size or size)  # (6,)
-        neg = ids
-        if m.negative_original_size is not None and m.negative_target_size is not None:
-            neg = time_ids(m.negative_original_size, m.negative_crops_coords_top_left, m.negative_target_size)
+        used = _micro_used(m, size)
+        ids = neg = time_ids(*used[:3])  # (6,)
+        if len(used) > 3:
+            neg = time_ids(*used[3:])
         cond["time_ids"] = ids.to(self.device).expand(n, -1)  # (n, 6)
         uncond["time_ids"] = neg.to(self.device).expand(n, -1)
 
