@@ -194,3 +194,21 @@ def test_grid_of_a_run_on_a_non_shapes_folder_shows_its_captions(tmp_path, capfd
     strip = np.asarray(grid.convert("L"))[96 + 8:, : 96 + 8]
     assert (strip < 100).sum() > 20
     assert "Verdict" in (run / "report.md").read_text()
+
+
+def test_a_non_square_image_is_letterboxed_in_its_cell_not_squashed():
+    """The grid's cells (train/samples.py's validation grid, via evaluate.caption_grid) keep each image's aspect:
+    a 3:1 and a 1:3 image fill their cell's width (height), the rest is padding; a square one fills the cell."""
+    from latentforge.evaluate import caption_grid
+
+    images = [Image.new("RGB", (60, 20), (10, 120, 200)), Image.new("RGB", (14, 42), (200, 30, 30)),
+              Image.new("RGB", (32, 32), (20, 160, 20))]
+    cell, pad = 96, 4
+    grid = np.asarray(caption_grid(images, ["wide", "tall", "square"], cols=3, cell=cell, mark_label="HELD OUT"))
+    for k, img in enumerate(images):
+        x = k * (cell + 2 * pad) + pad
+        region = grid[pad:pad + cell, x:x + cell]
+        ys, xs = np.nonzero((region == np.asarray(img)[0, 0]).all(-1))
+        h, w = ys.max() - ys.min() + 1, xs.max() - xs.min() + 1
+        assert max(w, h) == cell and len(ys) == w * h, (k, w, h)  # one solid rectangle, the longer side = the cell
+        assert abs(w - h * img.width / img.height) <= 1 and abs(h - w * img.height / img.width) <= 1, (k, w, h)

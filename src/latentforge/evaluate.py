@@ -118,8 +118,8 @@ def evaluate_shapes(generate: Generate, out: str | os.PathLike | None = None, n:
 
 def caption_grid(images: Sequence[Image.Image], labels: Sequence[str], marked: Sequence[bool] | None = None,
                  cols: int = 8, cell: int = 96, mark_label: str = "HELD OUT") -> Image.Image:
-    """Images upscaled (nearest) to `cell` px, each over its wrapped label; marked cells get a red
-    border and `mark_label` in red."""
+    """Images scaled (nearest) to fit `cell` px, aspect kept (`letterbox`), each over its wrapped label; marked
+    cells get a red border and `mark_label` in red."""
     marked = marked or [False] * len(images)
     font = ImageFont.load_default()
     text_h, pad = 58, 4
@@ -131,7 +131,7 @@ def caption_grid(images: Sequence[Image.Image], labels: Sequence[str], marked: S
         x, y = (i % cols) * w, (i // cols) * h
         if mark:
             draw.rectangle((x, y, x + w - 1, y + cell + 2 * pad - 1), fill=(220, 0, 0))
-        grid.paste(img.convert("RGB").resize((cell, cell), Image.Resampling.NEAREST), (x + pad, y + pad))
+        grid.paste(letterbox(img, cell), (x + pad, y + pad))
         lines = _wrap(label, chars=max(8, cell // 6))[:4]
         if mark:
             lines = [mark_label] + lines
@@ -139,6 +139,16 @@ def caption_grid(images: Sequence[Image.Image], labels: Sequence[str], marked: S
             colour = (220, 0, 0) if mark and j == 0 else (0, 0, 0)
             draw.text((x + pad, y + cell + 2 * pad + j * 11), line, fill=colour, font=font)
     return grid
+
+
+def letterbox(img: Image.Image, side: int, fill=(255, 255, 255)) -> Image.Image:
+    """`img` scaled (nearest) so its longer side is `side`, centred on a side x side `fill` square: a
+    non-square image keeps its aspect instead of being squashed; a square one is a plain resize."""
+    w, h = img.size
+    fw, fh = max(1, round(w * side / max(w, h))), max(1, round(h * side / max(w, h)))
+    out = Image.new("RGB", (side, side), fill)
+    out.paste(img.convert("RGB").resize((fw, fh), Image.Resampling.NEAREST), ((side - fw) // 2, (side - fh) // 2))
+    return out
 
 
 def _wrap(text: str, chars: int) -> list[str]:
