@@ -97,12 +97,19 @@ def test_diffusers_load_lora_weights_draws_the_same_image(trained, fmt, scale):
     torch.testing.assert_close(got, _diffusers(folder, file, scale), atol=1e-3, rtol=0)
 
 
-def test_merged_model_folder_draws_what_base_plus_lora_draws(trained):
+def test_merged_model_folder_draws_what_base_plus_lora_draws(trained, tmp_path):
+    """--merge's model/, and `latentforge merge` with the kohya file, = base + the LoRA (UNet and text encoder)."""
+    from latentforge.cli import main
+
     folder, run, _ = trained
     merged = _draw(Pipeline.from_pretrained(run / "model", device="cpu"))
     adapted = _draw(Pipeline.from_pretrained(folder, device="cpu").with_lora(run / "lora"))
     torch.testing.assert_close(merged, adapted, atol=1e-4, rtol=0)
     assert (merged - _draw(Pipeline.from_pretrained(folder, device="cpu"))).abs().max() > 1e-3
+    assert main(["merge", "--model", str(folder), "--lora", f"{run / 'lora' / 'run.safetensors'}:1.0",
+                 "--out", str(tmp_path / "cli")]) == 0
+    torch.testing.assert_close(_draw(Pipeline.from_pretrained(tmp_path / "cli", device="cpu")), merged, atol=1e-4,
+                               rtol=0)
 
 
 def test_a_fresh_text_adapter_changes_nothing(trained):
