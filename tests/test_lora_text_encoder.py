@@ -78,6 +78,10 @@ def test_run_writes_text_encoder_keys_in_both_formats(trained):
     assert "lora_te_text_model_encoder_layers_1_mlp_fc1.alpha" in kohya
     te_up = [v for k, v in kohya.items() if k.startswith("lora_te_") and "lora_up" in k]
     assert len(te_up) == 2 * 6 and all(v.abs().max() > 0 for v in te_up)  # 2 layers x (q, k, v, out, fc1, fc2)
+    from latentforge.formats.lora import read
+
+    assert read(run / "lora" / "run.safetensors").metadata["ss_network_train_unet_only"] == "False"
+    assert "on attention+ff + text encoder:" in (run / "report.md").read_text()
     ckpt = run / "checkpoints" / "step-4"
     weights = load_file(str(ckpt / "text_encoder.safetensors"))
     assert weights.keys() == load_file(str(ckpt / "text_encoder_ema.safetensors")).keys()
