@@ -150,3 +150,63 @@ def test_train_text_encoder(tmp_path):
     run(part, args + ["train_text_encoder=true"], ds, text_encoder=_tiny_clip(tmp_path / "clip3"), resume=True)
     again = load_file(str(part / "checkpoints" / "step-4" / "text_encoder.safetensors"))
     assert all(torch.equal(again[k], trained[k]) for k in trained)
+
+
+def _captioned(text):
+    """16 captioned latents (fixed seed), their contexts from `text` (what a cache of them would hold)."""
+    words = ["red", "blue", "green", "box", "disc", "star"]
+    captions = [f"{words[i % 3]} {words[3 + i % 4 % 3]}" for i in range(16)]
+    context, mask = text.encode(captions)
+    null_context, null_mask = text.encode([""])
+    return InMemoryLatents(torch.randn(16, 4, 8, 8, generator=torch.Generator().manual_seed(3)), context, mask,
+                           ids=[f"{i}.png" for i in range(16)], null_context=null_context[0], null_mask=null_mask[0],
+                           captions=captions)
+
+
+TEXT_DDP = """
+import sys, torch
+torch.set_num_threads(1)
+sys.path.insert(0, {tests!r})
+from test_train_validation import _captioned, run
+from latentforge.text import TextEncoder
+text = TextEncoder.from_pretrained(sys.argv[2])
+print("done", run(sys.argv[1], sys.argv[3:], _captioned(text), text_encoder=text).step, flush=True)
+"""
+
+
+@pytest.mark.slow  # a torchrun pair (~25 s on one core)
+def test_train_text_encoder_two_processes_equal_one(tmp_path):
+    """train_text_encoder=true under torchrun (2 gloo processes, 2 images each) = 1 process (4 images), within 1e-5:
+    the losses, the UNet and the text model after 3 steps."""
+    import os
+    import subprocess
+    import sys
+
+    from latentforge.text import TextEncoder
+
+    clip = tmp_path / "clip"
+    _tiny_clip(clip)
+    opts = ["val_fraction=0", "max_steps=3", "checkpoint_every=3", "caption_dropout=0.25", "lr=1e-4",
+            "train_text_encoder=true"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    text = TextEncoder.from_pretrained(str(clip))
+    run(one, opts, _captioned(text), text_encoder=text)
+    script = tmp_path / "text_ddp.py"
+    script.write_text(TEXT_DDP.format(tests=str(Path(__file__).parent)))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
+           str(two), str(clip), *opts]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert p.returncode == 0, p.stderr[-3000:]
+    rows = [[json.loads(l)["loss"] for l in (d / "metrics.jsonl").read_text().splitlines() if '"loss"' in l]
+            for d in (one, two)]
+    print(f"2 processes vs 1: max loss difference {max(abs(a - b) for a, b in zip(*rows)):.3g}")
+    assert len(rows[0]) == len(rows[1]) == 3 and max(abs(a - b) for a, b in zip(*rows)) < 1e-5, rows
+    for name in ("model", "text_encoder"):
+        a, b = (load_file(str(d / "checkpoints" / "step-3" / f"{name}.safetensors")) for d in (one, two))
+        assert a.keys() == b.keys()
+        for key in a:
+            torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-5, msg=f"{name}: {key}")
+    start = TextEncoder.from_pretrained(str(clip)).model.state_dict()
+    trained = load_file(str(two / "checkpoints" / "step-3" / "text_encoder.safetensors"))
+    moved = sum(not torch.equal(trained[k], start[k]) for k in trained if k in start)
+    assert moved > 0  # the text model did train in both
