@@ -24,9 +24,17 @@ from PIL import Image, ImageDraw
 from . import evaluate, io
 from .config import PRESETS, ScheduleConfig, TrainConfig, VAETrainConfig
 from .data import shapes
+from .data.cache import LatentDataset, build_cache
 from .errors import UserError
+from .metrics.adherence import markdown_table
+from .models import AutoencoderKL
+from .pipelines import Pipeline
+from .text import TextEncoder
 from .threads import default_threads
+from .train.loop import train
 from .train.precision import NATIVE_BF16_FLAGS, cpu_native_bf16
+from .train.report import read_metrics, smooth
+from .train.vae import train_vae
 
 PRECISIONS = ("auto", "fp32", "bf16")
 
@@ -129,12 +137,6 @@ def choose_precision(requested: str = "auto", cuda: bool | None = None, native: 
 def run_demo(out: str | os.PathLike = "runs/demo", budget: str = "full", threads: int | None = None,
              precision: str = "auto") -> dict:
     """Run every stage into `out`; returns the summary also written to `out`/demo.json."""
-    from .data.cache import LatentDataset, build_cache
-    from .pipelines import Pipeline
-    from .text import TextEncoder
-    from .train.loop import train
-    from .train.vae import train_vae
-
     if budget not in BUDGETS:
         raise UserError(f"--budget: unknown {budget!r} — use one of {', '.join(BUDGETS)}")
     b = BUDGETS[budget]
@@ -149,8 +151,6 @@ def run_demo(out: str | os.PathLike = "runs/demo", budget: str = "full", threads
     with stages("VAE"):
         vae_dir = train_vae(b.vae, out / "data", out / "vae")
     with stages("latent cache"):
-        from .models import AutoencoderKL
-
         vae = AutoencoderKL.from_pretrained(vae_dir).eval().requires_grad_(False)
         text = TextEncoder.from_pretrained("default", max_length=b.text_max_length)
         print(build_cache(str(out / "data"), vae, text, str(out / "cache"), size=b.image_size, batch_size=64))
@@ -242,8 +242,6 @@ def write_loss_plot(out: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from .train.report import read_metrics, smooth
-
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6), dpi=100)
     for ax, run, title in zip(axes, ("vae", "unet"), ("VAE: L1 + β·KL", "UNet: ε-prediction MSE")):
         rows = [r for r in read_metrics(out / run / "metrics.jsonl") if isinstance(r.get("loss"), float)]
@@ -260,8 +258,6 @@ def write_loss_plot(out: Path) -> None:
 
 
 def write_report(out: Path, b: Budget, summary: dict) -> None:
-    from .metrics.adherence import markdown_table
-
     s = summary["scores"]
     seen, held = s["seen"]["all"], s.get("held_out", {}).get("all")
     lines = [
