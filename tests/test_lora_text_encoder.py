@@ -145,6 +145,8 @@ def test_bad_text_encoder_settings_are_one_line(trained, tmp_path):
                                   null_mask=ds.null_mask)
     cases = [(["lora.dora=true"], ds, text, "lora.text_encoder=true: DoRA on the text encoder is not read"),
              (["train_text_encoder=true"], ds, text, "lora.text_encoder=true: train_text_encoder=true trains the"),
+             (["train_text_encoder=true", "lora.text_encoder=false"], ds, text,
+              "train_text_encoder=true: with adapter=lora the lora/ files hold adapters only"),
              ([], uncaptioned, text, "lora.text_encoder=true: the cache holds no captions"),
              ([], ds, None, "lora.text_encoder=true: needs the cache's text encoder .*SDXL's two encoders")]
     for overrides, data, te, message in cases:

@@ -53,6 +53,9 @@ def check(cfg) -> None:
     if cfg.lora.text_encoder and cfg.train_text_encoder:
         raise UserError("lora.text_encoder=true: train_text_encoder=true trains the whole text encoder already — "
                         "use one of the two")
+    if cfg.train_text_encoder:  # lora/ holds adapters only: a fully trained text encoder would not be in it
+        raise UserError(f"train_text_encoder=true: with adapter={cfg.adapter} the lora/ files hold adapters only, so "
+                        "the trained text encoder would be lost — use lora.text_encoder=true (an adapter on it)")
     if cfg.lora.text_encoder and cfg.lora.dora:
         raise UserError("lora.text_encoder=true: DoRA on the text encoder is not read by diffusers' "
                         "load_lora_weights — set lora.dora=false, or lora.text_encoder=false")
