@@ -230,26 +230,34 @@ CATEGORIES = {  # aten op name fragments -> category (first match wins)
 
 
 def profile_breakdown(steps: Dict[str, object], n: int = 2) -> tuple:
-    """(ms per step by op category, ms per step and calls per step by aten op) from torch.profiler's self CPU
-    time of aten ops, for each arm."""
+    """(ms per step by op category, ms and calls per step by aten op) from torch.profiler's self time of aten ops,
+    for each arm. The arms are profiled one step at a time, interleaved, n rounds after one warm-up step each.
+    torch.profiler's clock is wall time, which a loaded machine inflates; each profiled step's op times are
+    scaled by that step's process CPU time / wall time, so that the figures estimate CPU time like the tables."""
+    import time
+
     from torch.profiler import ProfilerActivity, profile
 
-    out, ops = {}, {}
-    for name, step in steps.items():
+    other = "other (elementwise, reductions, …)"
+    out = {name: {c: 0.0 for c in [*CATEGORIES, other]} for name in steps}
+    ops = {name: {} for name in steps}
+    for step in steps.values():
         step()
-        with profile(activities=[ProfilerActivity.CPU]) as prof:
-            for _ in range(n):
+    for _ in range(n):
+        for name, step in steps.items():
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                c0, w0 = time.process_time(), time.perf_counter()
                 step()
-        cats = {c: 0.0 for c in [*CATEGORIES, "other (elementwise, reductions, …)"]}
-        ops[name] = {}
-        for e in prof.key_averages():
-            if not e.key.startswith("aten::"):
-                continue
-            cat = next((c for c, keys in CATEGORIES.items() if any(k in e.key for k in keys)),
-                       "other (elementwise, reductions, …)")
-            cats[cat] += e.self_cpu_time_total / 1e3 / n
-            ops[name][e.key] = {"ms": e.self_cpu_time_total / 1e3 / n, "calls": e.count / n, "category": cat}
-        out[name] = cats
+                scale = min(1.0, (time.process_time() - c0) / (time.perf_counter() - w0))
+            for e in prof.key_averages():
+                if not e.key.startswith("aten::"):
+                    continue
+                cat = next((c for c, keys in CATEGORIES.items() if any(k in e.key for k in keys)), other)
+                ms = e.self_cpu_time_total / 1e3 * scale / n
+                out[name][cat] += ms
+                o = ops[name].setdefault(e.key, {"ms": 0.0, "calls": 0.0, "category": cat})
+                o["ms"] += ms
+                o["calls"] += e.count / n
     return out, ops
 
 

@@ -42,7 +42,7 @@ import bench_common as common  # noqa: E402
 from latentforge.errors import UserError  # noqa: E402
 
 FULL = {
-    "unet": dict(configs=("small", "cpu-18m"), repeats=5, warmup=1, ablations=("cpu-18m",), profile=("cpu-18m",),
+    "unet": dict(configs=("small", "cpu-18m"), repeats=5, warmup=1, ablations=("cpu-18m",), profile=("small", "cpu-18m"),
                  precision=("small",), gemm_size=2048),
     "text2img": dict(preset="small", steps=20, batch=2, repeats=5, warmup=1),
     "data": dict(n=64, size=64, batch=16, preset="small", repeats=5, warmup=1, epoch_repeats=3),
@@ -121,9 +121,10 @@ def section_unet(p: dict, device: str, dtype: str) -> tuple[dict, str]:
                   "top of latentforge as `latentforge train` runs it):", "", abl]
     prof = bench_unet.markdown_profile(res)
     if prof:
-        lines += ["", "**Where the time goes** (torch.profiler on the same weights and batch, self CPU time of aten ops "
-                  "per step, 2 steps after 1 warm-up; the profiler's clock is wall time, so absolute values carry the "
-                  "noise of the machine's load — read the shares and the differences):", "", prof, "",
+        lines += ["", "**Where the time goes** (torch.profiler on the same weights and batch: self time of aten ops per "
+                  "step, the two arms profiled one step at a time, interleaved, 2 rounds after a warm-up step; the "
+                  "profiler's clock is wall time, so each step's op times are scaled by that step's process CPU time / "
+                  "wall time — an estimate of CPU time that assumes the load slowed every op alike):", "", prof, "",
                   "By aten op (the largest first; calls per step in brackets):", "", bench_unet.markdown_ops(res), "",
                   _profile_reading(res)]
     return res, "\n".join(lines)
@@ -134,29 +135,43 @@ KERNELS = ("convolution", "GEMM", "attention")  # bench_unet.CATEGORIES that are
 
 def _profile_reading(res: dict) -> str:
     """The op-by-op reading of the profile, from this run's numbers: what is kernel time, what is left."""
-    out = []
-    for r in (r for r in res["rows"] if r.get("profile")):
-        p = r["profile"]
-        tot = {arm: sum(c.values()) for arm, c in p.items()}
-        ker = {arm: sum(v for c, v in cats.items() if c.startswith(KERNELS)) for arm, cats in p.items()}
-        per = {c: (p["latentforge"][c], p["diffusers"][c]) for c in p["latentforge"] if c.startswith(KERNELS)}
-        need = tot["latentforge"] - tot["diffusers"] / 1.2  # ms/step to cut for 1.2x
-        rest = tot["latentforge"] - ker["latentforge"]
-        out.append(
-            f"On `{r['config']}` the profiled step is {tot['latentforge']:.0f} ms (latentforge) vs "
-            f"{tot['diffusers']:.0f} ms (diffusers), {tot['diffusers'] / tot['latentforge']:.2f}× in this profile. "
-            f"Convolutions, GEMMs and the SDPA kernel take {100 * ker['latentforge'] / tot['latentforge']:.0f} % of "
-            f"latentforge's step and {100 * ker['diffusers'] / tot['diffusers']:.0f} % of diffusers' ("
-            + ", ".join(f"{c.split(' (')[0]} {x:.0f} vs {y:.0f} ms" for c, (x, y) in per.items()) + "). "
-            "Both libraries call the same oneDNN/MKL convolution and GEMM kernels on the same shapes (same "
-            "architecture, same FLOPs), so that time is zero-sum between them; the SDPA kernel differs only where "
-            "latentforge zero-pads heads narrower than 16 channels on CPU (faster kernel). What an fp32 eager-mode "
-            f"change can shrink is the rest: {rest:.0f} ms of latentforge's step (elementwise ops, copies, "
-            "normalisation, AdamW). "
-            + (f"1.2× diffusers needs {need:.0f} ms less per step, {100 * need / rest:.0f} % of that rest; "
-               if need > 0 else "This profile already shows ≥ 1.2×; ")
-            + f"even with the rest at zero the step would be {tot['diffusers'] / ker['latentforge']:.2f}× diffusers'.")
-    return "\n\n".join(out)
+    return "\n\n".join(_profile_reading_one(r) for r in res["rows"] if r.get("profile"))
+
+
+def _profile_reading_one(r: dict) -> str:
+    p, ops = r["profile"], r["profile_ops"]
+    tot = {arm: sum(c.values()) for arm, c in p.items()}
+    ker = {arm: sum(v for c, v in cats.items() if c.startswith(KERNELS)) for arm, cats in p.items()}
+    per = {c: (p["latentforge"][c], p["diffusers"][c]) for c in p["latentforge"] if c.startswith(KERNELS)}
+    conv = {arm: ops[arm].get("aten::convolution", {}).get("calls", 0) for arm in ops}
+    rest = tot["latentforge"] - ker["latentforge"]
+    need = tot["latentforge"] - tot["diffusers"] / 1.2  # ms/step to cut for 1.2x
+    text = (f"On `{r['config']}` the profiled step is {tot['latentforge']:.0f} ms (latentforge) vs "
+            f"{tot['diffusers']:.0f} ms (diffusers): {tot['diffusers'] / tot['latentforge']:.2f}× in this profile, "
+            f"{r['ratio_cpu']:.2f}× by the interleaved CPU-time medians above. Convolutions, GEMMs and the SDPA kernel "
+            f"take {100 * ker['latentforge'] / tot['latentforge']:.0f} % of latentforge's step and "
+            f"{100 * ker['diffusers'] / tot['diffusers']:.0f} % of diffusers' ("
+            + ", ".join(f"{c.split(' (')[0]} {x:.0f} vs {y:.0f} ms" for c, (x, y) in per.items()) + "). ")
+    if conv["diffusers"] != conv["latentforge"]:
+        text += (f"diffusers runs {conv['diffusers'] - conv['latentforge']:+.0f} convolutions per step "
+                 f"({conv['diffusers']:.0f} vs {conv['latentforge']:.0f}): its transformer blocks' proj_in/proj_out are "
+                 "1×1 convolutions on (B, C, H, W), which latentforge runs as the GEMMs they are on (B, HW, C) tokens "
+                 "(models/layers.py; the same FLOPs). ")
+    text += ("Otherwise both call the same oneDNN/MKL convolution and GEMM kernels on the same shapes (same "
+             "architecture, same FLOPs): that time is zero-sum between them; so is the SDPA kernel's, except where "
+             "latentforge zero-pads heads narrower than 16 channels on CPU (a faster kernel). What an fp32 eager-mode "
+             f"change can still shrink is the rest: {rest:.0f} ms of latentforge's step (elementwise ops, copies, "
+             "normalisation, AdamW). ")
+    if need > 0:
+        text += (f"1.2× diffusers' step needs {need:.0f} ms less per step, {100 * need / rest:.0f} % of that rest; "
+                 f"with the rest at zero the step would be {tot['diffusers'] / ker['latentforge']:.2f}× diffusers'.")
+    else:
+        text += f"With the rest at zero the step would be {tot['diffusers'] / ker['latentforge']:.2f}× diffusers'."
+    if abs(tot["diffusers"] / tot["latentforge"] / r["ratio_cpu"] - 1) > 0.1:
+        text += (" The profile's ratio and the CPU-time ratio differ by more than 10 %: the machine's load changed "
+                 "during the profiled steps, so read the profile's shares and call counts, and the CPU-time ratio for "
+                 "the speed.")
+    return text
 
 
 def section_text2img(p: dict, device: str) -> tuple[dict, str]:
