@@ -354,7 +354,7 @@ def section_sdxl(p: dict, threads: int) -> tuple[dict, str]:
     return r, bench_sdxl.markdown(r)
 
 
-def section_demo_precision(runs: str | None) -> tuple[dict | None, str]:
+def section_demo_precision(runs: str | None, note: str = "") -> tuple[dict | None, str]:
     """bf16 training quality from two demo runs given with --demo-runs FP32,BF16 (not run by this script:
     a demo run takes ~15 min)."""
     if not runs:
@@ -367,7 +367,7 @@ def section_demo_precision(runs: str | None) -> tuple[dict | None, str]:
         return None, f"The demo runs given with `--demo-runs` could not be read: {e}."
     return r, ("`latentforge demo` run twice, `--precision fp32` and `--precision bf16` (the UNet stage; the VAE and "
                "all sampling run in fp32), read back by `bench/bench_demo_precision.py`; these two runs are not "
-               "re-run by this script.\n\n" + bench_demo_precision.markdown(r))
+               "re-run by this script." + (f" {note}" if note else "") + "\n\n" + bench_demo_precision.markdown(r))
 
 
 def section_finetune(p: dict, threads: int) -> tuple[list, str]:
@@ -396,6 +396,7 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--model-note", default="", help="where the --model folder came from (written into the document)")
     ap.add_argument("--demo-runs", default=None, help="FP32_DIR,BF16_DIR: two `latentforge demo` runs "
                                                       "(--precision fp32 / bf16) for the bf16 quality section")
+    ap.add_argument("--demo-note", default="", help="how the --demo-runs came about (written into the document)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="fp32", choices=list(bench_unet.DTYPES))
     ap.add_argument("--threads", type=int, default=1, help="torch threads for the timed sections (0 = torch's default)")
@@ -431,7 +432,7 @@ def _runners(args, sizes: dict, out: Path) -> dict:
         "lora": lambda: section_lora(sizes["lora"], threads),
         "finetune": lambda: section_finetune(sizes["finetune"], threads),
         "threads": lambda: section_threads(sizes["threads"]),
-        "demo_precision": lambda: section_demo_precision(args.demo_runs),
+        "demo_precision": lambda: section_demo_precision(args.demo_runs, args.demo_note),
         "sdxl": lambda: section_sdxl(sizes["sdxl"], threads),
     }
 
