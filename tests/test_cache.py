@@ -147,6 +147,19 @@ def test_identical_files_are_encoded_once(tmp_path):
     assert torch.equal(ds[0]["latent"], ds[3]["latent"])  # 00000.png and copy.png
 
 
+def test_the_size_limits_given_are_the_ones_the_encode_applies(tmp_path):
+    """`min_size` / `max_pixels` (cache --min-size / --max-pixels) hold for the encode as for the scan: a 12 px image
+    under min_size=8 is cached (it was skipped as smaller than the default 16 px after the scan had accepted it)."""
+    d = tmp_path / "small"
+    d.mkdir()
+    for name, side in (("a.png", 12), ("b.png", 40)):
+        Image.fromarray(np.full((side, side, 3), 100, np.uint8)).save(d / name)
+    r = build_cache(str(d), tiny_vae(), None, str(tmp_path / "c"), size=32, progress=False, min_size=8)
+    assert (r.entries, r.skipped) == (2, []), [(s.path, s.detail) for s in r.skipped]
+    r = build_cache(str(d), tiny_vae(), None, str(tmp_path / "c16"), size=32, progress=False)  # the default: 16 px
+    assert r.entries == 1 and [s.reason for s in r.skipped] == ["too_small"]
+
+
 KILLED_RUN = """
 import sys, time, torch
 torch.set_num_threads(1)

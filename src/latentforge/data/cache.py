@@ -215,7 +215,8 @@ def _build_cache(data_dir, vae, text_encoder, out, size, batch_size, flip, shard
     before = latents.keys()
 
     text_keys, null_key = _encode_texts(items, text_encoder, texts, settings, report, progress)
-    entries = _encode_images(items, vae, latents, settings, size, batch_size, flip, report, progress, strict)
+    entries = _encode_images(items, vae, latents, settings, size, batch_size, flip, report, progress, strict,
+                             (max_pixels, min_size))
     for e in entries:
         e["text"] = text_keys[e["caption"]] if text_encoder else None
     live = {e["key"] for e in entries}
@@ -348,7 +349,8 @@ def _add_text(texts: ShardStore, key: str, row) -> None:
     texts.add(key, **arrays)
 
 
-def _encode_images(items, vae, latents: LatentStores, settings, size, batch_size, flip, report, progress, strict):
+def _encode_images(items, vae, latents: LatentStores, settings, size, batch_size, flip, report, progress, strict,
+                   limits):
     """Hash every file; encode (in batches, one per bucket) those whose key is not cached; -> manifest entries."""
     entries, batches = [], {}  # batches: bucket ("" = square) -> [(key, (3, H, W) image)]
 
@@ -363,7 +365,7 @@ def _encode_images(items, vae, latents: LatentStores, settings, size, batch_size
             report.encoded += len(batch)
 
     for item_entries, todo, bucket in _usable(items, settings, size, flip, latents.__contains__, report, strict,
-                                              progress):
+                                              progress, limits):
         for key, image in todo:
             batches.setdefault(bucket, []).append((key, image))
             if len(batches[bucket]) >= batch_size:
@@ -375,10 +377,10 @@ def _encode_images(items, vae, latents: LatentStores, settings, size, batch_size
     return entries
 
 
-def _usable(items, settings, size, flip, cached, report, strict, progress):
+def _usable(items, settings, size, flip, cached, report, strict, progress, limits):
     """Per usable item: (its entries, [(key, (3, H, W) image)] to encode, its bucket ("" = square)). Every file
     is hashed and its header read; the pixels are decoded only for keys neither `cached(key)` nor queued
-    before. Unusable files go to report.skipped."""
+    before. Unusable files (by `limits` = (max_pixels, min_size) too) go to report.skipped."""
     spec = settings["buckets"]
     base = json.dumps({k: settings[k] for k in ("size", "preprocess", "vae") + (("buckets",) if spec else ())},
                       sort_keys=True)
@@ -391,7 +393,7 @@ def _usable(items, settings, size, flip, cached, report, strict, progress):
             file_hash = hashlib.sha256(data).hexdigest()
             twins = [(f, _digest(base, file_hash, "flip" if f else "plain")) for f in ((False, True) if flip else (False,))]
             todo = [(f, k) for f, k in twins if not cached(k) and k not in queued]
-            img, placed = _prepare(data, item.name, size, spec, blist, file_hash, bool(todo))
+            img, placed = _prepare(data, item.name, size, spec, blist, file_hash, bool(todo), limits)
         except (OSError, BadImage) as e:
             reason, detail = (e.reason, e.detail) if isinstance(e, BadImage) else ("unreadable", e.strerror or str(e))
             report.skipped.append(sources.Skip(where, reason, detail))
@@ -420,18 +422,20 @@ def planned_entries(data_dir: str, vae, out: str, size: Optional[int] = None, fl
     old = read_manifest(out) if os.path.isdir(out) else None
     cached = {e["key"] for e in (old or {}).get("entries", [])}
     report = CacheReport(out=out)
-    return [e for entries, _, _ in _usable(items, settings, size, flip, cached.__contains__, report, False, False)
+    return [e for entries, _, _ in _usable(items, settings, size, flip, cached.__contains__, report, False, False,
+                                           (max_pixels, min_size))
             for e in entries]
 
 
-def _prepare(data: bytes, name: str, size: int, spec, blist, file_hash: str, pixels: bool):
+def _prepare(data: bytes, name: str, size: int, spec, blist, file_hash: str, pixels: bool, limits):
     """(the image to encode or None if not `pixels`, its Placement). Square caches: the placement of
     `load_image`'s shorter-side resize + center crop, in a size x size "bucket" (for the SDXL record)."""
-    img = open_checked(data, name)
+    img = open_checked(data, name, *limits)  # the --max-pixels / --min-size the scan used
     if spec is None:
         w, h = oriented_size(img)  # from the header: a reused latent needs no pixel decode
         placed = bk.place(w, h, [bk.Bucket(size, size)], "center", max_upscale=math.inf)
-        return (load_image(data, size, name=name) if pixels else None), placed
+        image = load_image(data, size, name=name, max_pixels=limits[0], min_size=limits[1]) if pixels else None
+        return image, placed
     w, h = oriented_size(img)  # from the header: a reused latent needs no pixel decode
     rng = random.Random(int(file_hash[:16], 16)) if spec["crop"] == "random" else None
     placed = bk.place(w, h, blist, spec["crop"], rng, spec["max_upscale"])
