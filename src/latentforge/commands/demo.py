@@ -6,12 +6,14 @@ Writes the data set, trains a VAE, caches latents, trains the UNet, samples and 
 
 from __future__ import annotations
 
+from ..demo import BUDGETS, PRECISIONS
+
 
 def add_arguments(p):
     p.add_argument("--out", default="runs/demo", help="output folder (replaced if it holds an earlier demo)")
-    p.add_argument("--budget", choices=["full", "tiny"], default="full",
+    p.add_argument("--budget", choices=tuple(BUDGETS), default="full",
                    help="full: the real demo (~10 min on 2 CPU cores); tiny: every stage for a few steps")
-    p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
+    p.add_argument("--precision", choices=PRECISIONS, default="auto",
                    help="the UNet's training precision; auto (default): bf16 (fp32 master weights) on a CPU with "
                         "native bf16 instructions, else fp32")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
