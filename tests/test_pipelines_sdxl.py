@@ -140,8 +140,11 @@ def test_micro_conditioning_options_on_a_plain_model_are_user_errors(tmp_path):
                            mid_attention=False, norm_groups=4, sample_size=4))
     vae = AutoencoderKL(VAEConfig(channels=(8, 8), norm_groups=4, layers_per_level=1))
     pipe = Pipeline(unet, vae, NoiseSchedule.from_config(ScheduleConfig()))
-    with pytest.raises(UserError, match="only SDXL"):
-        pipe.text2img(steps=1, original_size=(64, 64))
+    for option in (dict(original_size=(64, 64)), dict(crops_coords_top_left=(8, 0)),
+                   dict(negative_crops_coords_top_left=(0, 8)), dict(negative_target_size=(64, 64))):
+        with pytest.raises(UserError, match="only SDXL"):
+            pipe.text2img(steps=1, **option)
+    assert pipe.text2img(steps=1, crops_coords_top_left=(0, 0), output="pt").shape[0] == 1  # the default is no refusal
 
 
 def test_cli_sample_recognises_sdxl_and_takes_the_size_flags(folder, ours, tmp_path, capsys):
