@@ -79,6 +79,22 @@ def test_sample_console_script_writes_pngs_with_parameters(model, tmp_path, caps
     assert Image.open(tmp_path / "a" / "00000-7.png").size == (32, 16)
 
 
+def test_an_unhonoured_scheduler_key_is_one_warning_line(model, tmp_path):
+    import shutil
+
+    folder = shutil.copytree(model / "model", tmp_path / "model")
+    path = folder / "scheduler" / "scheduler_config.json"
+    path.write_text(json.dumps(dict(json.loads(path.read_text()), solver_order=3)))
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", OMP_NUM_THREADS="1")
+    r = subprocess.run([str(Path(sys.executable).with_name("latentforge")), "sample", "--model", str(folder),
+                        "--prompt", "low", "--steps", "1", "--device", "cpu", "--out", str(tmp_path / "o")],
+                       capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 0, r.stderr
+    lines = [s for s in r.stderr.splitlines() if "solver_order" in s]
+    assert len(lines) == 1 and lines[0].startswith("warning: ") and "solver_order=3" in lines[0], r.stderr
+    assert "UserWarning" not in r.stderr and "warnings.warn" not in r.stderr, r.stderr
+
+
 def test_img2img_and_inpaint_commands(model, tmp_path, capsys):
     base = ["--model", str(model / "model"), "--prompt", "lower", "--steps", "4", "--device", "cpu"]
     code, _ = _run(["img2img", *base, "--image", str(model / "in.png"), "--strength", "0.5", "--out",

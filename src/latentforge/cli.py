@@ -2,7 +2,8 @@
 
 Each sub-command lives in `latentforge/commands/<name>.py` and defines `add_arguments(parser)` and
 `run(args) -> int | None`; this module only parses and calls it. Import is lazy so `--help` is instant.
-A `UserError` (or a user-fixable OSError) becomes one line on stderr and exit status 2.
+A `UserError` (or a user-fixable OSError) becomes one line on stderr and exit status 2; a UserWarning
+(e.g. a scheduler key latentforge does not honour) becomes one `warning: …` line.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ import errno
 import importlib
 import os
 import sys
+import warnings
+from contextlib import contextmanager
 
 from . import threads
 from .errors import UserError
@@ -90,7 +93,30 @@ def _module(name: str):
     return importlib.import_module(f"latentforge.commands.{name}")
 
 
+@contextmanager
+def _one_line_warnings():
+    """UserWarnings print as one `warning: <message>` line (not Python's `path:line: UserWarning:` + source
+    line); other categories keep Python's format. Library callers keep the warnings API (filters, pytest.warns)."""
+    python_format = warnings.formatwarning
+
+    def line(message, category, filename, lineno, line=None):
+        if issubclass(category, UserWarning):
+            return f"warning: {message}\n"
+        return python_format(message, category, filename, lineno, line)
+
+    warnings.formatwarning = line
+    try:
+        yield
+    finally:
+        warnings.formatwarning = python_format
+
+
 def main(argv: list[str] | None = None) -> int:
+    with _one_line_warnings():
+        return _main(argv)
+
+
+def _main(argv: list[str] | None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     threads.prepare_environment()  # before any sub-command imports torch (OpenMP reads it once, at load)
     # Only the chosen sub-command's module is imported (keeps `--help` and errors fast).
