@@ -9,7 +9,7 @@ where the time goes op by op), 2. text→image vs StableDiffusionPipeline (+ a b
 SD 1.5-size UNet (~5 min, 13.2 GiB), 7. a full fine-tune step of the SD 1.5-size UNet (fp32/bf16 × gradient
 checkpointing; ~7 min, ~13.5 GiB), 8. threads with a competing busy process, 9. bf16 training quality from two
 demo runs (given, not run), 10. the SDXL-size UNet's LoRA step (~4 min, ~11 GiB). The document is rewritten
-after every section. `--sizes reduced`: the same sections with fewer rounds (about 45 minutes on one loaded core);
+after every section. `--sizes reduced`: the same sections with fewer rounds (14–19 min on one thread here);
 `--quick`: every section at a tiny size (the smoke test uses it); its numbers mean nothing.
 """
 
@@ -53,7 +53,7 @@ FULL = {
     "lora": dict(preset="sd15", steps=2, ranks=(4, 16, 64), subprocess=True),  # ~5 min, 13.2 GiB for the full arm
     "sdxl": dict(preset="sdxl", steps=1, rank=16, subprocess=True),  # ~4 min, ~11 GiB
 }
-# What one thread on a loaded 2-core machine finishes in about 45 minutes: the same sections and arms, fewer
+# For a run that has to fit in less time (14–19 min on one thread on the 2-core machine): the same sections and arms, fewer
 # timed rounds and steps (the document says which set ran).
 REDUCED = {**FULL,
            "unet": dict(FULL["unet"], repeats=3),
@@ -405,7 +405,7 @@ def _parser() -> argparse.ArgumentParser:
                     help="torch threads for the (untimed) steps-vs-quality section (0 = every core)")
     ap.add_argument("--sizes", choices=list(SIZES), default="full",
                     help="full: `make bench`; reduced: the same sections and arms with fewer timed rounds and steps "
-                         "(about 45 minutes on one loaded core); quick: tiny sizes, numbers mean nothing")
+                         "(14–19 min on one thread here); quick: tiny sizes, numbers mean nothing")
     ap.add_argument("--quick", action="store_true", help="= --sizes quick (the smoke test)")
     ap.add_argument("--sections", default=",".join(SECTIONS))
     ap.add_argument("--reference-steps", type=int, default=None,
@@ -469,8 +469,8 @@ SIZE_NOTES = {
     "full": "",
     "reduced": ("**Reduced sizes** (`--sizes reduced`): every section and arm of `make bench`, with fewer timed rounds "
                 "and steps — 3 interleaved rounds instead of 5 in §1–§3, 1 round in §8, 1 timed step instead of 3 in "
-                "§7 and of 2 in §6, samplers at 5, 10 and 20 steps (not 40) in §4 — so that one thread on this loaded "
-                "machine finishes in about 45 minutes. "
+                "§7 and of 2 in §6, samplers at 5, 10 and 20 steps (not 40) in §4 — for a run that has to fit in "
+                "less time (on this 2-core machine: 14 min on one thread at load ≈ 1, 19 min at load 4–7). "
                 "Read the paired CPU-time ratios; medians of 3 are noisier than of 5."),
     "quick": "**QUICK MODE: tiny sizes, the numbers mean nothing.**",
 }
