@@ -199,6 +199,8 @@ def test_bad_adapter_settings_are_one_line(tmp_path):
         (lambda: config(folder, ["adapter=lora", "lora.rank=99"]), "lora.rank=99: layer .* use a rank of at most 64"),
         (lambda: config(folder, ["adapter=lora", "lora.targets=heads"]),
          "lora.targets='heads' — choose one of attention, attention\\+ff, all"),
+        (lambda: config(folder, ["adapter=lora", 'unet.freeze=["*attn1*"]']),
+         "unet.freeze: with adapter=lora the whole base model is frozen already"),
     ]
     for make, message in cases:
         with pytest.raises(UserError, match=message) as e:

@@ -19,7 +19,7 @@ every run starts from the same adapters.
 from __future__ import annotations
 
 import copy
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import torch
@@ -50,11 +50,10 @@ def check(cfg) -> None:
                         "drop unet.freeze (choose the adapted layers with lora.targets)")
     if cfg.lora.dora and cfg.adapter != "lora":
         raise UserError(f"lora.dora=true: DoRA is a LoRA option — use adapter=lora with it, not adapter={cfg.adapter}")
-    if cfg.lora.text_encoder and cfg.train_text_encoder:
-        raise UserError("lora.text_encoder=true: train_text_encoder=true trains the whole text encoder already — "
-                        "use one of the two")
     if cfg.train_text_encoder:  # lora/ holds adapters only: a fully trained text encoder would not be in it
-        raise UserError(f"train_text_encoder=true: with adapter={cfg.adapter} the lora/ files hold adapters only, so "
+        raise UserError("lora.text_encoder=true: train_text_encoder=true trains the whole text encoder already — "
+                        "use one of the two" if cfg.lora.text_encoder else
+                        f"train_text_encoder=true: with adapter={cfg.adapter} the lora/ files hold adapters only, so "
                         "the trained text encoder would be lost — use lora.text_encoder=true (an adapter on it)")
     if cfg.lora.text_encoder and cfg.lora.dora:
         raise UserError("lora.text_encoder=true: DoRA on the text encoder is not read by diffusers' "
@@ -103,8 +102,6 @@ def ema_weights(unet: torch.nn.Module, ema):
 def write_outputs(run: Path, cfg, parts, step: int, resolution: int) -> Path:
     """run/lora/: the (EMA) adapters of `parts` (train.state.Part: the UNet's, then the text encoder's with
     lora.text_encoder=true) in diffusers' format (LoRA/DoRA) and in kohya's format."""
-    from contextlib import ExitStack
-
     out = Path(run) / "lora"
     out.mkdir(parents=True, exist_ok=True)
     components = dict(zip(("unet", "text_encoder"), (p.module for p in parts)))

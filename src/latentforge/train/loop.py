@@ -157,10 +157,7 @@ def _checked(cfg, d, dataset=None, text_encoder=None):
         raise UserError(f"batch_size={cfg.batch_size}: must be divisible by the {d.world_size} processes — "
                         "change batch_size or --nproc_per_node")
     check_precision(cfg.precision, d.device)
-    adapter.check(cfg)
-    if cfg.unet.freeze and adapter.enabled(cfg):
-        raise UserError(f"unet.freeze: not used with adapter={cfg.adapter} (the adapter trains only its own "
-                        "parameters) — drop unet.freeze, or train without an adapter")
+    adapter.check(cfg)  # (also refuses unet.freeze with an adapter)
     if dataset is not None:
         text_training.check(cfg, dataset, text_encoder)
     return cfg

@@ -18,12 +18,13 @@ from dataclasses import replace
 import torch
 
 from ..errors import UserError
+from .adapter import adapts_text
 from .step import Batch
 
 
 def enabled(cfg) -> bool:
     """The text model trains (all of it, or its adapters): captions are re-encoded every step."""
-    return cfg.train_text_encoder or (cfg.adapter != "none" and cfg.lora.text_encoder)
+    return cfg.train_text_encoder or adapts_text(cfg)
 
 
 def check(cfg, dataset, text_encoder) -> None:
