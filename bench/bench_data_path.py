@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import bench_cache  # noqa: E402  (the data engineer's epoch functions)
+import bench_cache  # noqa: E402  (the cached and on-the-fly epoch functions)
 import bench_common as common  # noqa: E402
 
 from latentforge.config import PRESETS, TrainConfig, replace  # noqa: E402

@@ -2,7 +2,7 @@
 
 Reads what each run wrote (eval/eval.json: adherence; unet/metrics.jsonl: the logged training loss; demo.json, where
 present: the stage times)
-and checks issue 16's quality goal for `precision=bf16`: all-attribute adherence on seen prompts ≥ 0.95 and the
+and checks the quality goal for `precision=bf16`: all-attribute adherence on seen prompts ≥ 0.95 and the
 final UNet training loss within 10 % of fp32's. "Final" = the mean of the last `n` logged losses (the same n for
 both runs), so one noisy log step does not decide. Nothing is timed here; the two runs are given.
 

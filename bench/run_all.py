@@ -263,28 +263,28 @@ def _glance_training(raw: dict) -> list:
     """Issue 16 points 1, 2 and 4: the GEMM limit, bf16 ≥ 1.6× fp32 and its quality, fp32 ≥ 1.2× diffusers."""
     rows, unet = [], raw.get("unet", {})
     for r in unet.get("rows", []):
-        rows.append([f"#16.4 fp32 training step vs diffusers, `{r['config']}`", f"{r['ratio_cpu']:.2f}× (CPU time), "
+        rows.append([f"fp32 training step vs diffusers, `{r['config']}`", f"{r['ratio_cpu']:.2f}× (CPU time), "
                      f"{r['ratio_wall']:.2f}× (wall)", "≥ 1.2× (or the op-by-op explanation, §1)",
                      _verdict(r["ratio_cpu"] >= 1.2) + ("" if r["ratio_cpu"] >= 1.2 else
                                                         (" — explained op by op in §1" if r.get("profile") else ""))])
         for arm, a in r.get("precision", {}).items():
             if "precision=bf16" in arm:
-                rows.append([f"#16.2 bf16 training step vs fp32, `{r['config']}` (CPU)",
+                rows.append([f"bf16 training step vs fp32, `{r['config']}` (CPU)",
                              f"{a['vs_fp32_cpu']:.2f}× (CPU time), {a['vs_fp32_wall']:.2f}× (wall)", "≥ 1.6×",
                              _verdict(a["vs_fp32_cpu"] >= 1.6)])
         if "gemm_fraction" in r.get("latentforge", {}):
-            rows.append([f"#16.1 fp32 step's fraction of the measured fp32 GEMM rate, `{r['config']}`",
+            rows.append([f"fp32 step's fraction of the measured fp32 GEMM rate, `{r['config']}`",
                          f"{r['latentforge']['gemm_fraction']:.0%} (diffusers {r['diffusers']['gemm_fraction']:.0%}); "
                          f"GEMM fp32 {unet['gemm_gflops']['fp32']:.0f} / bf16 {unet['gemm_gflops']['bf16']:.0f} GFLOP/s",
                          "reported", "reported"])
     q = raw.get("demo_precision")
     if q:
-        rows.append(["#16.2 bf16 demo quality: seen accuracy; final loss bf16 / fp32",
+        rows.append(["bf16 demo quality: seen accuracy; final loss bf16 / fp32",
                      f"{q['bf16']['seen']['accuracy']:.3f}; {q['loss_ratio']:.3f}", "≥ 0.95; within 10 %",
                      _verdict(q["met"]) + " (two demo runs, §9)"])
     elif "demo_precision" in raw:
-        rows.append(["#16.2 bf16 demo quality", "no demo runs given", "≥ 0.95; within 10 %", "not measured in this run"])
-    rows.append(["#16.3 no host sync per step (GPU `set_sync_debug_mode('error')`, 20 steps)", "–", "raises nothing",
+        rows.append(["bf16 demo quality", "no demo runs given", "≥ 0.95; within 10 %", "not measured in this run"])
+    rows.append(["no host sync per step (GPU `set_sync_debug_mode('error')`, 20 steps)", "–", "raises nothing",
                  NO_GPU])
     return rows
 
@@ -293,12 +293,12 @@ def _glance_sampling(raw: dict) -> list:
     rows = []
     if "text2img" in raw:
         t = raw["text2img"]
-        rows.append([f"#16.5 text→image {t['steps']} steps vs StableDiffusionPipeline", f"{t['ratio_cpu']:.2f}× (CPU "
+        rows.append([f"text→image {t['steps']} steps vs StableDiffusionPipeline", f"{t['ratio_cpu']:.2f}× (CPU "
                      f"time), {t['ratio_wall']:.2f}× (wall); same images (max abs Δ {t['max_abs_diff']:.0e})", "≥ 1.3×",
                      _verdict(t["ratio_cpu"] >= 1.3)])
         if "bf16" in t:
             b = t["bf16"]
-            rows.append(["#16.5 bf16 inference (UNet in bf16) vs fp32 latentforge", f"{b['vs_fp32_cpu']:.2f}× (CPU "
+            rows.append(["bf16 inference (UNet in bf16) vs fp32 latentforge", f"{b['vs_fp32_cpu']:.2f}× (CPU "
                          f"time); image Δ max {b['max_abs_diff']:.1e}, mean {b['mean_abs_diff']:.1e}",
                          "an option, difference reported", "reported"])
     if "quality" in raw:
@@ -318,15 +318,15 @@ def _glance_rest(raw: dict, on_gpu: bool) -> list:
         arms = raw["threads"]["arms"]
         default = next(a for k, a in arms.items() if k.startswith("latentforge default"))
         two = next(a for k, a in arms.items() if k.startswith("2 threads"))
-        rows.append(["#16.6 step with a competing busy process: default / 2 active threads / 1 thread",
+        rows.append(["step with a competing busy process: default / 2 active threads / 1 thread",
                      f"{default['ms']:.0f} / {two['ms']:.0f} / {arms['1 thread']['ms']:.0f} ms",
                      "default not slower than 1 thread", _verdict(default["vs_one_thread"] >= 0.95)])
-    rows.append(["#16.7 GPU bf16 step of the SD 1.5 UNet, MFU; LoRA step", "see §1" if on_gpu else "–", "MFU ≥ 45 %",
+    rows.append(["GPU bf16 step of the SD 1.5 UNet, MFU; LoRA step", "see §1" if on_gpu else "–", "MFU ≥ 45 %",
                  "" if on_gpu else NO_GPU])
     if raw.get("lora"):
         g = bench_lora.goal(raw["lora"])
         if g:
-            rows.append([f"#12 LoRA rank 16 vs full fine-tune (`{raw['lora']['preset']}` UNet): peak RSS; step CPU time",
+            rows.append([f"LoRA rank 16 vs full fine-tune (`{raw['lora']['preset']}` UNet): peak RSS; step CPU time",
                          f"{g['rss']:.2f}×; {g['cpu']:.2f}×", "≤ 0.4×; ≤ 0.8×", _verdict(g["met"])])
     if "data" in raw:
         d = raw["data"]
@@ -340,7 +340,7 @@ def _glance_rest(raw: dict, on_gpu: bool) -> list:
 
 
 def summary(raw: dict, device: str = "cpu") -> str:
-    """One line per benchmark goal (issue 16's points, #12's LoRA goal, the data-path goals), from this run."""
+    """One line per benchmark goal (speed, LoRA memory, the data path), from this run."""
     rows = _glance_training(raw) + _glance_sampling(raw) + _glance_rest(raw, device.startswith("cuda"))
     return common.table(["goal", "this run", "target", "verdict"], rows)
 
@@ -380,7 +380,7 @@ def section_gpu(device: str) -> str:
     if device.startswith("cuda"):
         return (f"Measured in §1 on {torch.cuda.get_device_name()}. To rerun: `.venv/bin/python bench/bench_unet.py "
                 "--device cuda --dtype bf16 --configs sd15,small --steps-per-sample 10 --threads 0`.")
-    return ("**No GPU was available for this run**, so issue 16's GPU points (the sync-debug check over 20 training "
+    return ("**No GPU was available for this run**, so the GPU points (the sync-debug check over 20 training "
             "steps, the bf16 step of the SD 1.5-size UNet with its MFU, the LoRA step on a GPU) are not measured here.")
 
 
