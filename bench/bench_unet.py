@@ -221,8 +221,10 @@ ABLATIONS = {
 
 CATEGORIES = {  # aten op name fragments -> category (first match wins)
     "convolution": ("convolution",),
-    "GEMM (linear, matmul)": ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm"),
-    "attention (SDPA kernel)": ("scaled_dot_product", "flash_attention"),
+    # the UNet's only batched GEMMs and softmax are attention's explicit route (models/attend.py)
+    "attention (SDPA, or bmm/softmax)": ("scaled_dot_product", "flash_attention", "aten::bmm", "aten::baddbmm",
+                                         "softmax"),
+    "GEMM (linear, matmul)": ("aten::mm", "aten::addmm"),
     "optimizer": ("adam", "_foreach", "lerp", "addcdiv", "addcmul", "sqrt"),
     "normalisation": ("group_norm", "layer_norm"),
     "copies (copy/cat/pad)": ("copy_", "aten::cat", "pad", "clone", "contiguous"),

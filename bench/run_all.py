@@ -114,8 +114,9 @@ def section_unet(p: dict, device: str, dtype: str) -> tuple[dict, str]:
     prec = bench_unet.markdown_precision(res)
     if prec:
         lines += ["", "**bf16 on CPU** (extra arms in the same interleaved rounds; `precision=bf16` trains with the first "
-                  "arm: a bf16 compute copy of the UNet, fp32 master weights, AdamW state and EMA; the attention kernel "
-                  "runs in fp32 on CPU, whose bf16 flash-attention backward is several times slower):", "", prec]
+                  "arm: a bf16 compute copy of the UNet, fp32 master weights, AdamW state and EMA; attention runs as bf16 "
+                  "GEMMs and a softmax where its score matrix is small, else torch's flash kernel in fp32, whose bf16 "
+                  "backward is several times slower — models/attend.py):", "", prec]
     abl = bench_unet.markdown_ablations(res)
     if abl:
         lines += ["", "**What one more optimisation would buy** (extra arms in the same interleaved rounds, each on "
@@ -149,7 +150,7 @@ def _profile_reading_one(r: dict) -> str:
     need = tot["latentforge"] - tot["diffusers"] / 1.2  # ms/step to cut for 1.2x
     text = (f"On `{r['config']}` the profiled step is {tot['latentforge']:.0f} ms (latentforge) vs "
             f"{tot['diffusers']:.0f} ms (diffusers): {tot['diffusers'] / tot['latentforge']:.2f}× in this profile, "
-            f"{r['ratio_cpu']:.2f}× by the interleaved CPU-time medians above. Convolutions, GEMMs and the SDPA kernel "
+            f"{r['ratio_cpu']:.2f}× by the interleaved CPU-time medians above. Convolutions, GEMMs and the attention kernels "
             f"take {100 * ker['latentforge'] / tot['latentforge']:.0f} % of latentforge's step and "
             f"{100 * ker['diffusers'] / tot['diffusers']:.0f} % of diffusers' ("
             + ", ".join(f"{c.split(' (')[0]} {x:.0f} vs {y:.0f} ms" for c, (x, y) in per.items()) + "). ")
@@ -159,8 +160,9 @@ def _profile_reading_one(r: dict) -> str:
                  "1×1 convolutions on (B, C, H, W), which latentforge runs as the GEMMs they are on (B, HW, C) tokens "
                  "(models/layers.py; the same FLOPs). ")
     text += ("Otherwise both call the same oneDNN/MKL convolution and GEMM kernels on the same shapes (same "
-             "architecture, same FLOPs): that time is zero-sum between them; so is the SDPA kernel's, except where "
-             "latentforge zero-pads heads narrower than 16 channels on CPU (a faster kernel). What an fp32 eager-mode "
+             "architecture, same FLOPs): that time is zero-sum between them; attention differs only in the kernel "
+             "chosen per shape (models/attend.py: bmm/softmax for short key sequences, flash with heads zero-padded "
+             "to 16 channels otherwise; the same function). What an fp32 eager-mode "
              f"change can still shrink is the rest: {rest:.0f} ms of latentforge's step (elementwise ops, copies, "
              "normalisation, AdamW). ")
     if need > 0:

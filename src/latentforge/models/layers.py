@@ -23,6 +23,7 @@ import torch.utils.checkpoint
 from torch import nn
 
 from ..adapters.layers import add_adapters, plain_layer
+from .attend import attend
 
 
 # --------------------------------------------------------------------------- time embedding
@@ -116,21 +117,8 @@ class Upsample(nn.Module):
 # --------------------------------------------------------------------------- attention
 
 
-_CPU_MIN_HEAD_DIM = 16  # see Attention.forward
-
-
-def _key_padding_bias(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """(B, L) bool, True = attend -> (B, 1, 1, L) additive bias (0 or a large negative).
-
-    A finite negative instead of -inf keeps a fully padded row finite (uniform weights, like diffusers).
-    """
-    bias = torch.zeros(mask.shape, dtype=dtype, device=mask.device)
-    bias = bias.masked_fill(~mask.bool(), torch.finfo(dtype).min)
-    return bias[:, None, None, :]
-
-
 class Attention(nn.Module):
-    """Multi-head attention through `F.scaled_dot_product_attention` (Vaswani et al. 2017, eq. 1).
+    """Multi-head attention (Vaswani et al. 2017, eq. 1); the kernel per device/shape/dtype is models/attend.py's.
 
     Self-attention when `context` is None, else cross-attention to `context` (Rombach et al. 2022 §3.3).
     """
@@ -161,21 +149,9 @@ class Attention(nn.Module):
         B, N, _ = x.shape  # (B, N, C)
         q, k, v = self._project_qkv(x, context)  # (B, N, inner), (B, L, inner) ×2
         q, k, v = (u.unflatten(-1, (self.heads, -1)).transpose(1, 2) for u in (q, k, v))  # (B, h, ·, d)
-        dtype = q.dtype
-        # fp32 kernel when asked (SD 2.1) and for bf16 on CPU, whose bf16 flash-attention backward runs several
-        # times slower than fp32's (profiled on the `small` UNet, torch 2.13, docs/BENCHMARKS.md)
-        if (self.upcast or q.device.type == "cpu") and dtype != torch.float32:
-            q, k, v = q.float(), k.float(), v.float()
-        bias = None if mask is None or context is None else _key_padding_bias(mask, q.dtype)  # (B, 1, 1, L)
-        d = q.shape[-1]
-        if q.device.type == "cpu" and d < _CPU_MIN_HEAD_DIM:
-            # torch's CPU flash attention is ~1.5x slower (fwd+bwd) at head_dim 8 than at 16. Zero-padding
-            # q, k, v to 16 leaves q·kᵀ and the first d output columns unchanged (scale stays 1/√d).
-            q, k, v = (F.pad(u, (0, _CPU_MIN_HEAD_DIM - d)) for u in (q, k, v))  # (B, h, ·, 16)
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=d ** -0.5)[..., :d]  # (B, h, N, d)
-        else:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)  # (B, h, N, d)
-        out = out.to(dtype).transpose(1, 2).reshape(B, N, -1)  # (B, N, inner)
+        keep = None if mask is None or context is None else mask  # (B, L) key padding of the context
+        out = attend(q, k, v, keep, upcast=self.upcast)  # (B, h, N, d); kernel chosen in models/attend.py
+        out = out.transpose(1, 2).reshape(B, N, -1)  # (B, N, inner)
         return self.to_out[0](out)  # (B, N, C)
 
 

@@ -8,8 +8,8 @@ Mixed-precision training with fp32 master weights (Micikevicius et al. 2018, "Mi
 the NaN guard's masked step and the checkpoints see only fp32 tensors — and the compute copy is a pure
 function of it (round to nearest), so resume stays bitwise. Why not autocast: on CPU it casts every
 weight at every use (forward and again in backward); here each weight is rounded once per step.
-Attention still runs its kernel in fp32 (models/layers.py: torch's CPU bf16 flash-attention backward
-is several times slower than fp32's).
+Attention runs as bf16 GEMMs where its score matrix is small and in fp32 flash otherwise (models/attend.py:
+torch's CPU bf16 flash-attention backward is several times slower than fp32's).
 """
 
 from __future__ import annotations
