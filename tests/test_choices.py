@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from latentforge import config, demo, samplers, schedule
+from latentforge import config, demo_budgets, samplers, schedule
 from latentforge.adapters.inject import TEXT_TARGETS, UNET_TARGETS
 from latentforge.adapters.layers import KINDS
 from latentforge.cli import build_parser
@@ -34,8 +34,8 @@ OWNERS = {
     ("samplers.py", "SPACINGS"): samplers.SPACINGS,
     ("data/images.py", "IMAGE_EXTENSIONS"): tuple(images.IMAGE_EXTENSIONS),
     ("data/sources.py", "LABELS"): sources.LABELS,
-    ("demo.py", "PRECISIONS"): demo.PRECISIONS,
-    ("demo.py", "BUDGETS"): tuple(demo.BUDGETS),
+    ("demo_budgets.py", "PRECISIONS"): demo_budgets.PRECISIONS,
+    ("demo_budgets.py", "BUDGETS"): tuple(demo_budgets.BUDGETS),
 }
 SETS = {frozenset(v): f"{file}:{name}" for (file, name), v in OWNERS.items()}
 SELECTIONS_OK = {"config.py:PRESETS"}  # a named part of the presets (config.SMALL_PRESETS) is a setting of its own
@@ -164,4 +164,4 @@ def test_cli_help_lists_the_owners_choices():
     labels = next(a for a in build_parser("cache").commands["cache"]._actions if "--labels" in a.option_strings)
     assert labels.choices is sources.LABELS
     demo_flags = {a.dest: a.choices for a in build_parser("demo").commands["demo"]._actions}
-    assert demo_flags["precision"] is demo.PRECISIONS and demo_flags["budget"] == tuple(demo.BUDGETS)
+    assert demo_flags["precision"] is demo_budgets.PRECISIONS and demo_flags["budget"] == tuple(demo_budgets.BUDGETS)

@@ -1,6 +1,9 @@
 """The CLI's parsing and the helpers the sub-commands share (commands/common.py): key=value settings between the
 flags without a patched argparse, the device choice as one line."""
 
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -60,3 +63,14 @@ def test_eval_refuses_an_unknown_sampler_before_loading(tmp_path, capsys):
     assert main(["eval", "--model", str(tmp_path / "none"), "--sampler", "plms"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: --sampler: unknown 'plms' — use one of ddpm, ") and err.count("\n") == 1, err
+
+
+def test_the_parser_does_not_load_the_demo():
+    """`latentforge --help` builds every command's flags; the demo's (--budget, --precision) come from plain data,
+    so neither the help nor `demo --help` imports latentforge.demo (models, training loop, pipelines: ~0.7 s of CPU
+    on every start), and `demo --help` loads no torch at all. A fresh interpreter: this test process has them."""
+    code = ("import sys; from latentforge.cli import build_parser; build_parser({only}); "
+            "print(sorted(m for m in ('latentforge.demo', 'torch') if m in sys.modules))")
+    loaded = {only: subprocess.run([sys.executable, "-c", code.format(only=only)], capture_output=True, text=True,
+                                   check=True).stdout.strip() for only in ("None", "'demo'")}
+    assert loaded == {"None": "['torch']", "'demo'": "[]"}, loaded  # torch: the generation commands' samplers

@@ -94,10 +94,10 @@ def test_unknown_preset_is_a_user_error():
 
 def test_demo_preset_is_the_demo_model_and_trains_with_the_demo_settings():
     """`model=demo` on a user's own data: the demo's UNet and VAE, and the from-scratch settings the demo uses."""
-    from latentforge import demo
+    from latentforge import demo_budgets
     from latentforge.config import VAETrainConfig, load_train_config
 
-    full = demo.BUDGETS["full"]
+    full = demo_budgets.BUDGETS["full"]
     assert full.unet.unet == PRESETS["demo"].unet and full.vae.vae == PRESETS["demo"].vae
     cfg = load_train_config(None, ["model=demo"])
     assert cfg.unet == PRESETS["demo"].unet

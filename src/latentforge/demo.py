@@ -3,9 +3,9 @@
     shapes.write_dataset ─▶ train.vae.train_vae ─▶ data.cache.build_cache ─▶ train.loop.train
         ─▶ pipelines.Pipeline (text→image grid, image→image, inpainting) ─▶ evaluate.evaluate_shapes
 
-Every stage is a call into the library (no copies), with its own progress bar. The sizes below
-were tuned on a shared 2-core CPU so that `--budget full` finishes well inside 12 minutes and the
-model follows ≥ 80 % of seen prompts on all four attributes (see docs in README / report.md).
+Every stage is a call into the library (no copies), with its own progress bar. The sizes
+(demo_budgets.py) were tuned on a shared 2-core CPU so that `--budget full` finishes well inside 12 minutes
+and the model follows ≥ 80 % of seen prompts on all four attributes (see docs in README / report.md).
 `--budget tiny` runs every stage for a few steps (the end-to-end test).
 """
 
@@ -15,16 +15,16 @@ import json
 import os
 import shutil
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 from PIL import Image, ImageDraw
 
 from . import evaluate, io
-from .config import PRESETS, ScheduleConfig, TrainConfig, VAETrainConfig
 from .data import shapes
 from .data.cache import LatentDataset, build_cache
+from .demo_budgets import BUDGETS, PRECISIONS, Budget
 from .errors import UserError
 from .metrics.adherence import markdown_table
 from .models import AutoencoderKL
@@ -35,63 +35,6 @@ from .train.loop import train
 from .train.precision import NATIVE_BF16_FLAGS, cpu_native_bf16
 from .train.report import read_metrics, smooth
 from .train.vae import train_vae
-
-PRECISIONS = ("auto", "fp32", "bf16")
-
-
-@dataclass(frozen=True)
-class Budget:
-    """Sizes and steps of one demo run."""
-
-    images: int  # shapes images written (seen combinations only)
-    image_size: int
-    vae: VAETrainConfig
-    unet: TrainConfig
-    text_max_length: int  # MiniLM tokens; the longest shapes caption is 14 with [CLS]/[SEP]
-    eval_images_per_prompt: int
-    sampler: str = "dpmpp-2m"
-    steps: int = 20
-    cfg: float = 4.0
-    img2img_strengths: tuple = (0.1, 0.3, 0.5, 0.7, 0.9)
-    # Guidance off for the img2img figure: at CFG 4 this small model follows the prompt from the
-    # lowest strength on, so the strengths would all look alike.
-    img2img_cfg: float = 1.0
-    seed: int = 0
-    notes: dict = field(default_factory=dict)
-
-
-_VAE, _UNET = PRESETS["demo"].vae, PRESETS["demo"].unet  # `model=demo` trains the same model on your own data
-_SCHEDULE = ScheduleConfig()  # SD's scaled_linear, ε-prediction
-
-BUDGETS = {
-    "full": Budget(
-        images=2048, image_size=32,
-        # Adam's default betas and 800 steps: with the GAN-style (0.5, 0.9) betas, or after only 500 steps,
-        # red shapes decoded as orange/yellow.
-        vae=VAETrainConfig(model="demo", vae=_VAE, image_size=32, batch_size=32, max_steps=800, lr=3e-3,
-                           warmup_steps=50,
-                           adam_beta1=0.9, adam_beta2=0.999, kl_weight=1e-6, checkpoint_every=10_000,
-                           sample_every=0, log_every=10),
-        # min-SNR-5 weighting (Hang et al. 2023) shifts the loss towards the noisy steps that decide
-        # layout; position was the last attribute to be learned.
-        unet=TrainConfig(model="demo", unet=_UNET, schedule=_SCHEDULE, batch_size=32, max_steps=1500, lr=1e-3,
-                         warmup_steps=100,
-                         min_snr_gamma=5.0, ema_decay=0.999, caption_dropout=0.1, checkpoint_every=10_000,
-                         sample_every=1500, log_every=10, image_size=32,  # one validation grid, at the end
-                         val_fraction=0.0),  # every image trains; the demo measures on held-out combinations
-        text_max_length=16, eval_images_per_prompt=2,
-    ),
-    "tiny": Budget(
-        images=64, image_size=32,
-        vae=VAETrainConfig(vae=replace(_VAE, channels=(8, 16, 16), norm_groups=8), image_size=32, batch_size=8,
-                           max_steps=3, warmup_steps=1, checkpoint_every=10_000, sample_every=0, log_every=1,
-                           holdout=4),
-        unet=TrainConfig(unet=replace(_UNET, channels=(16, 32), num_heads=2, norm_groups=8), schedule=_SCHEDULE,
-                         batch_size=8, max_steps=3, warmup_steps=1, checkpoint_every=10_000, sample_every=0,
-                         log_every=1, image_size=32),
-        text_max_length=16, eval_images_per_prompt=1, steps=2, img2img_strengths=(0.5, 1.0),
-    ),
-}
 
 
 class Stages:

@@ -6,7 +6,7 @@ Writes the data set, trains a VAE, caches latents, trains the UNet, samples and 
 
 from __future__ import annotations
 
-from ..demo import BUDGETS, PRECISIONS
+from ..demo_budgets import BUDGETS, PRECISIONS  # not ..demo: it loads torch and the models
 
 
 def add_arguments(p):
