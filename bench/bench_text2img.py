@@ -23,6 +23,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_common as common  # noqa: E402
+import bench_unet  # noqa: E402
 
 from latentforge.config import PRESETS, ScheduleConfig  # noqa: E402
 from latentforge.formats import save_model_folder  # noqa: E402
@@ -78,9 +79,10 @@ def load_pair(folder: Path, device: torch.device):
 
 
 def run(preset: str = "small", steps: int = 20, batch: int = 4, cfg: float = 7.5, repeats: int = 5, warmup: int = 1,
-        device: str = "cpu", progress: bool = True, bf16: bool = True) -> dict:
+        device: str = "cpu", progress: bool = True, bf16: bool = True, profile: bool = True) -> dict:
     """latentforge vs diffusers at fp32 (same images), plus (`bf16`) latentforge with its UNet in bf16
-    (`Pipeline.compute_in(torch.bfloat16)`) as a third arm of the same rounds, with its image difference."""
+    (`Pipeline.compute_in(torch.bfloat16)`) as a third arm of the same rounds, with its image difference, and
+    (`profile`, CPU) where the time of one call goes, by aten op, for the two fp32 arms."""
     dev = torch.device(device)
     with tempfile.TemporaryDirectory() as tmp:
         folder = write_model(Path(tmp) / "model", preset)
@@ -115,6 +117,9 @@ def run(preset: str = "small", steps: int = 20, batch: int = 4, cfg: float = 7.5
                          "vs_diffusers_cpu": common.paired_ratio(lb, di, "cpu"),
                          "max_abs_diff": float((c - a.cpu()).abs().max()),
                          "mean_abs_diff": float((c - a.cpu()).abs().mean())}
+    if profile and dev.type == "cpu":
+        pair = {k: arms[k] for k in ("latentforge", "diffusers")}
+        extra["profile"], extra["profile_ops"] = bench_unet.profile_breakdown(pair, n=1)
     return {**extra, "preset": preset, "steps": steps, "batch": batch, "cfg": cfg, "size": side, "sampler": "DPM++ 2M",
             "repeats": repeats, "warmup": warmup, "max_abs_diff": diff,
             "latentforge": {"images_per_s": la.rate("wall"), "images_per_cpu_s": la.rate("cpu"), "wall": la.wall, "cpu": la.cpu},

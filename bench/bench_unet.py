@@ -220,7 +220,7 @@ ABLATIONS = {
 # ---- where the time goes --------------------------------------------------------------------
 
 CATEGORIES = {  # aten op name fragments -> category (first match wins)
-    "convolution": ("convolution",),
+    "convolution": ("convolution", "conv2d"),  # conv2d: aten::_slow_conv2d_forward, torch's non-oneDNN path
     # the UNet's only batched GEMMs and softmax are attention's explicit route (models/attend.py)
     "attention (SDPA, or bmm/softmax)": ("scaled_dot_product", "flash_attention", "aten::bmm", "aten::baddbmm",
                                          "softmax"),
@@ -453,7 +453,7 @@ def markdown_ablations(res: dict) -> str:
                          "vs diffusers (paired, CPU)", "vs diffusers (paired, wall)"], rows) if rows else ""
 
 
-def markdown_profile(res: dict) -> str:
+def markdown_profile(res: dict, per: str = "step") -> str:
     rows = []
     for r in res["rows"]:
         if not r.get("profile"):
@@ -463,13 +463,15 @@ def markdown_profile(res: dict) -> str:
         tot = {arm: sum(p[arm].values()) for arm in p}
         for c in cats + ["total"]:
             vals = {arm: tot[arm] if c == "total" else p[arm][c] for arm in p}
+            if not any(vals.values()):
+                continue  # e.g. no optimizer in a sampling call
             rows.append([f"`{r['config']}`", c] + [f"{vals[arm]:.0f} ({100 * vals[arm] / tot[arm]:.0f} %)" for arm in p]
                         + [f"{vals['latentforge'] - vals['diffusers']:+.0f}"])
-    return common.table(["config", "op category", "latentforge ms/step (share)", "diffusers ms/step (share)",
+    return common.table(["config", "op category", f"latentforge ms/{per} (share)", f"diffusers ms/{per} (share)",
                          "Δ ms"], rows) if rows else ""
 
 
-def markdown_ops(res: dict, top: int = 14) -> str:
+def markdown_ops(res: dict, top: int = 14, per: str = "step") -> str:
     """Per aten op: self CPU ms per step and calls per step of each arm, the ops with the largest time first
     (their sum in either arm), and the difference latentforge − diffusers."""
     rows = []
@@ -488,8 +490,8 @@ def markdown_ops(res: dict, top: int = 14) -> str:
         rest = [k for k in names[top:]]
         ra, rb = sum(a.get(k, z)["ms"] for k in rest), sum(b.get(k, z)["ms"] for k in rest)
         rows.append([f"`{r['config']}`", f"{len(rest)} other ops", "", f"{ra:.0f}", f"{rb:.0f}", f"{ra - rb:+.0f}"])
-    return common.table(["config", "aten op", "category", "latentforge ms/step (calls)", "diffusers ms/step (calls)",
-                         "Δ ms"], rows) if rows else ""
+    return common.table(["config", "aten op", "category", f"latentforge ms/{per} (calls)",
+                         f"diffusers ms/{per} (calls)", "Δ ms"], rows) if rows else ""
 
 
 def main(argv=None) -> int:

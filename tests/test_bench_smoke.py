@@ -87,6 +87,7 @@ def test_unet_step_same_weights_ratio_memory_and_flops(quick):
     assert len(_rows(doc, "bf16 training step vs fp32, `tiny` (CPU)")) == 1
     arms = raw["threads"]["arms"]  # the step with a competing busy process, threads 1 / 2 / default
     assert len(arms) == 3 and arms["1 thread"]["threads"] == 1 and all(a["ms"] > 0 for a in arms.values())
+    assert arms["1 thread"]["paired_vs_one_thread"] == 1.0  # paired with itself, round by round
     assert "## 8. Threads with a competing busy process" in doc
     # the SD 1.5 UNet's training FLOPs at 64x64: 3 x forward, forward ≈ 0.80 TFLOP (2 x its ~400 G MACs)
     assert 2.0e12 < raw["unet"]["flops_sd15_64"] < 2.8e12
@@ -100,6 +101,10 @@ def test_text2img_same_images_and_data_path(quick):
     assert raw["text2img"]["latentforge"]["images_per_s"] > 0
     bf16 = raw["text2img"]["bf16"]  # the UNet in bf16: a third arm of the same rounds, close to fp32's images
     assert 0 < bf16["mean_abs_diff"] <= bf16["max_abs_diff"] < 0.25 and bf16["images_per_cpu_s"] > 0
+    t2i = raw["text2img"]  # where one call's time goes, both pipelines, by aten op
+    assert set(t2i["profile"]) == {"latentforge", "diffusers"}
+    assert t2i["profile_ops"]["diffusers"]["aten::convolution"]["calls"] > 0
+    assert "| `tiny text→image` | total |" in doc and "outside any aten op" in doc
     steps = raw["data"]["steps"]
     assert set(steps) == {"model only", "DataLoader(LatentDataset)", "train stream"}
     assert steps["model only"]["ratio_cpu"] == 1.0
