@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 import latentforge
@@ -275,3 +275,79 @@ def test_img2img_and_inpaint_round_the_input_down_to_the_vae_grid(pipe):
         x0 = pipe.vae.encode(to_tensor([odd.resize((36, 24), Image.Resampling.LANCZOS)]))
     assert out.shape == (1, 4, 6, 9) and torch.equal(out, x0)
     assert pipe.inpaint(odd, mask, "lower", steps=2, width=24, height=40)[0].size == (24, 40)
+
+
+# ----------------------------------------------------------------------------- an input image far larger than the output
+
+def _decoded_sizes(monkeypatch) -> list:
+    """The (width, height) of every image file decoded from now on (PIL's ImageFile.load with tiles left to decode)."""
+    from PIL import ImageFile
+
+    sizes, load = [], ImageFile.ImageFile.load
+    monkeypatch.setattr(ImageFile.ImageFile, "load", lambda self: (self.tile and sizes.append(self.size)) or load(self))
+    return sizes
+
+
+def test_an_output_size_taken_from_a_huge_image_is_refused_before_decoding(pipe, tmp_path, monkeypatch):
+    """Without --width and --height the output has the image's size: over the limit that is one line naming the
+    flag, the file, its size and what to pass, before a pixel is decoded (a 100-megapixel PNG went on to encode
+    at full size: 21.6 GB of memory). A 32x32 file stands for it (the limit set to 1,023 pixels)."""
+    import latentforge.pipelines as pipelines
+
+    monkeypatch.setattr(pipelines, "MAX_PIXELS", 32 * 32 - 1)
+    big, mask = tmp_path / "big.png", tmp_path / "mask.png"
+    _image((32, 32)).save(big)
+    Image.new("L", (32, 32), 255).save(mask)
+    decoded = _decoded_sizes(monkeypatch)
+    for call in (lambda: pipe.img2img(big, "lower", steps=2), lambda: pipe.img2img(big, "lower", steps=2, width=32),
+                 lambda: pipe.inpaint(big, mask, "lower", steps=2, height=32)):
+        with pytest.raises(UserError) as e:
+            call()
+        assert str(e.value) == (
+            f"--image {big}: 32x32 would make a 32x32 output (the image's own size where --width/--height are not "
+            "given), over the limit of 1,023 pixels — pass --width and --height (the model's size is 32x32) or "
+            "resize the image")
+    assert decoded == []
+    # with both sides given the image is only an input: reduced to the output, and the output is what was asked
+    assert pipe.img2img(big, "lower", steps=2, width=16, height=16)[0].size == (16, 16)
+    assert pipe.inpaint(big, mask, "lower", steps=2, width=16, height=24)[0].size == (16, 24)
+
+
+def _photo(size=(512, 384)) -> Image.Image:
+    """A smooth gradient with a disc: a stand-in for a photograph."""
+    y, x = np.mgrid[0:size[1], 0:size[0]]
+    img = Image.fromarray(np.stack([x / 2, y / 1.5, (x + y) / 3.5], -1).astype(np.uint8))
+    ImageDraw.Draw(img).ellipse((100, 80, 300, 300), fill=(200, 30, 30))
+    return img
+
+
+@pytest.mark.parametrize("fmt, decoded_at", [("JPEG", (128, 96)), ("PNG", (512, 384))])
+def test_a_large_input_is_decoded_reduced_towards_the_output(pipe, tmp_path, monkeypatch, capsys, fmt, decoded_at):
+    """A 512x384 file used at 32x32 (16x smaller): a JPEG decodes at 1/4 scale (128x96, PIL's `draft`), then both
+    shrink by whole factors while ≥ 3x the output before the LANCZOS resize (PIL's `reducing_gap=3`). Measured
+    against a full decode + LANCZOS on this image: at most 2 levels of 255 apart, 0.2 on average (the bound below
+    leaves room for JPEG decoders). Over PIL's decompression-bomb limit it says one warning line (no Python warning)."""
+    import warnings
+
+    from latentforge.data.images import fit_image, open_image
+
+    path = tmp_path / f"photo.{fmt.lower()}"
+    _photo().save(path, fmt, quality=95)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 512 * 384 - 1)
+    decoded = _decoded_sizes(monkeypatch)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        with open_image(path) as im:
+            got = np.asarray(fit_image(im, (32, 32), f"--image {path}"), dtype=int)
+    assert decoded == [decoded_at] and not [w for w in seen if issubclass(w.category, Image.DecompressionBombWarning)]
+    assert capsys.readouterr().err == (f"warning: --image {path}: 512x384 = 196,608 pixels is over PIL's "
+                                       "decompression-bomb limit of 196,607 — it is read (slow) and used at 32x32; "
+                                       "resize the file if that is not what you want\n")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 10 ** 9)
+    with Image.open(path) as full:
+        ref = np.asarray(full.resize((32, 32), Image.Resampling.LANCZOS), dtype=int)
+    assert np.abs(got - ref).max() <= 3 and np.abs(got - ref).mean() < 0.4
+    # the pipeline reads it the same way: the image it encodes is fit_image's
+    out = pipe.img2img(path, "lower", strength=0.5, steps=2, seed=1, width=32, height=32, output="latent")
+    same = pipe.img2img(Image.fromarray(got.astype(np.uint8)), "lower", strength=0.5, steps=2, seed=1, output="latent")
+    assert torch.equal(out, same)

@@ -15,6 +15,7 @@ matching scheduler (tests/test_pipelines.py).
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple, Union
@@ -26,7 +27,7 @@ from PIL import Image
 
 from . import samplers
 from .adapters import remove
-from .data.images import open_image, to_pil, to_tensor
+from .data.images import MAX_PIXELS, fit_image, open_image, to_pil, to_tensor
 from .errors import UserError
 from .formats import lora
 from .formats.diffusers import load_model_folder
@@ -86,16 +87,20 @@ def _micro_used(m: _Micro, size: Tuple[int, int]) -> tuple:
     return used
 
 
-def _open(image: ImageLike, flag: str) -> Image.Image:
+@contextmanager
+def _reading(image: ImageLike, flag: str):
+    """(image, where) for an image flag: a PIL image as it is (where None), or the file opened with no pixel decoded
+    yet (where "<flag> <path>", for data.images.fit_image); PIL's errors reading it, until the block ends, are one
+    UserError line."""
     if isinstance(image, Image.Image):
-        return image
+        yield image, None
+        return
     path = Path(image)
     if not path.is_file():
         raise UserError(f"{flag} {path}: no such file — pass an existing image")
     try:
-        with open_image(path, f"{flag} {path}") as im:
-            im.load()
-            return im.copy()
+        with open_image(path) as im:
+            yield im, f"{flag} {path}"
     except Image.DecompressionBombError:
         raise UserError(f"{flag} {path}: over {Image.MAX_IMAGE_PIXELS * 2:,} pixels (a decompression-bomb guard) — "
                         "resize it to the size you want to generate") from None
@@ -260,7 +265,8 @@ class Pipeline:
         """Change `image`: noise it to `strength` ∈ (0, 1] and run the last ⌊steps·strength⌋ steps.
         strength 1.0 starts from pure noise and equals text→image. The output is width x height (default:
         the image's size rounded down to the VAE grid, as diffusers); the image is resized to it (LANCZOS)."""
-        init = self._resized(_open(image, "--image"), width, height)
+        with _reading(image, "--image") as (im, where):
+            init = fit_image(im, self._output_size(im.size, width, height, where or "--image"), where)
         micro = _Micro(original_size, crops_coords_top_left, target_size, negative_original_size,
                        negative_crops_coords_top_left, negative_target_size)
         return self._generate(_Request(prompt, negative_prompt, sampler, steps, cfg, seed, n, init.size, latents,
@@ -278,11 +284,12 @@ class Pipeline:
                 negative_crops_coords_top_left: Size = (0, 0), negative_target_size: Optional[Size] = None):
         """Repaint where `mask` is white (≥ 50 % grey); elsewhere the latents stay the encoded image's.
         Image and mask are resized to width x height as in img2img."""
-        init, m = _open(image, "--image"), _open(mask, "--mask")
-        if m.size != init.size:
-            raise UserError(f"--mask: its size {m.size[0]}x{m.size[1]} differs from the image's "
-                            f"{init.size[0]}x{init.size[1]} — give a mask of the same size")
-        init, m = self._resized(init, width, height), self._resized(m, width, height)
+        with _reading(image, "--image") as (im, where), _reading(mask, "--mask") as (mk, mask_where):
+            if mk.size != im.size:
+                raise UserError(f"--mask: its size {mk.size[0]}x{mk.size[1]} differs from the image's "
+                                f"{im.size[0]}x{im.size[1]} — give a mask of the same size")
+            size = self._output_size(im.size, width, height, where or "--image")
+            init, m = fit_image(im, size, where), fit_image(mk, size, mask_where)
         micro = _Micro(original_size, crops_coords_top_left, target_size, negative_original_size,
                        negative_crops_coords_top_left, negative_target_size)
         return self._generate(_Request(prompt, negative_prompt, sampler, steps, cfg, seed, n, init.size, latents,
@@ -376,12 +383,19 @@ class Pipeline:
                             f"(the VAE's downsampling) on each side, e.g. {lo}" + (f" or {hi}" if hi != lo else ""))
         return W, H
 
-    def _resized(self, image: Image.Image, width: Optional[int], height: Optional[int]) -> Image.Image:
-        """The input image at width x height; a missing side is the image's, rounded down to the VAE grid."""
-        f = self.vae.downsample_factor
-        W, H = width or max(f, image.size[0] // f * f), height or max(f, image.size[1] // f * f)
-        W, H = self._check_size((W, H), "--width/--height")
-        return image if image.size == (W, H) else image.resize((W, H), Image.Resampling.LANCZOS)
+    def _output_size(self, image_size: Sequence[int], width: Optional[int], height: Optional[int],
+                     where: str) -> Tuple[int, int]:
+        """img2img's / inpaint's output size: width x height; a side not given is the image's, rounded down to the
+        VAE grid. An output taken from the image is refused over MAX_PIXELS (the data path's limit), before any
+        pixel is decoded: the image would be encoded, sampled and decoded at that size."""
+        f, (w, h) = self.vae.downsample_factor, image_size
+        W, H = width or max(f, w // f * f), height or max(f, h // f * f)
+        if not (width and height) and W * H > MAX_PIXELS:
+            dw, dh = self.default_size
+            raise UserError(f"{where}: {w}x{h} would make a {W}x{H} output (the image's own size where --width/"
+                            f"--height are not given), over the limit of {MAX_PIXELS:,} pixels — pass --width and "
+                            f"--height (the model's size is {dw}x{dh}) or resize the image")
+        return self._check_size((W, H), "--width/--height")
 
     def _noise(self, latents, gens, shape) -> torch.Tensor:
         if latents is not None:

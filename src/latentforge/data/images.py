@@ -25,6 +25,9 @@ IMAGE_EXTENSIONS = {
 MAX_PIXELS = 8192 * 8192  # default decompression-bomb limit (width x height), configurable
 MIN_SIZE = 16  # default smallest usable side in pixels, configurable
 WHITE = (255, 255, 255)
+# fit_image shrinks by whole factors while the image stays this many times the output: PIL's resize docs, "with
+# reducing_gap greater or equal to 3.0, the result is indistinguishable from fair resampling in most cases".
+REDUCING_GAP = 3.0
 
 
 class BadImage(Exception):
@@ -70,22 +73,32 @@ def open_checked(src: Source, name: str = "", max_pixels: int = MAX_PIXELS,
     return img
 
 
-def open_image(path, where: str) -> Image.Image:
-    """Image.open for an image given as a flag (img2img's --image, inpaint's --mask): one over
-    PIL's decompression-bomb limit (Image.MAX_IMAGE_PIXELS, below twice that) gets one `warning: <where>: ...`
-    line instead of PIL's Python warning; over twice it PIL raises DecompressionBombError as usual."""
-    with warnings.catch_warnings(record=True) as seen:
-        warnings.simplefilter("always", Image.DecompressionBombWarning)
-        img = Image.open(path)
-    for w in seen:
-        if not issubclass(w.category, Image.DecompressionBombWarning):
-            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
-            continue
-        width, height = img.size
-        print(f"warning: {where}: {width}x{height} = {width * height:,} pixels is over PIL's decompression-bomb "
-              f"limit of {Image.MAX_IMAGE_PIXELS:,} — it is decoded at this size (slow, many GB of memory); "
-              "resize it if that is not what you want", file=sys.stderr)
-    return img
+def open_image(path) -> Image.Image:
+    """Image.open (the header only: no pixel decoded) for an image given as a flag (img2img's --image, inpaint's
+    --mask), then `fit_image`. PIL's DecompressionBombWarning (over Image.MAX_IMAGE_PIXELS) is left to `fit_image`'s
+    one line; over twice the limit PIL raises DecompressionBombError as usual."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        return Image.open(path)
+
+
+def fit_image(img: Image.Image, size: tuple, where: str | None = None) -> Image.Image:
+    """`img` resized to `size` (W, H) with LANCZOS (as `img.resize`), decoded no larger than that needs, so memory
+    follows the output's size rather than the file's: the image is first shrunk by an integer factor (`reduce`) while
+    it stays ≥ REDUCING_GAP × `size` (PIL's `thumbnail` recipe; under that ratio the result is `img.resize`'s, bit for
+    bit). `where` ("--image in.png") names a file from `open_image` whose pixels are not decoded yet: a JPEG then
+    decodes at 1/2, 1/4 or 1/8 scale under the same rule (`draft`), and one over PIL's decompression-bomb limit gets
+    one `warning: <where>: ...` line. None: an image the caller holds (left unchanged)."""
+    w, h = img.size
+    W, H = int(size[0]), int(size[1])
+    if where is not None:
+        if Image.MAX_IMAGE_PIXELS and w * h > Image.MAX_IMAGE_PIXELS:
+            print(f"warning: {where}: {w}x{h} = {w * h:,} pixels is over PIL's decompression-bomb limit of "
+                  f"{Image.MAX_IMAGE_PIXELS:,} — it is read (slow) and used at {W}x{H}; resize the file if that is "
+                  "not what you want", file=sys.stderr)
+        img.draft(None, (int(W * REDUCING_GAP), int(H * REDUCING_GAP)))  # JPEG's DCT scaling; others ignore it
+    gap = None if img.mode.startswith("I;16") else REDUCING_GAP  # PIL cannot `reduce` 16-bit integer images
+    return img.resize((W, H), Image.Resampling.LANCZOS, reducing_gap=gap)
 
 
 def oriented_size(img: Image.Image) -> tuple:
