@@ -85,6 +85,9 @@ def test_unet_step_same_weights_ratio_memory_and_flops(quick):
     assert set(raw["unet"]["gemm_gflops"]) == {"fp32", "bf16"} and min(raw["unet"]["gemm_gflops"].values()) > 0
     assert 0 < row["latentforge"]["gemm_fraction"] and "fraction of the measured fp32 GEMM rate" in doc
     assert len(_rows(doc, "bf16 training step vs fp32, `tiny` (CPU)")) == 1
+    routes = raw["unet"]["attention_routes"]  # both routes timed on every shape and dtype, and the one picked
+    assert len(routes) == 12 and all(min(r["ms"].values()) > 0 and r["picked"] in r["ms"] for r in routes)
+    assert "**Attention routes on CPU**" in doc
     arms = raw["threads"]["arms"]  # the step with a competing busy process, threads 1 / 2 / default
     assert len(arms) == 3 and arms["1 thread"]["threads"] == 1 and all(a["ms"] > 0 for a in arms.values())
     assert arms["1 thread"]["paired_vs_one_thread"] == 1.0  # paired with itself, round by round

@@ -1,8 +1,8 @@
 """The attention kernel: softmax(q kᵀ · scale + bias) v (Vaswani et al. 2017, eq. 1), by the fastest route.
 
 On GPUs it is always torch's `scaled_dot_product_attention` (flash / memory-efficient kernels). On CPU the
-best route depends on the shape and the dtype (measured with torch 2.13 on one thread of an AVX-512/AMX Xeon,
-forward + backward of batch 16, `small` UNet shapes; the table is in docs/BENCHMARKS.md §1):
+best route depends on the shape and the dtype (`bench/bench_attention.py`: forward + backward at batch 16 on
+the `small` UNet's shapes, one thread of an AVX-512/AMX Xeon, torch 2.13; its table is in docs/BENCHMARKS.md §1):
 
 - *explicit* — two batched GEMMs and a softmax (`baddbmm`, `softmax`, `bmm`): faster than the flash kernel when
   the keys are few (cross-attention to a 77-token prompt, self-attention over ≤ 128 positions) in fp32,
