@@ -1,9 +1,11 @@
 """`latentforge train-vae` and `latentforge train` end to end on the built-in shapes data (tiny preset):
 the run folder, loss falling, model/ loadable by diffusers, errors as one line, DDP via torchrun."""
 
+import contextlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +17,7 @@ from safetensors.torch import load_file
 
 from latentforge.cli import main
 from latentforge.config import VAETrainConfig, load_train_config
+from latentforge.train import checkpoint
 
 SIZE = 32
 VAE_ARGS = ["model=tiny", f"image_size={SIZE}", "max_steps=40", "batch_size=8", "lr=2e-3", "warmup_steps=5",
@@ -223,3 +226,71 @@ def test_torchrun_bf16_two_processes_match_one(world, tmp_path):
     rel = float((d2 - d1).norm() / d1.norm())
     print(f"bf16 DDP vs 1 process: losses {l1} / {l2}; relative update difference {rel:.3f}")
     assert rel < TOL_BF16_DDP
+
+
+def _ranks(pid: int) -> dict:
+    """{RANK: pid} of torchrun `pid`'s worker processes (Linux /proc: children and their environment)."""
+    ranks = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                env = dict(kv.split("=", 1) for kv in (stat.parent / "environ").read_text().split("\0") if "=" in kv)
+                ranks[int(env["RANK"])] = int(stat.parent.name)
+        except (OSError, KeyError, ValueError):  # gone meanwhile, or not a rank
+            continue
+    return ranks
+
+
+@pytest.mark.slow  # four torchrun pairs (~45 s on a shared 2-core machine)
+def test_sigterm_under_torchrun_checkpoints_and_resumes_bitwise(world, tmp_path):
+    """SIGTERM to torchrun (it forwards the signal to both ranks), then, after `--resume`, to rank 1 alone: each
+    time the ranks agree on the stop at the same poll step (every min(log_every, 10) steps, an all-reduce), write one
+    checkpoint of that step and exit 0; the last `--resume` ends bitwise equal (model, EMA, optimizer) to an
+    uninterrupted torchrun run. (Before the all-reduce carried the signal's number, rank 0 — never signalled — went
+    on training while rank 1 wrote its checkpoint: both hung in mismatched collectives, no checkpoint written.)"""
+    from test_train_loop import _wait_for
+
+    steps, every = 40, 4
+    opts = ["--cache", str(world["ucache"]), "--vae", str(world["vae"]), "--quiet", *TRAIN_ARGS, "lr=1e-4",
+            "lr_schedule=constant", f"log_every={every}", "checkpoint_every=1000", "keep_checkpoints=3",
+            "sample_every=0", "val_fraction=0"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    head = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "latentforge",
+            "train"]
+    ref, out = tmp_path / "ref", tmp_path / "stopped"
+    p = subprocess.run([*head, "--out", str(ref), *opts, f"max_steps={steps}"], capture_output=True, text=True,
+                       timeout=300, env=env)
+    assert p.returncode == 0, p.stderr[-3000:]
+
+    def stop_once(target: str, *extra) -> int:
+        """Train `out` 'forever' (a constant LR makes max_steps bookkeeping), SIGTERM `target` once a step past the
+        last checkpoint is logged; the step of the one checkpoint it adds."""
+        before = checkpoint.complete_steps(out / "checkpoints")
+        proc = subprocess.Popen([*head, "--out", str(out), *opts, "max_steps=100000", *extra], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, env=env)
+        ranks = {}
+        try:
+            _wait_for(lambda: (out / "metrics.jsonl").is_file() and rows(out)[-1]["step"] > max(before, default=0),
+                      timeout=120)
+            ranks, at = _ranks(proc.pid), rows(out)[-1]["step"]
+            assert sorted(ranks) == [0, 1], ranks
+            os.kill(proc.pid if target == "torchrun" else ranks[1], signal.SIGTERM)
+            stdout, stderr = proc.communicate(timeout=120)
+        finally:  # torchrun's ranks run in their own sessions: a hung pair would outlive it
+            for pid in [proc.pid, *ranks.values()]:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+        new = [s for s in checkpoint.complete_steps(out / "checkpoints") if s not in before]
+        print(f"SIGTERM to {target} after logged step {at}: torchrun exit {proc.returncode}, new checkpoints {new}")
+        assert len(new) == 1 and new[0] % every == 0 and at <= new[0] < steps, (new, stderr[-3000:])
+        assert f"stopped by SIGTERM at step {new[0]}; checkpoint saved" in stdout, (stdout, stderr[-3000:])
+        return new[0]
+
+    first = stop_once("torchrun")
+    assert stop_once("rank 1", "--resume") > first
+    p = subprocess.run([*head, "--out", str(out), *opts, f"max_steps={steps}", "--resume"], capture_output=True,
+                       text=True, timeout=300, env=env)
+    assert p.returncode == 0, p.stderr[-3000:]
+    for name in ("model", "ema", "optimizer"):
+        a, b = (load_file(str(d / "checkpoints" / f"step-{steps}" / f"{name}.safetensors")) for d in (ref, out))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name

@@ -92,13 +92,13 @@ def mean_tensor(t: torch.Tensor, d: Dist) -> torch.Tensor:
     return t / d.world_size
 
 
-def any_true(flag: bool, d: Dist) -> bool:
-    """True on every rank when it is true on any rank."""
+def max_int(value: int, d: Dist) -> int:
+    """The largest of an int over ranks, on every rank (e.g. a stop signal's number, 0 where none arrived)."""
     if not d.enabled:
-        return flag
-    t = torch.tensor([int(flag)], device=d.device)
+        return value
+    t = torch.tensor([int(value)], device=d.device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
+    return int(t.item())
 
 
 def gather_json(obj, d: Dist) -> list:

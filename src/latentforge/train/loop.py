@@ -129,7 +129,8 @@ def _train(cfg, dataset, run_dir: Path, d, resume_flags, vae, text_encoder, prog
                 _validate(r, state, ac, log)
             bar.update(1)
             if stop_poll_due(state.step, cfg, d.enabled):
-                stopped = stop.name if distributed.any_true(stop.requested, d) else ""
+                # every rank takes the signal's name, also those it never reached (SIGTERM to one rank only)
+                stopped = StopRequest.name_of(distributed.max_int(stop.signum or 0, d))
             _periodic(r, state, stopped)
             if stopped:
                 break

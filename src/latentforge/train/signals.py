@@ -37,4 +37,9 @@ class StopRequest:
 
     @property
     def name(self) -> str:
-        return signal.Signals(self.signum).name if self.signum else ""
+        return self.name_of(self.signum)
+
+    @staticmethod
+    def name_of(signum: int | None) -> str:
+        """The name of signal number `signum` (e.g. "SIGTERM"); "" for none (None or 0)."""
+        return signal.Signals(signum).name if signum else ""
