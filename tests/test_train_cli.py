@@ -241,13 +241,15 @@ def _ranks(pid: int) -> dict:
     return ranks
 
 
-@pytest.mark.slow  # four torchrun pairs (~45 s on a shared 2-core machine)
+@pytest.mark.slow  # five torchrun pairs (~55 s on a shared 2-core machine)
 def test_sigterm_under_torchrun_checkpoints_and_resumes_bitwise(world, tmp_path):
-    """SIGTERM to torchrun (it forwards the signal to both ranks), then, after `--resume`, to rank 1 alone: each
-    time the ranks agree on the stop at the same poll step (every min(log_every, 10) steps, an all-reduce), write one
-    checkpoint of that step and exit 0; the last `--resume` ends bitwise equal (model, EMA, optimizer) to an
-    uninterrupted torchrun run. (Before the all-reduce carried the signal's number, rank 0 — never signalled — went
-    on training while rank 1 wrote its checkpoint: both hung in mismatched collectives, no checkpoint written.)"""
+    """SIGTERM to torchrun (it forwards the signal to both ranks); after `--resume`, to rank 1 alone; after another,
+    to torchrun and both ranks at once (a scheduler signalling every process: each rank also gets torchrun's copy).
+    Each time the ranks agree on the stop at the same poll step (every min(log_every, 10) steps, an all-reduce),
+    write one checkpoint of that step and exit 0; the last `--resume` ends bitwise equal (model, EMA, optimizer) to
+    an uninterrupted torchrun run. Before: SIGTERM to rank 1 alone left rank 0, never signalled, training on while
+    rank 1 wrote its checkpoint (both hung in mismatched collectives, no checkpoint); SIGTERM to every process made
+    the forwarded copy a second signal, KeyboardInterrupt in the ranks, no checkpoint (3 of 4 tries)."""
     from test_train_loop import _wait_for
 
     steps, every = 40, 4
@@ -263,8 +265,8 @@ def test_sigterm_under_torchrun_checkpoints_and_resumes_bitwise(world, tmp_path)
     assert p.returncode == 0, p.stderr[-3000:]
 
     def stop_once(target: str, *extra) -> int:
-        """Train `out` 'forever' (a constant LR makes max_steps bookkeeping), SIGTERM `target` once a step past the
-        last checkpoint is logged; the step of the one checkpoint it adds."""
+        """Train `out` 'forever' (a constant LR makes max_steps bookkeeping), SIGTERM `target` (torchrun, rank 1 or
+        all) once a step past the last checkpoint is logged; the step of the one checkpoint it adds."""
         before = checkpoint.complete_steps(out / "checkpoints")
         proc = subprocess.Popen([*head, "--out", str(out), *opts, "max_steps=100000", *extra], stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, text=True, env=env)
@@ -274,7 +276,8 @@ def test_sigterm_under_torchrun_checkpoints_and_resumes_bitwise(world, tmp_path)
                       timeout=120)
             ranks, at = _ranks(proc.pid), rows(out)[-1]["step"]
             assert sorted(ranks) == [0, 1], ranks
-            os.kill(proc.pid if target == "torchrun" else ranks[1], signal.SIGTERM)
+            for pid in {"torchrun": [proc.pid], "rank 1": [ranks[1]], "all": [proc.pid, *ranks.values()]}[target]:
+                os.kill(pid, signal.SIGTERM)
             stdout, stderr = proc.communicate(timeout=120)
         finally:  # torchrun's ranks run in their own sessions: a hung pair would outlive it
             for pid in [proc.pid, *ranks.values()]:
@@ -287,7 +290,8 @@ def test_sigterm_under_torchrun_checkpoints_and_resumes_bitwise(world, tmp_path)
         return new[0]
 
     first = stop_once("torchrun")
-    assert stop_once("rank 1", "--resume") > first
+    second = stop_once("rank 1", "--resume")
+    assert first < second < stop_once("all", "--resume")
     p = subprocess.run([*head, "--out", str(out), *opts, f"max_steps={steps}", "--resume"], capture_output=True,
                        text=True, timeout=300, env=env)
     assert p.returncode == 0, p.stderr[-3000:]

@@ -178,6 +178,12 @@ def test_stop_request_catches_sigterm_and_sigint():
             os.kill(os.getpid(), signal.SIGINT)
             time.sleep(0.01)
     assert signal.getsignal(signal.SIGTERM) is before
+    with StopRequest(insist=False) as stop:  # under DDP: a repeat (torchrun's forwarded copy) keeps the first stop
+        for sig in (signal.SIGTERM, signal.SIGTERM, signal.SIGINT):
+            os.kill(os.getpid(), sig)
+            time.sleep(0.01)
+        assert stop.requested and stop.name == "SIGTERM"
+    assert signal.getsignal(signal.SIGTERM) is before
 
 
 def test_damaged_file_is_named_and_an_older_checkpoint_used(tmp_path):

@@ -110,7 +110,7 @@ def _train(cfg, dataset, run_dir: Path, d, resume_flags, vae, text_encoder, prog
     meter, start, stopped = _Meter(state.step * r.images_per_step), state.step, ""
     if loaded is None:
         _validate(r, state, ac, log)  # the held-out loss before any training: the baseline
-    with StopRequest() as stop:
+    with StopRequest(insist=not d.enabled) as stop:  # under DDP a repeat is the launcher's copy (signals.py)
         while state.step < cfg.max_steps:
             lr = state.set_lr(lr_for(cfg, state.step))
             loss, picked = _accumulate(r, state, model, stream, ac, null)

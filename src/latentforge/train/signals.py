@@ -1,6 +1,9 @@
 """SIGTERM / SIGINT: ask the loop to checkpoint at the next step boundary, then exit.
 
-A second signal while the first is pending raises KeyboardInterrupt (the user insists).
+In one process a second signal while the first is pending raises KeyboardInterrupt (the user insists). Under DDP
+it does not: there a repeat is the launcher's copy of the same stop (torchrun forwards the signal it gets to every
+rank, which a scheduler signalling every process has already reached), and the launcher escalates on its own
+(torchrun: SIGKILL after --shutdown-timeout, 30 s by default).
 """
 
 from __future__ import annotations
@@ -10,18 +13,22 @@ import threading
 
 
 class StopRequest:
-    """Context manager: `.requested` turns True on SIGTERM/SIGINT; handlers restored on exit."""
+    """Context manager: `.requested` turns True on SIGTERM/SIGINT; handlers restored on exit. `insist`: a second
+    signal raises KeyboardInterrupt (one process; False under DDP, see above)."""
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
-    def __init__(self):
+    def __init__(self, insist: bool = True):
         self.requested = False
         self.signum = None
+        self.insist = insist
         self._previous = {}
 
     def _handle(self, signum, frame):
         if self.requested:
-            raise KeyboardInterrupt
+            if self.insist:
+                raise KeyboardInterrupt
+            return  # the first signal's stop stands
         self.requested, self.signum = True, signum
 
     def __enter__(self):
