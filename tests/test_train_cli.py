@@ -280,9 +280,11 @@ def test_sigterm_under_torchrun_checkpoints_and_resumes_bitwise(world, tmp_path)
                 os.kill(pid, signal.SIGTERM)
             stdout, stderr = proc.communicate(timeout=120)
         finally:  # torchrun's ranks run in their own sessions: a hung pair would outlive it
-            for pid in [proc.pid, *ranks.values()]:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
+            proc.kill()  # (nothing once it has exited)
+            for pid in ranks.values():
+                with contextlib.suppress(OSError):  # gone, or the pid is no longer this run's
+                    if str(out) in Path(f"/proc/{pid}/cmdline").read_text():
+                        os.kill(pid, signal.SIGKILL)
         new = [s for s in checkpoint.complete_steps(out / "checkpoints") if s not in before]
         print(f"SIGTERM to {target} after logged step {at}: torchrun exit {proc.returncode}, new checkpoints {new}")
         assert len(new) == 1 and new[0] % every == 0 and at <= new[0] < steps, (new, stderr[-3000:])
