@@ -1,6 +1,6 @@
 """The attention routes of models/attend.py on CPU, per shape: the numbers `cpu_route` is chosen from.
 
-    .venv/bin/python bench/bench_attention.py [--rounds 7] [--batch 16] [--no-grad]
+    .venv/bin/python bench/bench_attention.py [--rounds 7] [--batch 16] [--no-grad]   (sampling: --batch 4)
 
 For each (heads, queries N, keys L, head_dim d) of the `small` UNet (latents 16×16: 256 and 64 positions,
 a 77-token prompt, the 16-token middle block) and each dtype: forward + backward (`--no-grad`: forward
@@ -63,7 +63,7 @@ def run(rounds: int = 7, batch: int = 16, grad: bool = True) -> list:
                 q, k, _ = _inputs(batch, *shape, dtype, False)
                 rows.append({"shape": shape, "dtype": str(dtype).replace("torch.", ""),
                              "ms": {r: 1e3 * statistics.median(t) for r, t in times.items()},
-                             "picked": A.cpu_route(q, k, upcast=False)})
+                             "picked": A.cpu_route(q, k, upcast=False)})  # under this grad mode
     return rows
 
 

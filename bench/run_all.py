@@ -45,7 +45,8 @@ from latentforge.errors import UserError  # noqa: E402
 
 FULL = {
     "unet": dict(configs=("small", "cpu-18m"), repeats=5, warmup=1, ablations=("cpu-18m",), profile=("small", "cpu-18m"),
-                 precision=("small",), gemm_size=2048, attention_rounds=7, attention_batch=16),
+                 precision=("small",), gemm_size=2048, attention_rounds=7, attention_batch=16,
+                 attention_sample_batch=4),
     "text2img": dict(preset="small", steps=20, batch=2, repeats=5, warmup=1),
     "data": dict(n=64, size=64, batch=16, preset="small", repeats=5, warmup=1, epoch_repeats=3),
     # CFG 4.0: the demo's own evaluation setting. Not timed, so it runs on every core (threads=0).
@@ -65,7 +66,8 @@ REDUCED = {**FULL,
            "lora": dict(FULL["lora"], steps=1)}
 QUICK = {
     "unet": dict(configs=("tiny",), repeats=2, warmup=1, ablations=("tiny",), profile=("tiny",), precision=("tiny",),
-                 gemm_size=256, attention_rounds=1, attention_batch=1),
+                 gemm_size=256, attention_rounds=1, attention_batch=1,
+                 attention_sample_batch=1),
     "text2img": dict(preset="tiny", steps=2, batch=1, repeats=2, warmup=1),
     "data": dict(n=8, size=32, batch=4, preset="tiny", repeats=2, warmup=1, epoch_repeats=1),
     "quality": dict(steps=(1, 2), reference=3, n=1, prompts=4, batch=4, cfg=4.0, threads=1),
@@ -130,12 +132,14 @@ def section_unet(p: dict, device: str, dtype: str) -> tuple[dict, str]:
                   "By aten op (the largest first; calls per step in brackets):", "", bench_unet.markdown_ops(res), "",
                   _profile_reading(res)]
     if device == "cpu" and p.get("attention_rounds"):
-        rows = bench_attention.run(p["attention_rounds"], p["attention_batch"])
-        res["attention_routes"] = rows
+        train = bench_attention.run(p["attention_rounds"], p["attention_batch"], grad=True)
+        sample = bench_attention.run(p["attention_rounds"], p["attention_sample_batch"], grad=False)
+        res["attention_routes"] = {"training": train, "sampling": sample}
         lines += ["", "**Attention routes on CPU** (`bench/bench_attention.py`: the explicit baddbmm/softmax/bmm route "
                   "and torch's flash kernel on the `small` UNet's attention shapes, interleaved, median process CPU "
-                  "time per call; models/attend.py's `cpu_route` picks by these):", "",
-                  bench_attention.markdown(rows, p["attention_batch"], True)]
+                  "time per call; models/attend.py's `cpu_route` picks by these; training, then sampling):", "",
+                  bench_attention.markdown(train, p["attention_batch"], True), "",
+                  bench_attention.markdown(sample, p["attention_sample_batch"], False)]
     return res, "\n".join(lines)
 
 

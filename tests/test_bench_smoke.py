@@ -86,7 +86,8 @@ def test_unet_step_same_weights_ratio_memory_and_flops(quick):
     assert 0 < row["latentforge"]["gemm_fraction"] and "fraction of the measured fp32 GEMM rate" in doc
     assert len(_rows(doc, "bf16 training step vs fp32, `tiny` (CPU)")) == 1
     routes = raw["unet"]["attention_routes"]  # both routes timed on every shape and dtype, and the one picked
-    assert len(routes) == 12 and all(min(r["ms"].values()) > 0 and r["picked"] in r["ms"] for r in routes)
+    for rows in (routes["training"], routes["sampling"]):
+        assert len(rows) == 12 and all(min(r["ms"].values()) > 0 and r["picked"] in r["ms"] for r in rows)
     assert "**Attention routes on CPU**" in doc
     arms = raw["threads"]["arms"]  # the step with a competing busy process, threads 1 / 2 / default
     assert len(arms) == 3 and arms["1 thread"]["threads"] == 1 and all(a["ms"] > 0 for a in arms.values())

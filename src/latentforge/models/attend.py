@@ -1,16 +1,18 @@
 """The attention kernel: softmax(q kᵀ · scale + bias) v (Vaswani et al. 2017, eq. 1), by the fastest route.
 
 On GPUs it is always torch's `scaled_dot_product_attention` (flash / memory-efficient kernels). On CPU the
-best route depends on the shape and the dtype (`bench/bench_attention.py`: forward + backward at batch 16 on
-the `small` UNet's shapes, one thread of an AVX-512/AMX Xeon, torch 2.13; its table is in docs/BENCHMARKS.md §1):
+best route depends on the dtype, whether gradients are needed and the shape (`bench/bench_attention.py` on the
+`small` UNet's shapes — forward + backward at batch 16, forward alone at batch 4 — one thread of an AVX-512/AMX
+Xeon, torch 2.13; its tables are in docs/BENCHMARKS.md §1):
 
-- *explicit* — two batched GEMMs and a softmax (`baddbmm`, `softmax`, `bmm`): faster than the flash kernel when
-  the keys are few (cross-attention to a 77-token prompt, self-attention over ≤ 128 positions) in fp32,
-  and in bf16 whenever gradients are needed (bf16 GEMMs run on AMX; torch's bf16 flash backward is
-  several times slower than fp32's). It keeps the (N × L) weights for backward, so it is used only while
-  they stay small (`EXPLICIT_MAX_SCORES` elements per call).
-- *flash* — torch's kernel; it never builds the weights. For bf16 with gradients it runs in fp32 (faster
-  than its bf16 backward); for bf16 without gradients (sampling) in bf16 directly.
+- *explicit* — two batched GEMMs and a softmax (`baddbmm`, `softmax`, `bmm`): faster than the flash kernel in
+  bf16 when gradients are needed (bf16 GEMMs run on AMX; torch's bf16 flash backward is several times slower
+  than fp32's). It keeps the (N × L) weights for backward, so it is used only while they stay small
+  (`EXPLICIT_MAX_SCORES` elements per call) and where the queries are not too few to pay its fixed costs.
+- *flash* — torch's kernel; it never builds the weights. All fp32 attention uses it (training and
+  sampling: the explicit route gains a few percent at most there, and one route keeps fp32 results
+  independent of the grad mode); bf16 with gradients outside the explicit route's limits runs it in fp32
+  (faster than its bf16 backward); bf16 sampling runs it in bf16 directly.
 
 Every route computes the same function; they differ in rounding only (fp32: ~1e-6).
 """
@@ -23,7 +25,6 @@ import torch
 import torch.nn.functional as F
 
 CPU_MIN_HEAD_DIM = 16  # the CPU flash kernel is ~1.5x slower (fwd+bwd) at head_dim 8 than at 16
-EXPLICIT_MAX_KEYS_FP32 = 128  # fp32: the explicit route wins at ≤ 128 keys (77-token prompts), loses at 256
 EXPLICIT_MIN_QUERIES = 64  # below it (the 16-token middle block) the explicit route's fixed costs lose
 EXPLICIT_MAX_SCORES = 1 << 23  # B·h·N·L elements: 32 MiB of fp32 weights kept for backward per call
 
@@ -32,11 +33,9 @@ def cpu_route(q: torch.Tensor, k: torch.Tensor, upcast: bool) -> str:
     """`explicit` or `flash` for q (B, h, N, d), k (B, h, L, d) on CPU (see the module docstring)."""
     B, h, N, _ = q.shape
     L = k.shape[2]
-    if B * h * N * L > EXPLICIT_MAX_SCORES or N < EXPLICIT_MIN_QUERIES:
+    if q.dtype == torch.float32 or upcast or not torch.is_grad_enabled():
         return "flash"
-    if q.dtype == torch.float32 or upcast:
-        return "explicit" if L <= EXPLICIT_MAX_KEYS_FP32 else "flash"
-    return "explicit" if torch.is_grad_enabled() else "flash"
+    return "flash" if B * h * N * L > EXPLICIT_MAX_SCORES or N < EXPLICIT_MIN_QUERIES else "explicit"
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep: Optional[torch.Tensor] = None,
