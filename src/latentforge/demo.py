@@ -4,9 +4,10 @@
         ─▶ pipelines.Pipeline (text→image grid, image→image, inpainting) ─▶ evaluate.evaluate_shapes
 
 Every stage is a call into the library (no copies), with its own progress bar. The sizes
-(demo_budgets.py) were tuned on a shared 2-core CPU so that `--budget full` finishes in about 13 minutes on
-one core with a bf16 UNet (767 s measured; 1,020 s in fp32) and the model follows ≥ 80 % of seen prompts on
-all four attributes (see README / report.md).
+(demo_budgets.py) were tuned on a shared 2-core CPU so that `--budget full` finishes in about 10 minutes on
+one core with a bf16 UNet (578 s measured on an otherwise idle 2-core machine, 767 s beside another busy
+process; 1,020 s in fp32) and the model follows ≥ 80 % of seen prompts on all four attributes (README,
+report.md).
 `--budget tiny` runs every stage for a few steps (the end-to-end test).
 """
 

@@ -1,7 +1,7 @@
 """`latentforge demo [--out runs/demo] [--budget full|tiny]`: the whole flow on the shapes data set.
 
 Writes the data set, trains a VAE, caches latents, trains the UNet, samples and evaluates; see
-`latentforge.demo`. `--budget full` takes ~13 minutes on one CPU core (bf16 UNet; ~17 in fp32); `tiny` seconds.
+`latentforge.demo`. `--budget full` takes ~10 minutes on one CPU core (bf16 UNet; ~17 in fp32); `tiny` seconds.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from ..demo_budgets import BUDGETS, PRECISIONS  # not ..demo: it loads torch and
 def add_arguments(p):
     p.add_argument("--out", default="runs/demo", help="output folder (replaced if it holds an earlier demo)")
     p.add_argument("--budget", choices=tuple(BUDGETS), default="full",
-                   help="full: the real demo (~13 min on one CPU core with a bf16 UNet, ~17 in fp32); tiny: every stage "
+                   help="full: the real demo (~10 min on one CPU core with a bf16 UNet, ~17 in fp32); tiny: every stage "
                         "for a few steps")
     p.add_argument("--precision", choices=PRECISIONS, default="auto",
                    help="the UNet's training precision; auto (default): bf16 (fp32 master weights) on a CPU with "
