@@ -326,7 +326,7 @@ def run(configs=("small", "cpu-18m"), device: str = "cpu", dtype: str = "fp32", 
         cfg = CONFIGS[name] if not batch else replace(CONFIGS[name], batch=batch)
         row = compare(name, cfg, dev, DTYPES[dtype], repeats, warmup, steps_per_sample, progress,
                       with_ablations=name in ablations, with_profile=name in profile,
-                      with_precision=name in precision and dev.type == "cpu" and dtype == "fp32")
+                      with_precision=name in precision and dev.type == "cpu" and dtype == "fp32", gemm_n=gemm_size)
         limit = gemm["bf16" if dtype == "bf16" else "fp32"]
         for arm in ARMS:
             row[arm]["gemm_fraction"] = row[arm]["gflops_per_cpu_s" if dev.type == "cpu" else "gflops_per_s"] / limit
@@ -344,7 +344,8 @@ def run(configs=("small", "cpu-18m"), device: str = "cpu", dtype: str = "fp32", 
 
 
 def compare(name: str, cfg: BenchConfig, dev: torch.device, dtype, repeats: int, warmup: int, steps_per_sample: int,
-            progress: bool, with_ablations: bool, with_profile: bool, with_precision: bool = False) -> dict:
+            progress: bool, with_ablations: bool, with_profile: bool, with_precision: bool = False,
+            gemm_n: int = 2048) -> dict:
     """One config: equality check, optional profile, interleaved timing of both arms (+ ablation arms)."""
     with tempfile.TemporaryDirectory() as tmp:
         ours, theirs = make_pair(cfg, Path(tmp) / "unet", dev)
@@ -358,6 +359,8 @@ def compare(name: str, cfg: BenchConfig, dev: torch.device, dtype, repeats: int,
             steps[arm] = bf16_step(copy.deepcopy(ours), cfg, dev, dtype, mode)
     breakdown, ops = profile_breakdown({k: steps[k] for k in ARMS}) if with_profile else (None, None)
     arms = {k: (lambda f=f: [f() for _ in range(steps_per_sample)]) for k, f in steps.items()}
+    if with_precision:  # this machine's GEMM rate in every round, beside the steps it limits
+        arms.update(GEMM_ARMS(gemm_n))
     samples = common.interleaved(arms, cfg.batch * steps_per_sample, repeats, warmup, dev, progress)
     flops = train_flops_per_image(cfg)
     row = {"config": name, "note": cfg.note, "batch": cfg.batch, "latent": cfg.latent, "max_abs_diff": diff,
@@ -373,13 +376,34 @@ def compare(name: str, cfg: BenchConfig, dev: torch.device, dtype, repeats: int,
                               "vs_latentforge_cpu": common.paired_ratio(s, a, "cpu"),
                               "vs_diffusers_cpu": common.paired_ratio(s, b, "cpu"),
                               "vs_diffusers_wall": common.paired_ratio(s, b, "wall"), "wall": s.wall, "cpu": s.cpu}
-                        for arm, s in samples.items() if arm not in ARMS and arm not in PRECISION_ARMS}
+                        for arm, s in samples.items() if arm not in ARMS and arm not in PRECISION_ARMS
+                        and not arm.startswith("GEMM")}
     row["precision"] = {arm: {"images_per_s": s.rate("wall"), "images_per_cpu_s": s.rate("cpu"),
                               "gflops_per_cpu_s": flops * s.rate("cpu") / 1e9,
                               "vs_fp32_cpu": common.paired_ratio(s, a, "cpu"), "vs_fp32_wall": common.paired_ratio(s, a, "wall"),
                               "vs_diffusers_cpu": common.paired_ratio(s, b, "cpu"), "wall": s.wall, "cpu": s.cpu}
                         for arm, s in samples.items() if arm in PRECISION_ARMS}
+    if with_precision:
+        row["rounds"] = _rounds(samples, a, gemm_n)
     return row
+
+
+def GEMM_ARMS(n: int) -> dict:
+    """One n×n @ n×n matmul per dtype (2n³ FLOPs), as arms of the same interleaved rounds as the steps."""
+    g = torch.Generator().manual_seed(0)
+    mats = {d: [torch.randn(n, n, generator=g).to(t) for _ in range(2)]
+            for d, t in (("fp32", torch.float32), ("bf16", torch.bfloat16))}
+    return {f"GEMM {d}": (lambda a=a, b=b: a @ b) for d, (a, b) in mats.items()}
+
+
+def _rounds(samples: dict, fp32, n: int) -> list:
+    """Per timed round: the GEMM rates measured in it and each bf16 arm's step speed vs that round's fp32 step."""
+    out = []
+    for i in range(len(fp32.cpu)):
+        r = {f"gemm_{d}": 2 * n**3 / samples[f"GEMM {d}"].cpu[i] / 1e9 for d in ("fp32", "bf16")}
+        r.update({arm: fp32.cpu[i] / samples[arm].cpu[i] for arm in PRECISION_ARMS})
+        out.append(r)
+    return out
 
 
 def count_parameters(cfg: UNetConfig) -> int:
@@ -443,6 +467,17 @@ def markdown_precision(res: dict) -> str:
     return common.table(["config", "arm", "img/s (CPU time)", "vs latentforge fp32 (paired, CPU)",
                          "vs latentforge fp32 (paired, wall)", "vs diffusers fp32 (paired, CPU)",
                          "fraction of the measured bf16 GEMM rate"], rows) if rows else ""
+
+
+def markdown_rounds(res: dict) -> str:
+    """Round by round: the measured GEMM rates and the bf16 arms' speed vs fp32 in that same round."""
+    rows = []
+    for r in res["rows"]:
+        for i, x in enumerate(r.get("rounds", [])):
+            rows.append([f"`{r['config']}`", str(i + 1), f"{x['gemm_fp32']:.0f}", f"{x['gemm_bf16']:.0f}"]
+                        + [f"{x[arm]:.2f}×" for arm in PRECISION_ARMS])
+    heads = ["config", "round", "GEMM fp32 GFLOP/s", "GEMM bf16 GFLOP/s"] + [f"{arm} vs fp32" for arm in PRECISION_ARMS]
+    return common.table(heads, rows) if rows else ""
 
 
 def markdown_ablations(res: dict) -> str:

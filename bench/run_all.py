@@ -115,6 +115,11 @@ def section_unet(p: dict, device: str, dtype: str) -> tuple[dict, str]:
                      "trade on CPU only; GPUs are not padded.")
     prec = bench_unet.markdown_precision(res)
     if prec:
+        rounds = bench_unet.markdown_rounds(res)
+        if rounds:
+            prec += ("\n\nRound by round (the GEMM rates are arms of the same rounds: one "
+                     f"{res['gemm_size']}² matmul per dtype between the steps; process CPU time). "
+                     + _rounds_reading(res) + "\n\n" + rounds)
         lines += ["", "**bf16 on CPU** (extra arms in the same interleaved rounds; `precision=bf16` trains with the first "
                   "arm: a bf16 compute copy of the UNet, fp32 master weights, AdamW state and EMA; attention runs as bf16 "
                   "GEMMs and a softmax where its score matrix is small, else torch's flash kernel in fp32, whose bf16 "
@@ -141,6 +146,19 @@ def section_unet(p: dict, device: str, dtype: str) -> tuple[dict, str]:
                   bench_attention.markdown(train, p["attention_batch"], True), "",
                   bench_attention.markdown(sample, p["attention_sample_batch"], False)]
     return res, "\n".join(lines)
+
+
+def _rounds_reading(res: dict) -> str:
+    """The spread of the bf16 GEMM rate and of the precision=bf16 step's gain over this run's rounds."""
+    arm = next(a for a in bench_unet.PRECISION_ARMS if "precision=bf16" in a)
+    text = []
+    for r in res["rows"]:
+        xs = r.get("rounds", [])
+        if xs:
+            g, s = [x["gemm_bf16"] for x in xs], [x[arm] for x in xs]
+            text.append(f"On `{r['config']}` the bf16 GEMM rate over the rounds ran {min(g):.0f}–{max(g):.0f} GFLOP/s "
+                        f"and the `precision=bf16` step's gain vs fp32 {min(s):.2f}–{max(s):.2f}×.")
+    return " ".join(text)
 
 
 KERNELS = ("convolution", "GEMM", "attention")  # bench_unet.CATEGORIES that are one oneDNN/MKL kernel call each

@@ -85,6 +85,8 @@ def test_unet_step_same_weights_ratio_memory_and_flops(quick):
     assert set(raw["unet"]["gemm_gflops"]) == {"fp32", "bf16"} and min(raw["unet"]["gemm_gflops"].values()) > 0
     assert 0 < row["latentforge"]["gemm_fraction"] and "fraction of the measured fp32 GEMM rate" in doc
     assert len(_rows(doc, "bf16 training step vs fp32, `tiny` (CPU)")) == 1
+    assert len(row["rounds"]) == 2 and all(x["gemm_bf16"] > 0 and x["gemm_fp32"] > 0 for x in row["rounds"])
+    assert not any(arm.startswith("GEMM") for arm in row["ablations"])  # the GEMM arms are not ablations
     routes = raw["unet"]["attention_routes"]  # both routes timed on every shape and dtype, and the one picked
     for rows in (routes["training"], routes["sampling"]):
         assert len(rows) == 12 and all(min(r["ms"].values()) > 0 and r["picked"] in r["ms"] for r in rows)
