@@ -189,9 +189,9 @@ def _profile_reading_one(r: dict) -> str:
                  "1×1 convolutions on (B, C, H, W), which latentforge runs as the GEMMs they are on (B, HW, C) tokens "
                  "(models/layers.py; the same FLOPs). ")
     text += ("Otherwise both call the same oneDNN/MKL convolution and GEMM kernels on the same shapes (same "
-             "architecture, same FLOPs): that time is zero-sum between them; attention differs only in the kernel "
-             "chosen per shape (models/attend.py: bmm/softmax for short key sequences, flash with heads zero-padded "
-             "to 16 channels otherwise; the same function). What an fp32 eager-mode "
+             "architecture, same FLOPs): that time is zero-sum between them; so is attention's: in fp32 both run "
+             "torch's flash kernel (models/attend.py; latentforge zero-pads heads narrower than 16 channels on CPU, "
+             "the same function through a faster kernel). What an fp32 eager-mode "
              f"change can still shrink is the rest: {rest:.0f} ms of latentforge's step (elementwise ops, copies, "
              "normalisation, AdamW). ")
     if need > 0:
@@ -235,8 +235,8 @@ def _t2i_profile_reading(r: dict, goal: float = 1.3) -> str:
             f"{tot['diffusers']:.0f} ms; the remaining {outside['latentforge']:.0f} vs {outside['diffusers']:.0f} ms "
             "run outside any aten op (Python, dispatch, allocation). Convolutions, GEMMs and the attention kernels "
             f"take {ker['latentforge']:.0f} vs {ker['diffusers']:.0f} ms: the same UNet and VAE shapes through the "
-            "same oneDNN/MKL kernels (attention: the shape-dependent route of models/attend.py), so that time is "
-            f"shared, not ours to cut. The rest of latentforge's aten time is {rest:.0f} ms (elementwise, copies, "
+            "same oneDNN/MKL kernels (attention: torch's flash kernel in both, models/attend.py), so that time "
+            f"is shared, not ours to cut. The rest of latentforge's aten time is {rest:.0f} ms (elementwise, copies, "
             "normalisation, sampler arithmetic). ")
     if need > 0:
         avail = rest + outside["latentforge"]
