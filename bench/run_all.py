@@ -19,7 +19,6 @@ import argparse
 import json
 import os
 import shlex
-import statistics
 import sys
 import tempfile
 import time
@@ -221,28 +220,21 @@ def section_text2img(p: dict, device: str) -> tuple[dict, str]:
 
 
 def _t2i_profile_reading(r: dict, goal: float = 1.3) -> str:
-    """What the text→image profile says about the goal ratio, from this run's numbers."""
+    """What the text→image profile says about the goal ratio, from this run's numbers (the profiled calls alone)."""
     p = r["profile"]
     tot = {arm: sum(c.values()) for arm, c in p.items()}
     ker = {arm: sum(v for c, v in cats.items() if c.startswith(KERNELS)) for arm, cats in p.items()}
-    cpu_ms = {"latentforge": 1e3 * statistics.median(r["latentforge"]["cpu"]),
-              "diffusers": 1e3 * statistics.median(r["diffusers"]["cpu"])}
-    outside = {arm: cpu_ms[arm] - tot[arm] for arm in tot}  # Python, dispatch, allocator: not in any aten op
     rest = tot["latentforge"] - ker["latentforge"]
-    need = cpu_ms["latentforge"] - cpu_ms["diffusers"] / goal
-    text = (f"One call: {cpu_ms['latentforge']:.0f} ms CPU time (latentforge) vs {cpu_ms['diffusers']:.0f} ms "
-            f"(diffusers), medians of the timed rounds. Of it, aten ops take {tot['latentforge']:.0f} vs "
-            f"{tot['diffusers']:.0f} ms; the remaining {outside['latentforge']:.0f} vs {outside['diffusers']:.0f} ms "
-            "run outside any aten op (Python, dispatch, allocation). Convolutions, GEMMs and the attention kernels "
-            f"take {ker['latentforge']:.0f} vs {ker['diffusers']:.0f} ms: the same UNet and VAE shapes through the "
-            "same oneDNN/MKL kernels (attention: torch's flash kernel in both, models/attend.py), so that time "
-            f"is shared, not ours to cut. The rest of latentforge's aten time is {rest:.0f} ms (elementwise, copies, "
-            "normalisation, sampler arithmetic). ")
+    need = tot["latentforge"] - tot["diffusers"] / goal
+    text = (f"In the profiled calls aten ops take {tot['latentforge']:.0f} ms (latentforge) vs {tot['diffusers']:.0f} ms "
+            f"(diffusers), {tot['diffusers'] / tot['latentforge']:.2f}× (the timed rounds above: {r['ratio_cpu']:.2f}×). "
+            f"Convolutions, GEMMs and the attention kernels take {ker['latentforge']:.0f} vs {ker['diffusers']:.0f} ms: "
+            "the same UNet and VAE shapes through the same oneDNN/MKL kernels (attention: torch's flash kernel in "
+            "both, models/attend.py), so that time is shared, not ours to cut. The rest of latentforge's aten time is "
+            f"{rest:.0f} ms (elementwise, copies, normalisation, sampler arithmetic). ")
     if need > 0:
-        avail = rest + outside["latentforge"]
-        text += (f"{goal}× diffusers needs {need:.0f} ms less per call, {100 * need / avail:.0f} % of those "
-                 f"{avail:.0f} ms (the rest and the time outside aten ops); with both at zero the call would be "
-                 f"{cpu_ms['diffusers'] / ker['latentforge']:.2f}× diffusers'.")
+        text += (f"{goal}× diffusers needs {need:.0f} ms less per call, {100 * need / rest:.0f} % of that rest; with "
+                 f"the rest at zero the call would be {tot['diffusers'] / ker['latentforge']:.2f}× diffusers'.")
     return text
 
 
