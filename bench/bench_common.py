@@ -126,13 +126,18 @@ def gemm_rate(dtypes: Sequence[str] = ("fp32", "bf16"), n: int = 2048, repeats: 
     """This machine's measured dense GEMM rate in GFLOP/s for each dtype: an n×n @ n×n matmul (2n³ FLOPs),
     the dtypes interleaved, median of `repeats`; per second of process CPU time on CPU, of wall time on GPU.
     It is the ceiling a training step's FLOP rate is compared with ("fraction of the GEMM rate")."""
+    samples = interleaved(gemm_arms(dtypes, n, device), 1, repeats, warmup=1, device=device, progress=False)
+    clock = "wall" if device.type == "cuda" else "cpu"
+    return {d: 2 * n**3 / samples[d].median(clock) / 1e9 for d in dtypes}
+
+
+def gemm_arms(dtypes: Sequence[str] = ("fp32", "bf16"), n: int = 2048,
+              device: torch.device = torch.device("cpu")) -> Dict[str, Callable[[], object]]:
+    """One n×n @ n×n matmul (2n³ FLOPs) per dtype, as arms for `interleaved` (keys: the dtype names)."""
     torch_dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
     g = torch.Generator().manual_seed(0)
     mats = {d: [torch.randn(n, n, generator=g).to(device, torch_dtypes[d]) for _ in range(2)] for d in dtypes}
-    arms = {d: (lambda a=a, b=b: a @ b) for d, (a, b) in mats.items()}
-    samples = interleaved(arms, 1, repeats, warmup=1, device=device, progress=False)
-    clock = "wall" if device.type == "cuda" else "cpu"
-    return {d: 2 * n**3 / samples[d].median(clock) / 1e9 for d in dtypes}
+    return {d: (lambda a=a, b=b: a @ b) for d, (a, b) in mats.items()}
 
 
 # ---- memory ---------------------------------------------------------------------------------

@@ -360,7 +360,7 @@ def compare(name: str, cfg: BenchConfig, dev: torch.device, dtype, repeats: int,
     breakdown, ops = profile_breakdown({k: steps[k] for k in ARMS}) if with_profile else (None, None)
     arms = {k: (lambda f=f: [f() for _ in range(steps_per_sample)]) for k, f in steps.items()}
     if with_precision:  # this machine's GEMM rate in every round, beside the steps it limits
-        arms.update(GEMM_ARMS(gemm_n))
+        arms.update({f"GEMM {d}": f for d, f in common.gemm_arms(("fp32", "bf16"), gemm_n, dev).items()})
     samples = common.interleaved(arms, cfg.batch * steps_per_sample, repeats, warmup, dev, progress)
     flops = train_flops_per_image(cfg)
     row = {"config": name, "note": cfg.note, "batch": cfg.batch, "latent": cfg.latent, "max_abs_diff": diff,
@@ -386,14 +386,6 @@ def compare(name: str, cfg: BenchConfig, dev: torch.device, dtype, repeats: int,
     if with_precision:
         row["rounds"] = _rounds(samples, a, gemm_n)
     return row
-
-
-def GEMM_ARMS(n: int) -> dict:
-    """One n×n @ n×n matmul per dtype (2n³ FLOPs), as arms of the same interleaved rounds as the steps."""
-    g = torch.Generator().manual_seed(0)
-    mats = {d: [torch.randn(n, n, generator=g).to(t) for _ in range(2)]
-            for d, t in (("fp32", torch.float32), ("bf16", torch.bfloat16))}
-    return {f"GEMM {d}": (lambda a=a, b=b: a @ b) for d, (a, b) in mats.items()}
 
 
 def _rounds(samples: dict, fp32, n: int) -> list:

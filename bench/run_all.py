@@ -28,8 +28,8 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-import bench_data_path  # noqa: E402
 import bench_attention  # noqa: E402
+import bench_data_path  # noqa: E402
 import bench_demo_precision  # noqa: E402
 import bench_finetune  # noqa: E402
 import bench_lora  # noqa: E402
@@ -168,14 +168,19 @@ def _profile_reading(res: dict) -> str:
     return "\n\n".join(_profile_reading_one(r) for r in res["rows"] if r.get("profile"))
 
 
-def _profile_reading_one(r: dict) -> str:
-    p, ops = r["profile"], r["profile_ops"]
+def _kernel_split(p: dict, goal: float) -> tuple:
+    """From a profile by category (bench_unet.profile_breakdown): (total ms per arm, kernel ms per arm, latentforge's
+    non-kernel rest, the ms latentforge must cut for `goal`× diffusers)."""
     tot = {arm: sum(c.values()) for arm, c in p.items()}
     ker = {arm: sum(v for c, v in cats.items() if c.startswith(KERNELS)) for arm, cats in p.items()}
+    return tot, ker, tot["latentforge"] - ker["latentforge"], tot["latentforge"] - tot["diffusers"] / goal
+
+
+def _profile_reading_one(r: dict) -> str:
+    p, ops = r["profile"], r["profile_ops"]
+    tot, ker, rest, need = _kernel_split(p, 1.2)
     per = {c: (p["latentforge"][c], p["diffusers"][c]) for c in p["latentforge"] if c.startswith(KERNELS)}
     conv = {arm: ops[arm].get("aten::convolution", {}).get("calls", 0) for arm in ops}
-    rest = tot["latentforge"] - ker["latentforge"]
-    need = tot["latentforge"] - tot["diffusers"] / 1.2  # ms/step to cut for 1.2x
     text = (f"On `{r['config']}` the profiled step is {tot['latentforge']:.0f} ms (latentforge) vs "
             f"{tot['diffusers']:.0f} ms (diffusers): {tot['diffusers'] / tot['latentforge']:.2f}× in this profile, "
             f"{r['ratio_cpu']:.2f}× by the interleaved CPU-time medians above. Convolutions, GEMMs and the attention kernels "
@@ -221,11 +226,7 @@ def section_text2img(p: dict, device: str) -> tuple[dict, str]:
 
 def _t2i_profile_reading(r: dict, goal: float = 1.3) -> str:
     """What the text→image profile says about the goal ratio, from this run's numbers (the profiled calls alone)."""
-    p = r["profile"]
-    tot = {arm: sum(c.values()) for arm, c in p.items()}
-    ker = {arm: sum(v for c, v in cats.items() if c.startswith(KERNELS)) for arm, cats in p.items()}
-    rest = tot["latentforge"] - ker["latentforge"]
-    need = tot["latentforge"] - tot["diffusers"] / goal
+    tot, ker, rest, need = _kernel_split(r["profile"], goal)
     text = (f"In the profiled calls aten ops take {tot['latentforge']:.0f} ms (latentforge) vs {tot['diffusers']:.0f} ms "
             f"(diffusers), {tot['diffusers'] / tot['latentforge']:.2f}× (the timed rounds above: {r['ratio_cpu']:.2f}×). "
             f"Convolutions, GEMMs and the attention kernels take {ker['latentforge']:.0f} vs {ker['diffusers']:.0f} ms: "
