@@ -19,8 +19,7 @@ class StopRequest:
     SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
     def __init__(self, insist: bool = True):
-        self.requested = False
-        self.signum = None
+        self.signum = None  # the first signal's number, None until one arrives
         self.insist = insist
         self._previous = {}
 
@@ -29,7 +28,7 @@ class StopRequest:
             if self.insist:
                 raise KeyboardInterrupt
             return  # the first signal's stop stands
-        self.requested, self.signum = True, signum
+        self.signum = signum
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():  # signals only go to the main thread
@@ -41,6 +40,10 @@ class StopRequest:
         for s, handler in self._previous.items():
             signal.signal(s, handler)
         return False
+
+    @property
+    def requested(self) -> bool:
+        return self.signum is not None
 
     @property
     def name(self) -> str:
