@@ -1,6 +1,6 @@
 """What every benchmark shares: the machine, interleaved timing, peak memory in a subprocess, tables.
 
-Timing rule (issue 7): two arms A and B run in ONE process, interleaved A, B, A, B, … after a
+Timing rule: two arms A and B run in ONE process, interleaved A, B, A, B, … after a
 warm-up, and we report the median of at least 5 samples of each plus the ratio. On this shared
 2-core box other people's test runs steal the CPU at random moments, so every sample records two
 clocks: wall time (what a user waits) and process CPU time (user + system of this process, which a

@@ -1,5 +1,5 @@
 """A full fine-tune step of the SD 1.5-size UNet on this CPU: fp32 vs precision=bf16, with and without
-gradient checkpointing — step time and peak memory (issue 11, point 7).
+gradient checkpointing — step time and peak memory.
 
 One step = what `latentforge train` runs: `train.step.train_step` (forward + MSE) + backward + gradient
 clipping + AdamW from `train.setup.make_optimizer` (fused); bf16 = what `precision=bf16` trains on CPU (a bf16

@@ -1,6 +1,6 @@
 """LoRA vs full fine-tuning of the SD 1.5-size UNet on this CPU: trainable parameters, optimizer-state bytes,
 step time and peak memory for LoRA rank 4 / 16 / 64 (targets=attention, diffusers' default) against the full
-fine-tune (issue 12, point 5).
+fine-tune.
 
 One step = what `latentforge train` runs: `train.step.train_step` (forward + MSE) + backward + gradient
 clipping + the optimizer from `train.setup.make_optimizer` (fused AdamW) over the trainable parameters, on
@@ -88,7 +88,7 @@ def run(preset: str = "sd15", steps: int = 3, ranks=(4, 16, 64), threads: int = 
 
 
 def goal(r: dict) -> dict | None:
-    """Issue 12's goal at rank 16: peak RSS ≤ 0.4× and step CPU time ≤ 0.8× the full fine-tune's."""
+    """The LoRA goal at rank 16: peak RSS ≤ 0.4× and step CPU time ≤ 0.8× the full fine-tune's."""
     full, r16 = r["arms"]["full"], r["arms"].get("lora16")
     if r16 is None:
         return None
@@ -110,7 +110,7 @@ def markdown(r: dict) -> str:
                           "peak RSS GiB", "RSS / full", "CPU time / full"], rows)
     g = goal(r)
     if g:
-        text += (f"\n\nGoal (issue 12, rank 16): peak RSS ≤ 0.4× the full fine-tune's — measured **{g['rss']:.2f}×**; "
+        text += (f"\n\nGoal (rank 16): peak RSS ≤ 0.4× the full fine-tune's — measured **{g['rss']:.2f}×**; "
                  f"step time ≤ 0.8× — measured **{g['cpu']:.2f}×** (CPU time): {'met' if g['met'] else 'NOT met'}. "
                  "What remains of a LoRA step is the frozen base's forward and its input-gradient backward (no weight "
                  "gradients, no AdamW over the base); the resident memory is mostly the fp32 base weights.")

@@ -1,4 +1,4 @@
-"""The SDXL-size UNet's LoRA training step on this CPU (issue 13, point 6): step time and peak memory.
+"""The SDXL-size UNet's LoRA training step on this CPU: step time and peak memory.
 
 A full fine-tune of the `sdxl` preset (2,567,463,684 parameters) does not fit a 24 GiB machine in fp32 AdamW:
 weights + gradients + two moments = 4 × 4 B × 2.57 G ≈ 41 GB. What does fit is the LoRA step, measured here:

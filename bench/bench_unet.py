@@ -61,7 +61,7 @@ class BenchConfig:
 
 CONFIGS: Dict[str, BenchConfig] = {
     "small": BenchConfig(PRESETS["small"].unet, batch=16, latent=16, note="the `small` preset (4 heads per level)"),
-    # Issue 7's config: channels (64, 128, 256), 2 layers per level, attention on the first two levels,
+    # The 18.5 M-parameter 8-head config: channels (64, 128, 256), 2 layers per level, attention on the first two levels,
     # cross-attention dim 384, 16×16×4 latents, batch 16. Heads: UNetConfig's default 8 per level.
     "cpu-18m": BenchConfig(UNetConfig(channels=(64, 128, 256), layers_per_level=2, attention=(True, True, False),
                                      cross_attention_dim=384, sample_size=16), batch=16, latent=16,
