@@ -1,6 +1,6 @@
 """`train --init MODEL adapter=lora|loha|lokr`: only the adapter trains (base bitwise unchanged, checkpoint holds
 the adapter only), lora/ files in both formats, --merge model/ = base + adapter (1e-4), bitwise resume after
-kill -9, 2-process DDP = 1 process (1e-5), loss falls when LoRA-tuning a pretrained model on other shapes,
+kill -9, 2-process DDP = 1 process (within tests/tolerance.py's derived bound), loss falls when LoRA-tuning a pretrained model on other shapes,
 one-line errors. Synthetic in-memory latents and a tiny random --init model."""
 
 import hashlib
@@ -23,6 +23,7 @@ from latentforge.models import AutoencoderKL, UNet
 from latentforge.train import checkpoint, loop
 from latentforge.train.data import InMemoryLatents
 from latentforge.train.init import init_base, read_init
+from tolerance import assert_runs_match
 
 N, B = 16, 4
 BASE = ["batch_size=4", "lr=1e-2", "log_every=1", "sample_every=0", "checkpoint_every=2", "keep_checkpoints=0",
@@ -174,19 +175,15 @@ def test_kill_9_then_resume_is_bitwise(tmp_path):
 def test_two_processes_equal_one(tmp_path):
     """With lora.dropout too: the masks come from (seed, stream position), not from the rank's RNG."""
     folder = init_folder(tmp_path)
-    opts = ["max_steps=4", "lr_schedule=constant", "lr=1e-4", "lora.dropout=0.3"]
+    opts = ["max_steps=4", "lr_schedule=constant", "lr=1e-4", "adam_eps=1e-3", "lora.dropout=0.3"]
     one, two = tmp_path / "one", tmp_path / "two"
     run(one, folder, opts)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(_script(tmp_path)),
            str(two), str(folder), "fresh", *opts]
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert p.returncode == 0, p.stderr[-3000:]
-    rows = [[json.loads(l)["loss"] for l in (d / "metrics.jsonl").read_text().splitlines()] for d in (one, two)]
-    assert len(rows[0]) == len(rows[1]) == 4 and max(abs(a - b) for a, b in zip(*rows)) < 1e-5
-    for name in ("model", "ema"):
-        a, b = (load_file(str(d / "checkpoints" / "step-4" / f"{name}.safetensors")) for d in (one, two))
-        for key in a:
-            torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-5)
+    base = load_file(str(folder / "unet" / "diffusion_pytorch_model.safetensors"))
+    print(assert_runs_match(one, two, 4, lr=1e-4, adam_eps=1e-3, positions=B * 8 * 8, net_state=base, what="DDP"))
 
 
 def test_bad_adapter_settings_are_one_line(tmp_path):

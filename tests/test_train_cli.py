@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 from latentforge.cli import main
 from latentforge.config import VAETrainConfig, load_train_config
 from latentforge.train import checkpoint
+from tolerance import assert_runs_match
 
 SIZE = 32
 VAE_ARGS = ["model=tiny", f"image_size={SIZE}", "max_steps=40", "batch_size=8", "lr=2e-3", "warmup_steps=5",
@@ -155,7 +156,7 @@ def test_mistakes_are_one_line(world, tmp_path, capsys, case, words):
 def test_torchrun_two_processes_equal_one_and_resume(world, tmp_path):
     """`torchrun --nproc_per_node=2 -m latentforge train` (gloo, batch 4 per rank) == 1 process (batch 8)."""
     opts = ["--cache", str(world["ucache"]), "--vae", str(world["vae"]), "--quiet", *TRAIN_ARGS, "lr=1e-4",
-            "max_steps=6", "checkpoint_every=3", "sample_every=0", "val_fraction=0.25", "val_every=3"]
+            "adam_eps=1e-3", "max_steps=6", "checkpoint_every=3", "sample_every=0", "val_fraction=0.25", "val_every=3"]
     one, two, resumed = tmp_path / "one", tmp_path / "two", tmp_path / "resumed"
     assert main(["train", "--out", str(one), *opts]) == 0
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -167,16 +168,9 @@ def test_torchrun_two_processes_equal_one_and_resume(world, tmp_path):
         assert p.returncode == 0, p.stderr[-3000:]
 
     torchrun(two)
-    l1, l2 = [r["loss"] for r in rows(one) if "loss" in r], [r["loss"] for r in rows(two) if "loss" in r]
     v1, v2 = [[(r["step"], r["val_loss"]) for r in rows(x) if "val_loss" in r] for x in (one, two)]
     assert [s for s, _ in v1] == [s for s, _ in v2] == [0, 3, 6]  # the same held-out split under DDP
-    assert max(abs(a[1] - b[1]) for a, b in zip(v1, v2)) < 1e-5
-    assert len(l1) == len(l2) == 6 and max(abs(a - b) for a, b in zip(l1, l2)) < 1e-5
-    for name in ("model", "ema"):
-        a = load_file(str(one / "checkpoints" / "step-6" / f"{name}.safetensors"))
-        b = load_file(str(two / "checkpoints" / "step-6" / f"{name}.safetensors"))
-        for k in a:
-            torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-5)
+    print(assert_runs_match(one, two, 6, lr=1e-4, adam_eps=1e-3, positions=8 * 8 * 8, what="torchrun"))
     state = json.loads((two / "checkpoints" / "step-6" / "state.json").read_text())
     assert state["world_size"] == 2 and state["rng"][0] != state["rng"][1]  # per-rank RNG states
     assert (two / "model" / "unet").is_dir() and not list(two.glob("metrics.jsonl.*"))  # rank 0 wrote, once

@@ -1,0 +1,81 @@
+"""The derived tolerances (tests/tolerance.py) hold for known reorderings, are needed (a tighter bound fails
+them), and still catch a real bug (a dropped micro-batch)."""
+
+import numpy as np
+import torch
+
+import tolerance as T
+
+
+def test_unit_roundoff_is_half_the_machine_epsilon():
+    assert T.unit_roundoff(torch.float32) == 2.0**-24 and T.unit_roundoff(torch.bfloat16) == 2.0**-8
+
+
+def test_a_reordered_sum_is_within_the_bound_and_the_width_term_is_needed():
+    """2**20 positive terms (no cancellation, so Σ|x| is the sum's own size) summed left to right (NumPy's
+    float32 cumsum, one term at a time) and by torch's vectorised pairwise sum: 12.3 apart on a sum of 5.2e5."""
+    x = torch.rand(2**20, generator=torch.Generator().manual_seed(0))
+    sequential, pairwise = float(np.cumsum(x.numpy())[-1]), x.sum().item()
+    diff, scale = abs(sequential - pairwise), x.double().sum().item()
+    assert diff <= T.reorder_tol(scale, x.numel())
+    assert diff > T.reorder_tol(scale, 1)  # a bound that forgot the reduction's width is too tight
+
+
+def _mlp() -> torch.nn.Module:
+    torch.manual_seed(1)
+    return torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.SiLU(), torch.nn.Linear(256, 256), torch.nn.SiLU(),
+                               torch.nn.Linear(256, 64))
+
+
+def _train(micro: int, *, drop_last: bool = False, steps: int = 3, lr: float = 1e-3, eps: float = 1e-3):
+    """AdamW on a 3-layer MLP, each step's 16 samples in `micro` accumulated micro-batches (the last one
+    left out when `drop_last`: the bug the bound must catch). Returns the weights and the logged rows."""
+    g = torch.Generator().manual_seed(2)
+    xs, ys = torch.randn(steps, 16, 64, generator=g), torch.randn(steps, 16, 64, generator=g)
+    m = _mlp()
+    opt = torch.optim.AdamW(m.parameters(), lr=lr, eps=eps)
+    rows = []
+    for x, y in zip(xs, ys):
+        opt.zero_grad()
+        loss = 0.0
+        for i, (a, b) in enumerate(zip(x.chunk(micro), y.chunk(micro))):
+            if not (drop_last and i == micro - 1):
+                part = torch.nn.functional.mse_loss(m(a), b) / micro
+                part.backward()
+                loss += part.item()
+        rows.append({"loss": loss, "grad_norm": torch.nn.utils.clip_grad_norm_(m.parameters(), 1.0).item()})
+        opt.step()
+    return {k: v.detach().clone() for k, v in m.state_dict().items()}, rows
+
+
+def _tols(state, rows):
+    width, depth = T.network_shape(state, positions=16)
+    return T.training_tols(rows, lr=1e-3, adam_eps=1e-3, width=width, depth=depth,
+                           n_params=sum(v.numel() for v in state.values()))
+
+
+def test_accumulated_micro_batches_are_within_the_adamw_bound_but_not_bitwise():
+    big, rows = _train(1)
+    acc, acc_rows = _train(4)
+    w_tol, loss_tols = _tols(big, rows)
+    worst = T.assert_close_tensors(acc, big, w_tol, "4 micro-batches vs 1 batch")
+    T.assert_close_losses([r["loss"] for r in acc_rows], [r["loss"] for r in rows], loss_tols, "losses")
+    assert worst > 0  # a bitwise comparison (the tightest bound) would fail this reordering
+
+
+def test_the_adamw_bound_catches_a_dropped_micro_batch():
+    big, rows = _train(1)
+    dropped, dropped_rows = _train(4, drop_last=True)
+    w_tol, loss_tols = _tols(big, rows)
+    assert max((dropped[k] - big[k]).abs().max().item() for k in big) > 10 * w_tol
+    assert abs(dropped_rows[0]["loss"] - rows[0]["loss"]) > 10 * loss_tols[0]
+
+
+def test_a_loose_bound_would_pass_the_bug():
+    """The guard the previous test relies on: at Adam's default ε = 1e-8 the same formula is far looser than the
+    bug's effect, which is why the training comparisons set adam_eps near the gradients' element size."""
+    big, rows = _train(1)
+    dropped, _ = _train(4, drop_last=True)
+    width, depth = T.network_shape(big, positions=16)
+    loose = T.adamw_tol(lr=1e-3, steps=3, adam_eps=1e-8, grad_scale=1.0, width=width, depth=depth)
+    assert max((dropped[k] - big[k]).abs().max().item() for k in big) < loose
