@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: test demo bench clean
+.PHONY: test test-kernels demo bench clean
 
 # The exact tested set (constraints.txt) inside the ranges pyproject.toml declares.
 $(STAMP): pyproject.toml constraints.txt
@@ -14,6 +14,10 @@ $(STAMP): pyproject.toml constraints.txt
 
 test: $(STAMP)
 	$(PY) -m pytest -q -n 2 --dist loadfile tests
+
+# The numerically sensitive tests under each kernel setting another processor would pick (tests/kernel_settings.py).
+test-kernels: $(STAMP)
+	$(PY) tests/kernel_settings.py
 
 demo: $(STAMP)
 	$(VENV)/bin/latentforge demo --out runs/demo

@@ -79,3 +79,11 @@ def test_a_loose_bound_would_pass_the_bug():
     width, depth = T.network_shape(big, positions=16)
     loose = T.adamw_tol(lr=1e-3, steps=3, adam_eps=1e-8, grad_scale=1.0, width=width, depth=depth)
     assert max((dropped[k] - big[k]).abs().max().item() for k in big) < loose
+
+
+def test_make_test_kernels_names_existing_tests_and_switches():
+    import kernel_settings as K
+
+    here = __import__("pathlib").Path(__file__).parent
+    assert all((here / f).is_file() for f in K.SENSITIVE) and K.SETTINGS["default"] == {}
+    assert {"MKL_ENABLE_INSTRUCTIONS", "ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA"} <= set(K.SETTINGS["avx2-machine"])
