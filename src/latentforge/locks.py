@@ -5,7 +5,8 @@
 
 The lock is `fcntl.flock` on `<folder>/.latentforge.lock`. The kernel releases it when the process
 exits however it exits (kill -9 included), so there is never a stale lock to delete by hand; the
-file itself stays (it records the last holder's pid and command, for the message). Only the main
+file itself stays. While held it names the holder's pid and command (for the message); on release it gets
+back the bytes it had, so a command that only looked (or refused) leaves the folder unchanged. Only the main
 process of a torchrun group takes it (`RANK` 0): the other ranks share the main rank's folder.
 """
 
@@ -53,8 +54,16 @@ def folder_lock(folder, what: str, flag: str = "--out"):
                 raise
             raise FolderBusy(f"{flag} {folder}: in use by {_holder(path)} — wait for it to finish (or stop it), "
                              f"or choose another {flag}") from None
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()} {what}\n".encode())
-        yield path
+        previous = os.pread(fd, 4096, 0)
+        _rewrite(fd, f"{os.getpid()} {what}\n".encode())
+        try:
+            yield path
+        finally:  # the holder's line was for the message only: put back what was there, so a command that
+            _rewrite(fd, previous)  # refused leaves the folder byte for byte as it found it
     finally:
         os.close(fd)  # closing the descriptor releases the lock
+
+
+def _rewrite(fd: int, data: bytes) -> None:
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, data, 0)
