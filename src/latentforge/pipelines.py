@@ -348,17 +348,19 @@ class Pipeline:
     def _parameters(self, r: "_Request", i: int, karras: bool, size: Tuple[int, int], strength: Optional[float]) -> str:
         """Image i's A1111 'parameters' text (png.py)."""
         info, (W, H) = samplers.get_sampler(r.sampler), size
-        prompt, negative_prompt = r.prompt, r.negative_prompt
-        if self.text_encoder is not None:  # record what the encoder saw, not what was typed past max_length
-            prompt = self.text_encoder.kept_text(prompt or "")
-            negative_prompt = self.text_encoder.kept_text(negative_prompt or "") or None
-        return format_parameters(prompt, negative_prompt, {
+        # The whole prompt, as typed: the image is made again from it (the encoder cuts it the same way);
+        # how many tokens the encoder did not see is a setting of its own.
+        cut = {} if self.text_encoder is None else {
+            name: self.text_encoder.dropped_tokens(text) or None
+            for name, text in (("Prompt tokens dropped", r.prompt), ("Negative tokens dropped", r.negative_prompt))
+            if text}
+        return format_parameters(r.prompt, r.negative_prompt, {
             "Steps": r.steps, "Sampler": info.display + (" Karras" if karras else ""),
             "CFG scale": float(r.cfg), "Seed": r.seed + i, "Size": f"{W}x{H}", "Model": self.name or None,
             "Denoising strength": float(strength) if strength is not None else None,
             "Eta": float(r.eta) if "eta" in info.options and r.eta else None,
             "Class": r.class_label, "Guidance rescale": float(r.guidance_rescale) if r.guidance_rescale else None,
-            "LoRA": " + ".join(self.loras) or None, **self._micro_record(r.micro, (H, W)),
+            "LoRA": " + ".join(self.loras) or None, **self._micro_record(r.micro, (H, W)), **cut,
         })
 
     def _micro_record(self, m: "_Micro", size: Tuple[int, int]) -> dict:

@@ -80,8 +80,9 @@ SECTIONS = [
      "5-token vocabulary, model_index.json naming another text-encoder class, and a component named but absent. "
      "Required: exit 2, one `error:` line naming the part, no image written; the intact folder gives different "
      "images for different prompts (the control). Folders of other kinds given as `--vae` must be named for what "
-     "they are. A prompt of 35 tokens for a max_length of 16: one warning naming the 19 dropped tokens, and the "
-     "PNG's `parameters` record the 14 words the encoder saw. (Sections 9–11 are the second round of faults, "
+     "they are. A prompt of 35 tokens for a max_length of 16: one warning naming the 19 dropped tokens; the "
+     "PNG's `parameters` record the whole prompt and `Prompt tokens dropped: 19`, and `sample` given the recorded "
+     "prompt makes the same PNG byte for byte. (Sections 9–11 are the second round of faults, "
      "issue points 1–9: run on the code before that round, 18 of their 19 tests failed, each on the fault it "
      "targets — the control passed.)", ("model_folder_", "long_prompt")),
     ("10. Second round: --resume that must refuse, and one process per run folder", "test_rel_resume.py", "",

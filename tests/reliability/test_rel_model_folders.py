@@ -6,7 +6,7 @@
 8. A folder of another kind given as `--vae` (a transformers text encoder, a latent cache …) is named for
    what it is, not "file not found".
 9. A prompt longer than the text encoder's max_length: one warning naming the dropped tokens, and the PNG
-   records the prompt the encoder saw.
+   records the whole prompt (and how many tokens the encoder dropped), so the image can be made again from it.
 """
 
 import json
@@ -98,17 +98,21 @@ def test_a_folder_of_another_kind_as_vae_is_named(world, text_model, tmp_path, c
     assert all(r["verdict"] == "ok" for r in rows.values()), rows
 
 
-def test_a_prompt_longer_than_max_length_warns_once_and_the_png_records_what_was_used(text_model, tmp_path, capsys):
+def test_a_prompt_longer_than_max_length_warns_once_and_the_png_records_it_whole(text_model, tmp_path, capsys):
     from latentforge.png import parse_parameters, read_parameters
 
     words = "a red circle at the top left on a white background"  # 11 tokens + [CLS] [SEP]
     prompt = " ".join([words] * 3)  # 35 tokens: 19 past max_length 16
-    code, lines = run_cli(sample(text_model, tmp_path / "o", "--prompt", prompt, "--n", "2"), capsys)
+    code, lines = run_cli(sample(text_model, tmp_path / "o", "--prompt", prompt, "--n", "1"), capsys)
     assert code == 0, lines
     warnings = [l for l in lines if l.startswith("warning: ")]
-    recorded = parse_parameters(read_parameters(next((tmp_path / "o").glob("*.png"))))["prompt"]
-    expected = " ".join((words.split() * 3)[:14])  # 16 positions - [CLS] - [SEP]
+    png = next((tmp_path / "o").glob("*.png"))
+    params = parse_parameters(read_parameters(png))
+    again = run_cli(sample(text_model, tmp_path / "again", "--prompt", params["prompt"], "--n", "1"), capsys)[0]
+    same = png.read_bytes() == next((tmp_path / "again").glob("*.png")).read_bytes()
     record("long_prompt", prompt_words=len(prompt.split()), max_length=16, warnings=warnings,
-           recorded_prompt=recorded, expected=expected)
+           recorded_prompt_words=len(params["prompt"].split()), dropped_setting=params.get("Prompt tokens dropped"),
+           remade_from_its_own_parameters_bytewise=same)
     assert len(warnings) == 1 and "19 token(s)" in warnings[0], lines
-    assert recorded == expected
+    assert params["prompt"] == prompt and params["Prompt tokens dropped"] == "19"
+    assert again == 0 and same  # made again from its own metadata: the same PNG, byte for byte
