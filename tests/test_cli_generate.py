@@ -114,11 +114,38 @@ def test_width_and_height_flags(model, tmp_path, capsys):
     assert _run(["sample", *base, "--width", "24", "--height", "40", "--out", str(tmp_path / "s")], capsys)[0] == 0
     assert Image.open(tmp_path / "s" / "00000-0.png").size == (24, 40)
     # img2img: a 32x30 input gives 32x28 (rounded down to the VAE grid); --width/--height resize it
-    assert _run(["img2img", *base, "--image", str(model / "odd.png"), "--out", str(tmp_path / "i")], capsys)[0] == 0
+    with pytest.warns(UserWarning, match="the output is 32x28"):
+        assert _run(["img2img", *base, "--image", str(model / "odd.png"), "--out", str(tmp_path / "i")], capsys)[0] == 0
     assert Image.open(tmp_path / "i" / "00000-0.png").size == (32, 28)
     assert _run(["inpaint", *base, "--image", str(model / "in.png"), "--mask", str(model / "mask.png"),
                  "--width", "40", "--height", "16", "--out", str(tmp_path / "p")], capsys)[0] == 0
     assert Image.open(tmp_path / "p" / "00000-0.png").size == (40, 16)
+
+
+def test_an_output_size_changed_from_the_image_is_one_warning_line(model, tmp_path, capsys):
+    """A 32x30 image gives a 32x28 output (the VAE grid is 4): img2img and inpaint say so (the console script in
+    one `warning:` line); an image on the grid, or a size given with --width/--height, gives no warning."""
+    import warnings
+
+    base = ["--model", str(model / "model"), "--prompt", "lower", "--steps", "2", "--device", "cpu"]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", OMP_NUM_THREADS="1")
+    r = subprocess.run([str(Path(sys.executable).with_name("latentforge")), "img2img", *base, "--image",
+                        str(model / "odd.png"), "--out", str(tmp_path / "cli")], capture_output=True, text=True,
+                       env=env, timeout=120)
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert r.returncode == 0 and len(lines) == 1 and lines[0].startswith("warning: --image"), r.stderr
+    assert "32x30" in lines[0] and "32x28" in lines[0] and "--width/--height" in lines[0], r.stderr
+    Image.fromarray(np.full((30, 32), 255, dtype=np.uint8)).save(tmp_path / "odd-mask.png")
+    for mode, extra in (("img2img", []), ("inpaint", ["--mask", str(tmp_path / "odd-mask.png")])):
+        with pytest.warns(UserWarning, match="32x30 .* the output is 32x28"):
+            assert _run([mode, *base, "--image", str(model / "odd.png"), *extra, "--out", str(tmp_path / mode)],
+                        capsys)[0] == 0
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", UserWarning)
+            assert _run([mode, *base, "--image", str(model / "odd.png"), *extra, "--width", "32", "--height", "28",
+                         "--out", str(tmp_path / f"{mode}-sized")], capsys)[0] == 0
+            assert _run([mode, *base, "--image", str(model / "in.png"), *(["--mask", str(model / "mask.png")]
+                        if extra else []), "--out", str(tmp_path / f"{mode}-grid")], capsys)[0] == 0
 
 
 @pytest.mark.parametrize("extra,needle", [

@@ -15,6 +15,7 @@ matching scheduler (tests/test_pipelines.py).
 
 from __future__ import annotations
 
+import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -397,6 +398,9 @@ class Pipeline:
             raise UserError(f"{where}: {w}x{h} would make a {W}x{H} output (the image's own size where --width/"
                             f"--height are not given), over the limit of {MAX_PIXELS:,} pixels — pass --width and "
                             f"--height (the model's size is {dw}x{dh}) or resize the image")
+        if (W, H) != (w, h) and not (width and height):  # the user asked for no size: say what they get
+            warnings.warn(f"{where}: {w}x{h} is not a multiple of {f} (the VAE's downsampling) on each side — the "
+                          f"output is {W}x{H}, rounded down; pass --width/--height to choose its size", stacklevel=3)
         return self._check_size((W, H), "--width/--height")
 
     def _noise(self, latents, gens, shape) -> torch.Tensor:
