@@ -12,7 +12,8 @@ from latentforge.demo import grid_prompts
 
 def test_demo_tiny_writes_everything(tmp_path, capsys):
     out = tmp_path / "demo"
-    assert main(["demo", "--out", str(out), "--budget", "tiny", "--threads", "1", "--precision", "bf16"]) == 0
+    assert main(["demo", "--out", str(out), "--budget", "tiny", "--threads", "1", "--precision", "bf16",
+                 "--seed", "3"]) == 0
     for name in ("grid.png", "img2img.png", "inpaint.png", "loss.png", "report.md", "demo.json",
                  "eval/eval.json", "eval/eval.md", "eval/eval_grid.png", "unet/model/model_index.json",
                  "vae/vae/config.json"):
@@ -24,6 +25,7 @@ def test_demo_tiny_writes_everything(tmp_path, capsys):
     report = (out / "report.md").read_text()
     assert summary["precision"] == "bf16" and 'precision = "bf16"' in (out / "unet" / "config.toml").read_text()
     assert "UNet training precision: **bf16**" in report and "chosen with --precision bf16" in report
+    assert summary["seed"] == 3 and "seed 3." in report and 'seed = 3' in (out / "unet" / "config.toml").read_text()
     assert f"**{seen['accuracy']:.3f}** (95 % CI {seen['low']:.3f}–{seen['high']:.3f}, n = 88)" in report
     assert f"**{held['accuracy']:.3f}** (95 % CI {held['low']:.3f}–{held['high']:.3f}, n = 8)" in report
     for stage, seconds in summary["seconds"].items():

@@ -64,27 +64,31 @@ class Stages:
 
 
 def choose_precision(requested: str = "auto", cuda: bool | None = None, native: str | None = "?") -> tuple:
-    """(precision of the UNet training, the reason in words). `auto`: bf16 (bf16 compute copy, fp32 masters)
-    when training runs on a CPU with native bf16 instructions, else fp32."""
+    """(precision of the UNet training, the reason in words). `auto` is fp32 everywhere: bf16 training (bf16
+    compute copy, fp32 masters) is faster on a CPU with native bf16 instructions, but its accuracy on the demo
+    was not the same on every such processor (docs/BENCHMARKS.md §9), so it is only ever chosen by name."""
     if requested not in PRECISIONS:
         raise UserError(f"--precision: unknown {requested!r} — use one of {', '.join(PRECISIONS)}")
+    native = cpu_native_bf16() if native == "?" else native
+    if requested == "bf16" and not (cuda if cuda is not None else torch.cuda.is_available()) and not native:
+        return "bf16", (f"chosen with --precision bf16 (this CPU has no native bf16 instructions, "
+                        f"{' / '.join(NATIVE_BF16_FLAGS)}: expect it slower than fp32)")
     if requested != "auto":
         return requested, f"chosen with --precision {requested}"
-    cuda = torch.cuda.is_available() if cuda is None else cuda
-    if cuda:
-        return "fp32", "auto: training runs on CUDA (the demo's bf16 choice was measured on CPUs)"
-    native = cpu_native_bf16() if native == "?" else native
-    if native:
-        return "bf16", f"auto: this CPU computes bf16 natively ({native})"
-    return "fp32", f"auto: this CPU has no native bf16 instructions ({' / '.join(NATIVE_BF16_FLAGS)})"
+    faster = f" (--precision bf16 trains the UNet faster on this CPU, {native})" if native else ""
+    return "fp32", ("auto: fp32 — bf16 training reached a lower accuracy on some processors than fp32 on the same "
+                    f"machine (docs/BENCHMARKS.md §9){faster}")
 
 
 def run_demo(out: str | os.PathLike = "runs/demo", budget: str = "full", threads: int | None = None,
-             precision: str = "auto") -> dict:
-    """Run every stage into `out`; returns the summary also written to `out`/demo.json."""
+             precision: str = "auto", seed: int = 0) -> dict:
+    """Run every stage into `out`; returns the summary also written to `out`/demo.json. `seed` draws the data
+    set, both models' initial weights and their training noise (the evaluation's draws stay fixed)."""
     if budget not in BUDGETS:
         raise UserError(f"--budget: unknown {budget!r} — use one of {', '.join(BUDGETS)}")
     b = BUDGETS[budget]
+    b = replace(b, seed=b.seed + seed, vae=replace(b.vae, seed=b.vae.seed + seed),
+                unet=replace(b.unet, seed=b.unet.seed + seed))
     precision, why = choose_precision(precision)
     out = Path(out)
     _prepare(out)
@@ -113,7 +117,7 @@ def run_demo(out: str | os.PathLike = "runs/demo", budget: str = "full", threads
                                           settings={**options, "model": str(out / "unet" / "model")})
     summary = {"budget": budget, "seconds": {k: round(v, 1) for k, v in stages.seconds.items()},
                "wall_seconds": round(stages.wall, 1), "scores": result["scores"], "sampling": options,
-               "threads": torch.get_num_threads(), "precision": precision, "precision_reason": why}
+               "threads": torch.get_num_threads(), "precision": precision, "precision_reason": why, "seed": seed}
     io.write_text(out / "demo.json", json.dumps(summary, indent=1) + "\n")
     write_loss_plot(out)
     write_report(out, b, summary)
@@ -209,7 +213,8 @@ def write_report(out: Path, b: Budget, summary: dict) -> None:
         "# latentforge demo", "",
         f"Budget `{summary['budget']}`: {b.images} shapes images of {b.image_size}x{b.image_size} px; "
         f"VAE {b.vae.max_steps} steps; UNet {b.unet.max_steps} steps of batch {b.unet.batch_size}; "
-        f"sampling {b.sampler}, {b.steps} steps, CFG {b.cfg}; {summary['threads']} CPU threads.", "",
+        f"sampling {b.sampler}, {b.steps} steps, CFG {b.cfg}; {summary['threads']} CPU threads; "
+        f"seed {summary.get('seed', 0)}.", "",
         f"UNet training precision: **{summary['precision']}**"
         + (" (bf16 compute copy, fp32 master weights and AdamW state)" if summary["precision"] == "bf16" else "")
         + f" — {summary['precision_reason']}. The VAE trains and all sampling runs in fp32.", "",
