@@ -29,11 +29,8 @@ OWNERS = {
     **{("config.py", name): tuple(getattr(config, name)) for name in (
         "PREDICTION_TYPES", "BETA_SCHEDULES", "PRECISIONS", "OPTIMIZERS", "ADAPTERS", "LORA_TARGETS",
         "LR_SCHEDULES", "TIMESTEP_SAMPLINGS", "CONDITIONINGS", "DEVICES", "RECON_LOSSES", "BUCKET_LEFTOVERS",
-        "PRESETS")},
-    ("samplers.py", "SAMPLERS"): tuple(samplers.SAMPLERS),
-    ("samplers.py", "SPACINGS"): samplers.SPACINGS,
+        "SAMPLER_NAMES", "SPACINGS", "LABELS", "PRESETS")},
     ("data/images.py", "IMAGE_EXTENSIONS"): tuple(images.IMAGE_EXTENSIONS),
-    ("data/sources.py", "LABELS"): sources.LABELS,
     ("demo_budgets.py", "PRECISIONS"): demo_budgets.PRECISIONS,
     ("demo_budgets.py", "BUDGETS"): tuple(demo_budgets.BUDGETS),
 }
@@ -117,7 +114,7 @@ def test_the_scan_finds_a_copy():
     found = copies_in(probe, "probe.py")
     assert [f.split(": ", 1)[1] for f in found] == [
         "a literal copy of config.py:PREDICTION_TYPES", "a literal copy of config.py:PRECISIONS",
-        "a literal part of data/images.py:IMAGE_EXTENSIONS", "a string listing samplers.py:SAMPLERS"], found
+        "a literal part of data/images.py:IMAGE_EXTENSIONS", "a string listing config.py:SAMPLER_NAMES"], found
     assert copies_in((SRC / "config.py").read_text(), "config.py") == []
 
 
@@ -140,6 +137,8 @@ def test_refusal_lists_exactly_the_fields_choices(cls):
 
 def test_the_implementations_cover_exactly_the_choices():
     assert set(KINDS) == set(config.ADAPTERS) - {"none"}
+    assert tuple(samplers.SAMPLERS) == config.SAMPLER_NAMES  # the table, in the order the help lists them
+    assert samplers.SPACINGS is config.SPACINGS and sources.LABELS is config.LABELS
     assert set(UNET_TARGETS) == set(TEXT_TARGETS) == set(config.LORA_TARGETS)
     assert optimizers.OPTIMIZERS is config.OPTIMIZERS
     assert schedule.PREDICTION_TYPES is config.PREDICTION_TYPES and schedule.BETA_SCHEDULES is config.BETA_SCHEDULES
@@ -157,11 +156,12 @@ def test_cli_help_lists_the_owners_choices():
         parser = build_parser(command).commands[command]
         return next(a.help for a in parser._actions if flag in a.option_strings) % {"default": ""}
 
-    assert " | ".join(samplers.SAMPLERS) in help_of("sample", "--sampler")
-    assert " | ".join(samplers.SPACINGS) in help_of("img2img", "--spacing")
+    assert " | ".join(config.SAMPLER_NAMES) in help_of("sample", "--sampler")
+    assert " | ".join(config.SAMPLER_NAMES) in help_of("eval", "--sampler")
+    assert " | ".join(config.SPACINGS) in help_of("img2img", "--spacing")
     assert " | ".join(config.PREDICTION_TYPES) in help_of("export", "--prediction-type")
     assert " | ".join(config.PRECISIONS) in help_of("export", "--dtype")
     labels = next(a for a in build_parser("cache").commands["cache"]._actions if "--labels" in a.option_strings)
-    assert labels.choices is sources.LABELS
+    assert labels.choices is config.LABELS
     demo_flags = {a.dest: a.choices for a in build_parser("demo").commands["demo"]._actions}
     assert demo_flags["precision"] is demo_budgets.PRECISIONS and demo_flags["budget"] == tuple(demo_budgets.BUDGETS)

@@ -68,9 +68,9 @@ def test_eval_refuses_an_unknown_sampler_before_loading(tmp_path, capsys):
 def test_the_parser_does_not_load_the_demo():
     """`latentforge --help` builds every command's flags; the demo's (--budget, --precision) come from plain data,
     so neither the help nor `demo --help` imports latentforge.demo (models, training loop, pipelines: ~0.7 s of CPU
-    on every start), and `demo --help` loads no torch at all. A fresh interpreter: this test process has them."""
+    on every start), and neither loads torch. A fresh interpreter: this test process has them."""
     code = ("import sys; from latentforge.cli import build_parser; build_parser({only}); "
             "print(sorted(m for m in ('latentforge.demo', 'torch') if m in sys.modules))")
     loaded = {only: subprocess.run([sys.executable, "-c", code.format(only=only)], capture_output=True, text=True,
                                    check=True).stdout.strip() for only in ("None", "'demo'")}
-    assert loaded == {"None": "['torch']", "'demo'": "[]"}, loaded  # torch: the generation commands' samplers
+    assert loaded == {"None": "[]", "'demo'": "[]"}, loaded  # every command's --help: tests/test_cli_startup.py

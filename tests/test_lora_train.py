@@ -270,3 +270,34 @@ def test_cli_adapter_without_init_is_one_line_before_any_work(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["error: adapter=lora: an adapter trains on top of a pretrained model — pass --init MODEL "
                    "(a diffusers model folder)"] and not out.exists()
+
+
+def _first_step(run_dir) -> torch.Tensor:
+    """Every lora_up weight after step 1 (they start at zero: this is AdamW's first step, −lr · g / (|g| + ε))."""
+    w = load_file(str(run_dir / "checkpoints" / "step-1" / "model.safetensors"))
+    return torch.cat([w[k].flatten() for k in sorted(w) if "lora_up" in k])
+
+
+def test_two_processes_draw_the_dropout_masks_of_one(tmp_path):
+    """lora.dropout=0.5 under DDP: the first optimizer step of 2 processes is the step of 1. AdamW's first step
+    is lr · sign(g) wherever |g| ≫ adam_eps (1e-8), so two runs whose gradients differ only by the order of the
+    float sums (the ranks' halves averaged vs one batch) take the same step except where |g| is within that
+    difference of zero: relative to max |g|, δ ≈ fp32 eps × reduction depth = 1.2e-7 × (4 samples × 64
+    positions + ~100 layers) ≈ 4e-5, so about 2δ ≈ 1e-4 of the entries; 0.01 allows 100 times that. Masks from
+    each rank's own RNG change most gradients by O(1). Measured (25,472 entries): keyed masks 0 differ; masks
+    from the process RNG 0.34; no dropout vs dropout 0.25 (the masks matter to this step)."""
+    folder = init_folder(tmp_path)
+    opts = ["max_steps=1", "lr_schedule=constant", "warmup_steps=0", "lr=1e-3", "lora.dropout=0.5"]
+    one, two, plain = tmp_path / "one", tmp_path / "two", tmp_path / "plain"
+    run(one, folder, opts)
+    run(plain, folder, opts + ["lora.dropout=0"])
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(_script(tmp_path)),
+           str(two), str(folder), "fresh", *opts]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert p.returncode == 0, p.stderr[-3000:]
+    a, b, c = _first_step(one), _first_step(two), _first_step(plain)
+    flipped = lambda x, y: float((torch.sign(x) != torch.sign(y)).float().mean())  # noqa: E731
+    print(f"first-step signs differing: 2 processes vs 1 {flipped(a, b):.4f}; no dropout vs dropout {flipped(a, c):.4f}"
+          f" ({a.numel()} entries)")
+    assert flipped(a, c) > 0.2
+    assert flipped(a, b) < 0.01

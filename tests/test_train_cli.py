@@ -294,3 +294,53 @@ def test_sigterm_under_torchrun_checkpoints_and_resumes_bitwise(world, tmp_path)
     for name in ("model", "ema", "optimizer"):
         a, b = (load_file(str(d / "checkpoints" / f"step-{steps}" / f"{name}.safetensors")) for d in (ref, out))
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+
+
+def _files(folder):
+    return {str(p.relative_to(folder)): (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(folder.rglob("*"))
+            if p.is_file()}
+
+
+def test_train_data_refusals_come_before_the_cache_is_built_again(world, tmp_path, capsys, monkeypatch):
+    """`train --data DIR --out RUN` on a run with checkpoints and changed data: each refusal the run can get
+    (no --resume; a setting that changes the math, also with --allow-changed-data; no usable checkpoint) comes
+    before RUN/cache is encoded again: build_cache is never called and the cache's files keep their bytes and
+    mtimes. Before, `train` rebuilt RUN/cache from the changed data first and refused after. The right resume,
+    on the data the run was trained on, still works (the data-derived settings are not compared early)."""
+    import latentforge.data.cache as cache_module
+
+    data, run = tmp_path / "data", tmp_path / "run"
+    shutil.copytree(world["data"], data)
+    argv = ["train", "--data", str(data), "--vae", str(world["vae"]), "--out", str(run), "--quiet", *TRAIN_ARGS,
+            "sample_every=0", "val_fraction=0", "lr_schedule=constant", "checkpoint_every=1"]
+    assert main([*argv, "max_steps=2"]) == 0
+    capsys.readouterr()
+    moved = tmp_path / "moved"
+    moved.mkdir()
+    for name in ("00003.png", "00003.txt"):  # the data changes: one captioned image fewer
+        shutil.move(data / name, moved / name)
+    builds = []
+    real = cache_module.build_cache
+    monkeypatch.setattr(cache_module, "build_cache", lambda *a, **k: (builds.append(a), real(*a, **k))[1])
+    before = _files(run / "cache")
+    aside = tmp_path / "aside"
+    shutil.copytree(run / "checkpoints", aside)
+    cases = [([], "already holds checkpoints — pass --resume"),
+             (["--resume", "lr=5e-4"], "lr (0.001 -> 0.0005)"),
+             (["--resume", "--allow-changed-data", "lr=5e-4"], "lr (0.001 -> 0.0005)"),
+             (["--resume", "--allow-changed-data", "unusable"], "no usable checkpoint")]
+    for extra, words in cases:
+        if "unusable" in extra:
+            for marker in (run / "checkpoints").glob("step-*/COMPLETE"):
+                marker.unlink()  # as if every checkpoint had been cut off while it was written
+            extra = extra[:-1]
+        assert main([*argv, "max_steps=3", *extra]) == 2, extra
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and words in err[0], (extra, err)
+        assert builds == [] and _files(run / "cache") == before, extra
+    shutil.rmtree(run / "checkpoints")
+    shutil.copytree(aside, run / "checkpoints")
+    for name in ("00003.png", "00003.txt"):
+        shutil.move(moved / name, data / name)
+    assert main([*argv, "max_steps=3", "--resume"]) == 0
+    assert len(builds) == 1 and rows(run)[-1]["step"] == 3

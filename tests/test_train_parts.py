@@ -230,3 +230,36 @@ def test_stop_signal_poll_steps():
     assert [s for s in range(1, 96) if stop_poll_due(s, cfg, True)] == list(range(10, 91, 10)) + [95]
     cfg = TrainConfig(log_every=4, max_steps=10)
     assert [s for s in range(1, 11) if stop_poll_due(s, cfg, True)] == [4, 8, 10]
+
+
+class _Items(list):
+    """A dataset as a list of item dicts (the keys a LatentDataset item has)."""
+
+    @property
+    def ids(self):
+        return [item["id"] for item in self]
+
+
+def test_from_data_names_exactly_the_settings_the_data_fills_in():
+    """train.setup.FROM_DATA (what `resume.check_first` leaves to `prepare`, since before the cache exists it
+    cannot know them) is the set of math keys that resolve_for_data + held_out_split change: over text-,
+    class-conditional and unconditional data and an SDXL-style UNet, every changed key is in it (a new derived
+    key not listed would make the early check refuse a right resume), and each of its keys changes somewhere
+    (a key listed but never derived would go unchecked early)."""
+    from latentforge.config import load_train_config
+    from latentforge.config_loading import math_dict
+    from latentforge.train.setup import FROM_DATA, resolve_for_data
+    from latentforge.train.validation import held_out_split
+
+    def items(n=120, **extra):  # 120 images: val_fraction's auto gives 0.05
+        return _Items({"id": f"{i:04d}", "latent": torch.zeros(3, 6, 6), "label": i % 3, **extra} for i in range(n))
+
+    text = dict(context=torch.zeros(5, 24), pooled=torch.zeros(40), time_ids=torch.zeros(6))
+    cases = [("tiny", items(**text)), ("tiny", items()), ("tiny", items(label=-1)), ("sdxl-tiny", items(**text))]
+    changed = set()
+    for model, data in cases:
+        cfg = load_train_config(None, [f"model={model}"])
+        resolved, _, _ = held_out_split(resolve_for_data(cfg, data), data)
+        before, after = math_dict(cfg), math_dict(resolved)
+        changed |= {k for k in before.keys() | after.keys() if before.get(k) != after.get(k)}
+    assert changed == FROM_DATA

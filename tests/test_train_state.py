@@ -1,8 +1,14 @@
 """TrainState: one optimizer step (accumulation, clip, guard, EMA), state_dict round trip, an adapter part
 (only its parameters trained and saved, the base bitwise unchanged), and the VAE loop on the same
-resume path (bitwise, with the discriminator)."""
+resume path (bitwise, with the discriminator; after a real SIGTERM / SIGINT to `latentforge train-vae`)."""
 
 import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,6 +17,7 @@ from safetensors.torch import load_file
 
 from latentforge.config import VAETrainConfig, load_train_config
 from latentforge.errors import UserError
+from latentforge.train import checkpoint
 from latentforge.train.nan_guard import NanGuard
 from latentforge.train.setup import make_optimizer
 from latentforge.train.state import Part, TrainState, make_part
@@ -145,3 +152,44 @@ def test_vae_resume_is_bitwise_and_refuses_an_existing_run(tmp_path):
         a = load_file(str(tmp_path / "full" / "checkpoints" / "step-4" / f"{stem}.safetensors"))
         b = load_file(str(part / "checkpoints" / "step-4" / f"{stem}.safetensors"))
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), stem
+
+
+def _vae_checkpoint(run, step):
+    return {stem: load_file(str(run / "checkpoints" / f"step-{step}" / f"{stem}.safetensors"))
+            for stem in ("model", "ema", "optimizer", "disc", "disc_optimizer")
+            if (run / "checkpoints" / f"step-{step}" / f"{stem}.safetensors").exists()}
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=lambda s: s.name)
+def test_vae_stopped_by_a_signal_checkpoints_and_resumes_bitwise(tmp_path, sig):
+    """`latentforge train-vae` in a real subprocess gets `sig` mid-run: it finishes the step it is in, writes a
+    checkpoint of exactly that step, says so and exits 0 without writing vae/. `--resume` two steps further
+    ends bitwise equal (weights, optimizer, discriminator and its optimizer) to a run never stopped.
+    Before: the signal killed the process at once, with no checkpoint of that step."""
+    data = _images(tmp_path / "data")
+    run = tmp_path / "run"
+    argv = [sys.executable, "-m", "latentforge", "train-vae", "--data", str(data), "--out", str(run), "--quiet",
+            *VAE_ARGS, "max_steps=100000"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    end = time.time() + 120
+    while (checkpoint.complete_steps(run / "checkpoints") or [0])[-1] < 3 and proc.poll() is None:
+        assert time.time() < end, "no checkpoint at step 3 within 120 s"
+        time.sleep(0.05)
+    proc.send_signal(sig)
+    stdout, stderr = proc.communicate(timeout=120)
+    k = checkpoint.complete_steps(run / "checkpoints")[-1]
+    assert proc.returncode == 0, stderr[-2000:]
+    assert stdout.splitlines()[-1] == (f"stopped by {sig.name} at step {k}; checkpoint saved — continue with the "
+                                       "same command plus --resume"), stdout
+    assert k >= 3 and not (run / "vae").exists()
+    cfg = lambda *extra: load_train_config(None, VAE_ARGS + list(extra), cls=VAETrainConfig)  # noqa: E731
+    assert train_vae(cfg(f"max_steps={k + 2}"), data, run, resume=True, progress=False).step == k + 2
+    ref = train_vae(cfg(f"max_steps={k + 2}"), data, tmp_path / "ref", progress=False)
+    assert ref.step == k + 2 and not ref.stopped and (run / "vae").is_dir()
+    a, b = _vae_checkpoint(run, k + 2), _vae_checkpoint(tmp_path / "ref", k + 2)
+    assert a.keys() == b.keys() and {"model", "optimizer", "disc"} <= a.keys()
+    for stem in a:
+        assert a[stem].keys() == b[stem].keys(), stem
+        for key in a[stem]:
+            assert torch.equal(a[stem][key], b[stem][key]), f"{stem} {key} after {sig.name} at step {k}"

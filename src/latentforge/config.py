@@ -34,6 +34,9 @@ CONDITIONINGS = ("auto", "text", "class", "none")  # auto = from the cache
 DEVICES = ("auto", "cpu", "cuda")
 RECON_LOSSES = ("l1", "l2")  # train/vae.py
 BUCKET_LEFTOVERS = ("carry", "drop")  # train/data.py BucketStream
+SAMPLER_NAMES = ("ddpm", "ddim", "euler", "euler-a", "heun", "dpmpp-2m")  # samplers.SAMPLERS implements each
+SPACINGS = ("leading", "trailing", "linspace")  # a sampling plan's timestep spacing (samplers.py)
+LABELS = ("auto", "folders", "none")  # where class labels come from (data/sources.py scan)
 
 
 def choice(default: str, choices):

@@ -98,7 +98,10 @@ def run_demo(out: str | os.PathLike = "runs/demo", budget: str = "full", threads
     with stages("shapes data set"):
         shapes.write_dataset(str(out / "data"), b.images, size=b.image_size, seed=b.seed)
     with stages("VAE"):
-        vae_dir = train_vae(b.vae, out / "data", out / "vae")
+        trained = train_vae(b.vae, out / "data", out / "vae")
+        if trained.stopped:  # the demo starts afresh each time: a stopped stage ends it
+            raise KeyboardInterrupt
+        vae_dir = trained.vae_dir
     with stages("latent cache"):
         vae = AutoencoderKL.from_pretrained(vae_dir).eval().requires_grad_(False)
         text = TextEncoder.from_pretrained("default", max_length=b.text_max_length)

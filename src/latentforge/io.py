@@ -26,8 +26,6 @@ import os
 from pathlib import Path
 from typing import BinaryIO, Callable
 
-import torch
-
 from .errors import UserError
 
 __all__ = ["sha256_file", "hash_weights", "fsync_file", "fsync_dir", "atomic_write", "atomic_path", "write_bytes", "write_text", "write_json",
@@ -46,6 +44,8 @@ def sha256_file(path, chunk: int = 1 << 20) -> str:
 def hash_weights(h, module) -> None:
     """Feed a module's weights into the hash `h` (sorted state_dict keys, then each tensor's raw bytes): the one
     weight fingerprint (latent-cache keys of the VAE and the text encoders)."""
+    import torch  # here, not at the top: io is imported by the CLI's --help, which loads no torch
+
     for k, v in sorted(module.state_dict().items()):
         h.update(k.encode())
         h.update(v.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())

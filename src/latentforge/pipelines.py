@@ -169,16 +169,31 @@ class Pipeline:
     def with_lora(self, file, scale: float = 1.0) -> "Pipeline":
         """Apply an adapter file (diffusers' `pytorch_lora_weights.safetensors`, or kohya/A1111 LoRA, LoCon,
         LoHa, LoKr, DoRA) at strength `scale`. The base weights are not modified; call again to stack
-        another file; `without_lora()` takes them all off."""
-        lora.apply(lora.read(file), self._adaptable(), scale)
+        another file; `without_lora()` takes them all off. Under `compute_in` the file is applied to the
+        float32 weights, then cast: the same model as `with_lora` first, `compute_in` after."""
+        with self._unet_in_float32():
+            lora.apply(lora.read(file), self._adaptable(), scale)
         self.loras.append(f"{Path(file).stem}:{float(scale):g}")  # recorded in the PNG parameters
         return self
 
     def without_lora(self) -> "Pipeline":
-        for model in self._adaptable().values():
-            remove(model)
+        with self._unet_in_float32():
+            for model in self._adaptable().values():
+                remove(model)
         self.loras = []
         return self
+
+    @contextmanager
+    def _unet_in_float32(self):
+        """The UNet back on its float32 weights for the duration, then in its `compute_in` dtype again: adapters
+        are put on and taken off the float32 model, so that its kept float32 weights (`_cast`) always match the
+        layers it has, and going back to float32 gives the adapter's own float32 weights, not bf16-rounded ones."""
+        dtype = self.unet.dtype
+        self._cast("unet", torch.float32)
+        try:
+            yield
+        finally:
+            self._cast("unet", dtype)
 
     def compute_in(self, dtype: torch.dtype = torch.bfloat16) -> "Pipeline":
         """Run the UNet in `dtype` (bf16 inference; torch.float32 to go back), and the VAE too unless its config

@@ -24,10 +24,9 @@ import numpy as np
 import torch
 from tqdm.auto import trange
 
+from .config import SPACINGS  # the names live in config.py (no torch), for the CLI's help
 from .errors import UserError
 from .schedule import convert_at
-
-SPACINGS = ("leading", "trailing", "linspace")
 
 
 # ----------------------------------------------------------------------------- the denoiser
@@ -387,7 +386,7 @@ def sample_dpmpp_2m(model, x, sigmas, extra_args=None, callback=None, after_step
 
 
 _SOLVER_OPTIONS = ("lower_order_final", "euler_at_final", "total_steps")
-SAMPLERS = {
+SAMPLERS = {  # config.SAMPLER_NAMES, in that order (the CLI's help, without torch)
     "ddpm": SamplerInfo(sample_ddpm, "ddim", "DDPM", True, ("noise_sampler",)),
     "ddim": SamplerInfo(sample_ddim, "ddim", "DDIM", False, ("noise_sampler", "eta")),
     "euler": SamplerInfo(sample_euler, "k", "Euler", False),

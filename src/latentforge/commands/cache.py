@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import os
 
-from ..data.sources import LABELS
+from ..config import LABELS
 from ..errors import UserError
 from .common import choose_device, load_vae
 

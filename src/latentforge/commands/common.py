@@ -17,11 +17,10 @@ import sys
 import tempfile
 from pathlib import Path
 
-from ..config import PREDICTION_TYPES, TrainConfig, replace
+from ..config import PREDICTION_TYPES, SAMPLER_NAMES, SPACINGS, TrainConfig, replace
 from ..config_loading import load_train_config
 from ..errors import UserError
 from ..io import check_out_dir
-from ..samplers import SAMPLERS, SPACINGS, get_sampler, start_index
 
 # ---------------------------------------------------------------------------------- training runs: train, train-vae
 
@@ -104,7 +103,7 @@ def add_generation_arguments(p, cfg_default: float = 5.0):
     p.add_argument("--negative", default=None, help="negative prompt: what to steer away from")
     p.add_argument("--class", dest="class_label", type=int, default=None,
                    help="class label (class-conditional models)")
-    p.add_argument("--sampler", default="dpmpp-2m", help=f"{' | '.join(SAMPLERS)} (default: %(default)s)")
+    p.add_argument("--sampler", default="dpmpp-2m", help=f"{' | '.join(SAMPLER_NAMES)} (default: %(default)s)")
     p.add_argument("--karras", action="store_true", default=None,
                    help="Karras et al. (2022) sigma spacing (default: the model's use_karras_sigmas)")
     p.add_argument("--spacing", default=None,
@@ -161,6 +160,7 @@ def generate(args, mode: str, **inputs) -> int:
     from .. import load
     from ..formats.single_file import is_single_file
     from ..png import save_png
+    from ..samplers import get_sampler, start_index
     from ..text import quiet_transformers
 
     # the cheap checks first: a typo should not wait for the model to load

@@ -10,14 +10,14 @@ import json
 from pathlib import Path
 
 from ..errors import UserError
-from ..samplers import SAMPLERS, get_sampler
+from ..config import SAMPLER_NAMES
 
 
 def add_arguments(p):
     p.add_argument("--model", required=True, help="model folder (diffusers layout)")
     p.add_argument("--benchmark", choices=["shapes"], default=None,
                    help="prompt-adherence benchmark (default: shapes, unless only --fid is asked for)")
-    p.add_argument("--sampler", default=None, help=f"{' | '.join(SAMPLERS)} (default: the pipeline's)")
+    p.add_argument("--sampler", default=None, help=f"{' | '.join(SAMPLER_NAMES)} (default: the pipeline's)")
     p.add_argument("--steps", type=int, default=None, help="sampling steps (default: the pipeline's)")
     p.add_argument("--cfg", type=float, default=None, help="classifier-free guidance scale")
     p.add_argument("--n", type=int, default=4, help="images per prompt (shapes benchmark)")
@@ -33,6 +33,7 @@ def add_arguments(p):
 def run(args):
     from .. import evaluate, io
     from ..metrics.adherence import markdown_table
+    from ..samplers import get_sampler
 
     if args.n < 1:
         raise UserError(f"--n: {args.n} — give at least 1 image per prompt")

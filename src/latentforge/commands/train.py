@@ -78,8 +78,8 @@ def _run(args, cfg):
     if args.data:
         if d.is_main:
             spec = BucketSpec(step=cfg.bucket_step) if cfg.buckets else None
-            if args.resume and not args.restart:  # a resume the new data would refuse: before encoding it
-                _check_data_first(args, cfg, vae, cache, spec)
+            if not args.restart:  # a run the settings or the new data would refuse: refused before encoding
+                _check_run_first(args, cfg, vae, cache, spec)
             print(build_cache(args.data, vae, cfg.text_encoder, cache, size=cfg.image_size or None,
                               progress=not args.quiet, buckets=spec))
         distributed.barrier(d)
@@ -98,13 +98,19 @@ def _run(args, cfg):
     return 0
 
 
-def _check_data_first(args, cfg, vae, cache, spec) -> None:
-    """--resume --data: the checkpoint's cache identity against the cache --data would give, found without
-    encoding (train/resume.check_cache_first); a refusal leaves RUN/cache as it was."""
+def _check_run_first(args, cfg, vae, cache, spec) -> None:
+    """train --data on a run folder with checkpoints: every refusal the loop's `resume.prepare` would make that
+    needs no tensors (no --resume, no usable checkpoint, changed settings, a changed cache: its identity from
+    the entries --data would give, found without encoding) is made before RUN/cache is built, so that a refused
+    run encodes and writes nothing."""
     from types import SimpleNamespace
 
     from ..data.cache import planned_entries
-    from ..train.resume import check_cache_first
+    from ..train.resume import check_first, step_dirs
+    from ..train.setup import FROM_DATA
 
-    planned = planned_entries(args.data, vae, cache, size=cfg.image_size or None, buckets=spec)
-    check_cache_first(args.out, SimpleNamespace(entries=planned), args.allow_changed_data)
+    if not step_dirs(Path(args.out) / "checkpoints"):
+        return  # a new run: nothing to refuse, nothing to plan
+    planned = planned_entries(args.data, vae, cache, size=cfg.image_size or None, buckets=spec) if args.resume else []
+    check_first(args.out, cfg, SimpleNamespace(entries=planned), resume=args.resume,
+                allow_changed_data=args.allow_changed_data, from_data=FROM_DATA)

@@ -31,7 +31,11 @@ def run(args):
         raise UserError("--data and --out: both required — e.g. latentforge train-vae --data shapes/ --out runs/vae")
     check_out_dir(args.out)
     with folder_lock(args.out, "latentforge train-vae"), disk_full_is_one_line(args.out):
-        vae_dir = train_vae(cfg, args.data, args.out, resume=args.resume, progress=not args.quiet,
-                            restart=args.restart)
-    print(f"done: VAE in {vae_dir} (use it with --vae {vae_dir}); report in {args.out}/report.md")
+        result = train_vae(cfg, args.data, args.out, resume=args.resume, progress=not args.quiet,
+                           restart=args.restart)
+    if result.stopped:
+        print(f"stopped by {result.stopped} at step {result.step}; checkpoint saved — continue with the same "
+              "command plus --resume")
+    else:
+        print(f"done: VAE in {result.vae_dir} (use it with --vae {result.vae_dir}); report in {args.out}/report.md")
     return 0

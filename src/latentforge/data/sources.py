@@ -24,6 +24,7 @@ from dataclasses import asdict, dataclass, replace
 from typing import Dict, List, Optional, Tuple
 
 from .. import io
+from ..config import LABELS  # scan(labels=): where class labels come from (see scan)
 from ..errors import UserError
 from .images import IMAGE_EXTENSIONS, MAX_PIXELS, MIN_SIZE, BadImage, load_image, open_checked, to_rgb
 
@@ -53,7 +54,6 @@ REASONS = {
     "no_class_folder": "class labels from folders, but the image is not in a sub-folder",
 }
 IGNORED_EXTENSIONS = {".json", ".jsonl", ".md", ".csv"}  # notes and metadata next to the data
-LABELS = ("auto", "folders", "none")  # scan(labels=): where class labels come from (see scan)
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,9 @@ The checks, in order (each refusal is one line; none of them writes a byte):
     or reordered) -> refuse naming what changed; `allow_changed_data` continues with a warning saying
     that the data order from there on differs from an uninterrupted run.
 
+`check_first` makes the refusals above that need no tensors (all but a damaged tensor file) for `train --data`,
+before it builds RUN/cache: a refused run encodes nothing.
+
 The checkpoint records the cache's identity (`cache_identity`): the number of latents, the sha256 of
 their ordered (id, key) list, and a short hash per latent, so the refusal can say what changed.
 """
@@ -86,22 +89,57 @@ def check_cache(state: dict, dataset, path, allow_changed_data: bool, warn=None)
                       "an uninterrupted run's (epochs are re-drawn over the new set)")
 
 
-def check_cache_first(run, dataset, allow_changed_data: bool = False) -> None:
-    """`check_cache` against the newest complete checkpoint whose state.json passes its checksum (no tensors
-    loaded): `train --resume --data` calls it with the entries the cache would get (data.cache.planned_entries)
-    before building the cache in the run folder, so that a refused resume encodes and writes nothing."""
-    root = Path(run) / "checkpoints"
-    for step in reversed(checkpoint.complete_steps(root)):
-        path = root / f"step-{step}"
-        try:
-            sums = json.loads((path / checkpoint.MARKER).read_text())["sha256"]
-            if sums.get("state.json") != sha256_file(path / "state.json"):
-                continue
-            state = json.loads((path / "state.json").read_text())
-        except (OSError, ValueError, KeyError, TypeError, AttributeError):
-            continue  # damaged: `prepare` names it later
+def check_first(run, cfg, dataset, *, resume: bool, allow_changed_data: bool = False,
+                from_data: frozenset = frozenset()) -> None:
+    """`prepare`'s refusals that need no tensors, for `train --data` to make before it builds RUN/cache, so that
+    a refused run encodes and writes nothing: checkpoints without `resume`, none usable, a setting that changes
+    the math (but the keys `from_data`, which the loop fills in from the cache: `prepare` compares those), the
+    data position, and the cache identity of `dataset` (the entries the cache would get:
+    data.cache.planned_entries). Checked against the newest checkpoint whose state.json passes its checksum
+    (no tensors read); `prepare` verifies every file later."""
+    run = Path(run)
+    ckpts = step_dirs(run / "checkpoints")
+    if not ckpts:
+        return
+    if not resume:
+        raise _not_resumed(run)
+    for path in ckpts:
+        state = _intact_state(path)
+        if state is None:
+            continue  # damaged: an older one is used, or `prepare` names them all
+        keep = lambda math: {k: v for k, v in math.items() if k not in from_data}  # noqa: E731
+        checkpoint.check_config({"math": keep(state.get("math", {}))}, keep(math_dict(cfg)), path)
+        _check_position(state, cfg, path)
         check_cache(state, dataset, path, allow_changed_data, warn=lambda m: None)
         return
+    raise _none_usable(ckpts)
+
+
+def _intact_state(path: Path) -> dict | None:
+    """A checkpoint's state.json if its COMPLETE marker records it with this content, else None."""
+    try:
+        sums = json.loads((path / checkpoint.MARKER).read_text())["sha256"]
+        if sums.get("state.json") != sha256_file(path / "state.json"):
+            return None
+        return json.loads((path / "state.json").read_text())
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+
+
+def _not_resumed(run: Path) -> UserError:
+    return UserError(f"--out {run}: already holds checkpoints — pass --resume to continue it, "
+                     "or choose a new --out (or --restart to set them aside and start over)")
+
+
+def _none_usable(ckpts: list[Path]) -> UserError:
+    listing = "; ".join(f"{d}: {_problem(d) or 'unreadable'}" for d in ckpts)
+    return UserError(f"--resume: no usable checkpoint ({listing}) — choose a new --out, "
+                     "or pass --restart to set them aside (kept, not deleted) and start from step 0")
+
+
+def _check_position(state: dict, cfg, path) -> None:
+    if state["data_position"] != state["step"] * getattr(cfg, "grad_accum", 1) * cfg.batch_size:
+        raise UserError(f"--resume: {path}/state.json: data position does not match step — the checkpoint is damaged")
 
 
 def _stderr(message: str) -> None:
@@ -152,8 +190,7 @@ def prepare(run, cfg, dataset, *, resume: bool, math: dict, restart: bool = Fals
             warn(f"warning: --restart: the old checkpoints are kept in {set_aside(run)}; starting from step 0")
         return None
     if ckpts and not resume:
-        raise UserError(f"--out {run}: already holds checkpoints — pass --resume to continue it, "
-                        "or choose a new --out (or --restart to set them aside and start over)")
+        raise _not_resumed(run)
     if not ckpts:
         if resume and is_main:
             warn(f"--resume: no checkpoint in {run / 'checkpoints'} yet — starting from step 0")
@@ -164,15 +201,12 @@ def prepare(run, cfg, dataset, *, resume: bool, math: dict, restart: bool = Fals
     except checkpoint.CheckpointCorrupt:
         loaded = None
     if loaded is None:
-        listing = "; ".join(f"{d}: {_problem(d) or 'unreadable'}" for d in ckpts)
-        raise UserError(f"--resume: no usable checkpoint ({listing}) — choose a new --out, "
-                        "or pass --restart to set them aside (kept, not deleted) and start from step 0")
+        raise _none_usable(ckpts)
     for message in held if is_main else ():
         warn(message)
     path, tensors, state = loaded
     checkpoint.check_config(state, math, path)
-    if state["data_position"] != state["step"] * getattr(cfg, "grad_accum", 1) * cfg.batch_size:
-        raise UserError(f"--resume: {path}/state.json: data position does not match step — the checkpoint is damaged")
+    _check_position(state, cfg, path)
     check_cache(state, dataset, path, allow_changed_data, warn if is_main else (lambda m: None))
     return path, tensors, state
 

@@ -12,6 +12,13 @@ from ..errors import UserError
 from .optimizers import make_optimizer  # noqa: F401 (the loop's setup; one definition, in optimizers.py)
 
 
+# The settings that `resolve_for_data` and `validation.held_out_split` fill in from the data (math_dict keys): a
+# check made before the cache exists (resume.check_first) cannot know them and leaves them to `resume.prepare`.
+FROM_DATA = frozenset({"conditioning", "val_fraction", "unet.in_channels", "unet.out_channels", "unet.sample_size",
+                       "unet.cross_attention_dim", "unet.num_class_embeds", "unet.mid_attention",
+                       "unet.addition_input_dim"})
+
+
 def resolve_for_data(cfg, dataset):
     """Complete the UNet config from the cache: latent channels and side, conditioning kind,
     text-context width, number of classes. The result is what `config.toml` records.

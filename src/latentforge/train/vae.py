@@ -33,6 +33,7 @@ from .data import Stream
 from .lr import lr_for
 from .nan_guard import NanGuard
 from .report import RunLog, write_report
+from .signals import StopRequest
 from .state import Part, TrainState
 from .step import mix
 
@@ -97,7 +98,17 @@ def vae_loss(vae, x, cfg, disc=None, adv: bool = False, generator=None):
     return total, parts, rec
 
 
-def train_vae(cfg, data_dir, out, *, resume: bool = False, progress: bool = True, restart: bool = False) -> Path:
+@dataclass
+class VAEResult:
+    vae_dir: Path  # RUN/vae, written when the run finished (not when a signal stopped it)
+    step: int  # optimizer steps done
+    stopped: str = ""  # name of the signal that stopped the run early (a checkpoint of `step` was written)
+
+
+def train_vae(cfg, data_dir, out, *, resume: bool = False, progress: bool = True,
+              restart: bool = False) -> VAEResult:
+    """Train into the run folder `out`. SIGTERM / SIGINT stop it at the next step boundary with a checkpoint of
+    that step (signals.py), from which `resume=True` continues bitwise as if never stopped."""
     run = Path(out)
     d = distributed.setup(cfg.device)
     if d.enabled:
@@ -121,7 +132,19 @@ def train_vae(cfg, data_dir, out, *, resume: bool = False, progress: bool = True
             checkpoint.unflatten_optimizer(disc.optimizer, tensors["disc_optimizer"], meta["disc_optimizer"])
         psnr_before = meta["psnr_before"]
     log = RunLog(run, resume_step=state.step if loaded is not None else None)
-    t0, start = time.perf_counter(), state.step
+    with StopRequest() as stop:
+        stopped = _loop(cfg, run, d, state, disc, data, psnr_before, log, stop, progress)
+    log.close()
+    if not stopped:
+        _finish(run, cfg, vae, data, psnr_before, state.step)
+    return VAEResult(run / "vae", state.step, stopped)
+
+
+def _loop(cfg, run: Path, d, state: TrainState, disc, data, psnr_before: float, log: RunLog, stop: StopRequest,
+          progress: bool) -> str:
+    """Steps up to max_steps: log, checkpoint, reconstruction grids. A stop signal ends it after the step it
+    arrived in, with a checkpoint of that step; returns the signal's name ("" when max_steps was reached)."""
+    t0, start, stopped = time.perf_counter(), state.step, ""
     bar = tqdm(total=cfg.max_steps, initial=state.step, desc="train-vae", unit="step", disable=not progress)
     while state.step < cfg.max_steps:
         lr = state.set_lr(lr_for(cfg, state.step))
@@ -132,14 +155,15 @@ def train_vae(cfg, data_dir, out, *, resume: bool = False, progress: bool = True
             ips = (step - start) * cfg.batch_size / (time.perf_counter() - t0)
             bar.set_postfix(loss=f"{parts['loss']:.4f}", img_s=f"{ips:.1f}")
         bar.update(1)
-        if step % cfg.checkpoint_every == 0 or step == cfg.max_steps:
+        stopped = stop.name  # read once: a signal arriving after this waits for the next step
+        if stopped or step % cfg.checkpoint_every == 0 or step == cfg.max_steps:
             _save(run, cfg, d, state, disc, psnr_before)
         if cfg.sample_every and len(data.held) and (step % cfg.sample_every == 0 or step == cfg.max_steps):
-            _recon_grid(vae, data.held[:8], run / "samples" / f"step-{step}.png")
+            _recon_grid(state.part.module, data.held[:8], run / "samples" / f"step-{step}.png")
+        if stopped:
+            break
     bar.close()
-    log.close()
-    _finish(run, cfg, vae, data, psnr_before, state.step)
-    return run / "vae"
+    return stopped
 
 
 @dataclass
