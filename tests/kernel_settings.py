@@ -39,7 +39,7 @@ SENSITIVE = ["test_tolerance.py", "test_unet.py", "test_vae.py", "test_attend.py
              "test_precision.py", "test_scheduler_config.py"]
 
 PROBE = """
-import hashlib, torch, torch.nn.functional as F
+import hashlib, latentforge, torch, torch.nn.functional as F  # latentforge first: its MKL setting, as the product runs
 torch.manual_seed(0)
 x, w = torch.randn(4, 64, 32, 32), torch.randn(64, 64, 3, 3)
 a, b, q = torch.randn(256, 320), torch.randn(320, 640), torch.randn(2, 4, 256, 40)
