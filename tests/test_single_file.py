@@ -361,7 +361,7 @@ def test_full_size_vae_and_text_encoders_map_exactly():
     with torch.device("meta"):
         ours = AutoencoderKL(cfg).state_dict()
         ref = DAutoencoderKL(**{k: v for k, v in vae_to_diffusers(cfg).items() if not k.startswith("_")})
-    ldm, unmapped = K.map_state(SF._vae_attention_to_conv(ours), K.vae_rules(4), forward=True)
+    ldm, unmapped = K.map_state(SF._vae_attention_to_conv(ours), K.vae_rules(4, 2), forward=True)
     assert not unmapped
     converted = sfu.convert_ldm_vae_checkpoint(ldm, ref.config)
     assert {k: tuple(v.shape) for k, v in converted.items()} == {k: tuple(v.shape) for k, v in ref.state_dict().items()}

@@ -366,7 +366,7 @@ def _unet_from(state, family: Family, v_prediction: bool, path, pooled_dim: Opti
 
 def _vae_from(state, path, scaling_factor: float = 0.18215):
     cfg = infer_vae_config(_sub(state, K.VAE_PREFIX), path, scaling_factor)
-    rules = K.vae_rules(len(cfg.channels))
+    rules = K.vae_rules(len(cfg.channels), cfg.layers_per_level)
     model = _build(AutoencoderKL, cfg, path)
     _load_into(model, _vae_attention_to_linear(_component(state, rules, K.VAE_PREFIX, path)), rules, path, meta=True)
     return model
@@ -567,15 +567,11 @@ def _check_exportable(unet, vae, layout: str, where: str) -> None:
             raise UserError(f"{where}: {why} — cannot write it as an SD 1.x/2.x single file; keep the diffusers folder")
 
 
-def single_file_state(unet, vae, text_model, schedule_config: ScheduleConfig, dtype=torch.float16,
-                      where: str = "model") -> Dict[str, torch.Tensor]:
-    """Our three networks -> one state dict in the original layout (the key names A1111 and ComfyUI read)."""
-    if schedule_config.prediction_type == "sample":
-        raise UserError(f"{where}: x0-prediction (prediction_type=sample) cannot be marked in a single file — keep "
-                        "the diffusers folder")
-    c = unet.config
+def ldm_state(unet, vae, text_model, where: str = "model") -> Dict[str, torch.Tensor]:
+    """Our three networks' tensors under the original layout's names and shapes (as they are: no copy, no cast)."""
+    c, v = unet.config, vae.config
     parts = [(unet.state_dict(), K.unet_rules(len(c.channels), c.layers_per_level, c.attention), None),
-             (_vae_attention_to_conv(vae.state_dict()), K.vae_rules(len(vae.config.channels)), None)]
+             (_vae_attention_to_conv(vae.state_dict()), K.vae_rules(len(v.channels), v.layers_per_level), None)]
     if hasattr(text_model, "models"):  # SDXL's DualTextEncoder
         from .sdxl_file import sdxl_text_parts
 
@@ -594,6 +590,16 @@ def single_file_state(unet, vae, text_model, schedule_config: ScheduleConfig, dt
         if unmapped:
             raise UserError(f"{where}: no single-file name for key {unmapped[0]!r} — cannot write this model as one file")
         out.update(post(mapped) if post else mapped)
+    return out
+
+
+def single_file_state(unet, vae, text_model, schedule_config: ScheduleConfig, dtype=torch.float16,
+                      where: str = "model") -> Dict[str, torch.Tensor]:
+    """Our three networks -> one state dict in the original layout (the key names A1111 and ComfyUI read)."""
+    if schedule_config.prediction_type == "sample":
+        raise UserError(f"{where}: x0-prediction (prediction_type=sample) cannot be marked in a single file — keep "
+                        "the diffusers folder")
+    out = ldm_state(unet, vae, text_model, where)
     out = {k: (v.detach().to(dtype) if v.is_floating_point() else v.detach()).cpu().contiguous() for k, v in out.items()}
     if schedule_config.prediction_type == "v_prediction":
         out[V_PRED_KEY] = torch.tensor([])

@@ -1,0 +1,63 @@
+"""The single-file key map against the complete key-and-shape lists of full-size SD 1.5, SD 2.1 and SDXL-base
+files as diffusers' own repo scripts write them (tests/fixtures/ldm_keys/*.json.gz; how they were made:
+tests/fixtures/make_ldm_key_lists.py — `scripts/convert_diffusers_to_original_stable_diffusion.py` and
+`scripts/convert_diffusers_to_original_sdxl.py` of github.com/huggingface/diffusers at the commit each file names,
+run on full-size diffusers models built on the meta device).
+
+Those scripts, like the CompVis code, A1111 and ComfyUI, name the VAE resnets' channel-changing shortcut
+`nin_shortcut`; diffusers' in-library converter accepts either spelling, so it could not catch a wrong one. Here
+every name and shape must match exactly, both ways: the list -> our reader (on the meta device: no weights) ->
+our writer gives back the list, and the architecture read from the shapes is the real model's.
+"""
+
+import gzip
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from latentforge.config import PRESETS, UNetConfig
+from latentforge.formats import single_file as SF
+
+FIXTURES = Path(__file__).parent / "fixtures" / "ldm_keys"
+FAMILY = {"sd15": "sd1", "sd21": "sd2", "sdxl": "sdxl"}
+# SD 2.1 (v2-inference-v.yaml): SD 1.5's UNet with 64-channel heads, linear projections, 1024-wide OpenCLIP context.
+SD21_UNET = UNetConfig(num_heads=None, head_dim=64, cross_attention_dim=1024, use_linear_projection=True, sample_size=96)
+TEXT = {"sd15": [(768, 12)], "sd21": [(1024, 23)], "sdxl": [(768, 12), (1280, 32)]}  # (width, layers) per encoder
+
+
+def _fixture(name: str) -> dict:
+    return json.loads(gzip.decompress((FIXTURES / f"{name}.json.gz").read_bytes()))
+
+
+def _meta_state(keys: dict) -> dict:
+    return {k: torch.empty(shape, device="meta") for k, shape in keys.items()}
+
+
+def _read(name: str, keys: dict):
+    """Our reader on the listed keys and shapes, every tensor (and every model built) on the meta device."""
+    state = _meta_state(keys)
+    family = SF.identify(name, list(state))
+    assert family.name == FAMILY[name]
+    with torch.device("meta"):
+        return SF.LOADERS[family.name](Path(name), state, family, None, None)
+
+
+@pytest.mark.parametrize("name", ["sd15", "sd21", "sdxl"])
+def test_key_list_of_the_diffusers_script_reads_and_writes_back_exactly(name):
+    doc = _fixture(name)
+    assert doc["script"].startswith("scripts/convert_diffusers_to_original_") and len(doc["diffusers_commit"]) == 40
+    keys = doc["keys"]
+    assert sum("nin_shortcut" in k for k in keys) == 8  # 128→256→512 in the encoder, back in the decoder; w + b
+    sf = _read(name, keys)
+    want_unet = {"sd15": PRESETS["sd15"].unet, "sd21": SD21_UNET, "sdxl": PRESETS["sdxl"].unet}[name]
+    assert sf.unet.config == want_unet
+    assert sf.vae.config == (PRESETS["sdxl"] if name == "sdxl" else PRESETS["sd15"]).vae
+    texts = [sf.text_model] + ([sf.text_model_2] if sf.text_model_2 is not None else [])
+    assert [(t.config.hidden_size, t.config.num_hidden_layers) for t in texts] == TEXT[name]
+    text = SimpleNamespace(models=texts) if name == "sdxl" else sf.text_model
+    written = SF.ldm_state(sf.unet, sf.vae, text, where=name)
+    assert sorted(set(written) - set(keys)) == [] and sorted(set(keys) - set(written)) == []
+    assert {k: list(v.shape) for k, v in written.items()} == keys
