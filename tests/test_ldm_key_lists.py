@@ -24,7 +24,8 @@ from latentforge.formats import single_file as SF
 FIXTURES = Path(__file__).parent / "fixtures" / "ldm_keys"
 FAMILY = {"sd15": "sd1", "sd21": "sd2", "sdxl": "sdxl"}
 # SD 2.1 (v2-inference-v.yaml): SD 1.5's UNet with 64-channel heads, linear projections, 1024-wide OpenCLIP context.
-SD21_UNET = UNetConfig(num_heads=None, head_dim=64, cross_attention_dim=1024, use_linear_projection=True, sample_size=96)
+SD21_UNET = UNetConfig(num_heads=None, head_dim=64, cross_attention_dim=1024, use_linear_projection=True,
+                       sample_size=96)
 TEXT = {"sd15": [(768, 12)], "sd21": [(1024, 23)], "sdxl": [(768, 12), (1280, 32)]}  # (width, layers) per encoder
 
 

@@ -437,6 +437,13 @@ def infer_schedule(state: Dict[str, Any], family: Family, prediction_type: Optio
 
 # --------------------------------------------------------------------------- the public API
 
+# How a single file is sampled, beyond schedule_to_diffusers' keys (timestep_spacing, steps_offset, clip_sample,
+# thresholding): the defaults diffusers' `from_single_file` gives SD files — the final DDIM step goes to ᾱ_0, not
+# to 1 (`set_alpha_to_one=False`, SD's PNDM/DDIM configs) — and the multistep/Euler settings written out, so
+# that no scheduler class's own default decides them.
+FILE_SAMPLING = {"set_alpha_to_one": False, "final_sigmas_type": "zero", "use_karras_sigmas": False,
+                 "lower_order_final": True, "euler_at_final": False}
+
 
 @dataclass
 class SingleFile:
@@ -453,10 +460,16 @@ class SingleFile:
     tokenizer_2: Any = None  # SDXL: its tokenizer
 
     @property
+    def scheduler_config(self) -> Dict[str, Any]:
+        """The file's `scheduler_config.json`: its schedule and how latentforge samples it, every sampling key
+        written out (`FILE_SAMPLING`), so that any diffusers scheduler class built `from_config` samples the file
+        as latentforge does (export --diffusers writes it)."""
+        return dict(schedule_to_diffusers(self.schedule_config), **FILE_SAMPLING)
+
+    @property
     def scheduler(self) -> SchedulerDefaults:
-        """The sampling defaults diffusers' `from_single_file` gives the file's schedule: its final step goes to
-        ᾱ_0, not to 1 (`set_alpha_to_one=False`)."""
-        return SchedulerDefaults.from_config(dict(schedule_to_diffusers(self.schedule_config), set_alpha_to_one=False))
+        """The sampling defaults of `scheduler_config`."""
+        return SchedulerDefaults.from_config(self.scheduler_config)
 
     def text_encoder(self, max_length: Optional[int] = None):
         """The text model + tokenizer as a `text.TextEncoder` (SDXL: a `text.DualTextEncoder`; a UserError if no
@@ -503,7 +516,26 @@ def load_single_file(path, tokenizer=None, prediction_type: Optional[str] = None
     state = read_checkpoint(path)
     family = identify(path, list(state))
     tok = tokenizer if family.name == "sdxl" else load_tokenizer(tokenizer)  # SDXL reads two (sdxl_file.py)
-    return LOADERS[family.name](path, state, family, tok, prediction_type)
+    single = LOADERS[family.name](path, state, family, tok, prediction_type)
+    token_ids_from(single.text_model, single.tokenizer)
+    token_ids_from(single.text_model_2, single.tokenizer_2)
+    return single
+
+
+def token_ids_from(model, tokenizer) -> None:
+    """The text model's bos/eos ids from its tokenizer (a file holds no tokenizer; infer_text_config's
+    vocabulary-end guess holds for CLIP's own vocabulary only). The eos id picks the pooled token."""
+    if model is None or tokenizer is None:
+        return
+    for name in ("bos_token_id", "eos_token_id"):
+        value = getattr(tokenizer, name, None)
+        if value is None:
+            continue
+        for module in model.modules():  # the configs (a projection model's text_model has its own) and the
+            if getattr(module, "config", None) is not None:  # eos id transformers' CLIP keeps at init
+                setattr(module.config, name, int(value))
+            if hasattr(module, name) and not isinstance(getattr(module, name), torch.nn.Module):
+                setattr(module, name, int(value))
 
 
 def _load_sd(path: Path, state: Dict[str, Any], family: Family, tokenizer, prediction_type) -> SingleFile:
