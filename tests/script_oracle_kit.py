@@ -151,3 +151,32 @@ def rebuild_file(folder: Path, digests: Dict[str, list]) -> Dict[str, torch.Tens
     missing = [k for k, (_, d) in digests.items() if d not in pool]
     assert not missing, f"no tensor of {folder} has the values of {missing[:3]}"
     return {k: pool[d].reshape(shape).contiguous() for k, (shape, d) in digests.items()}
+
+
+PROBES = 4  # random directions a weight change is compared along (see probe)
+
+
+def probe(name: str, delta: torch.Tensor) -> Dict[str, object]:
+    """A weight change in a few numbers: its norm and its inner products with PROBES Gaussian directions seeded by
+    the weight's name. Two changes d, d' give probes that differ by ⟨d - d', r⟩ ~ N(0, ‖d - d'‖²) each: a real
+    difference (a wrong scale, a missing or transposed term: ‖d - d'‖ ~ ‖d‖) shows in every probe, rounding
+    (‖d - d'‖ ≪ ‖d‖) in none."""
+    import zlib
+
+    flat = delta.detach().double().flatten()
+    seed = zlib.crc32(name.encode())
+    dirs = [torch.randn(flat.numel(), generator=torch.Generator().manual_seed(seed + j), dtype=torch.float64)
+            for j in range(PROBES)]
+    return {"norm": float(flat.norm()), "probes": [float(flat @ r) for r in dirs]}
+
+
+def folder_weights(folder: Path) -> Dict[str, torch.Tensor]:
+    """{component/key: tensor} of a diffusers folder; CLIP keys without the `text_model.` level, which only
+    transformers 4 wrote."""
+    from safetensors.torch import load_file
+
+    out = {}
+    for path in sorted(Path(folder).glob("*/*.safetensors")):
+        for k, v in load_file(str(path)).items():
+            out[f"{path.parent.name}/{k.removeprefix('text_model.')}"] = v
+    return out

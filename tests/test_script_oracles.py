@@ -106,16 +106,6 @@ def test_the_scripts_file_reads_into_the_models_of_the_folder(world):
                                        **tol)
 
 
-def _folder_weights(folder: Path) -> dict:
-    """{component/key: tensor} of a diffusers folder; CLIP keys without the `text_model.` level, which only
-    transformers 4 wrote."""
-    out = {}
-    for path in sorted(folder.glob("*/*.safetensors")):
-        for k, v in load_file(str(path)).items():
-            out[f"{path.parent.name}/{k.removeprefix('text_model.')}"] = v
-    return out
-
-
 def test_round_trip_through_a_folder_gives_back_the_scripts_file(world):
     """The script's file -> export --diffusers: the folder's weights are the source folder's (so the script run
     on it writes the same file) -> export --single-file: the script's file again, value for value."""
@@ -127,7 +117,7 @@ def test_round_trip_through_a_folder_gives_back_the_scripts_file(world):
     # SD 2.x-768 default, diffusers' rule), which the file written back would then mark
     assert main(["export", "--model", str(script_file), "--diffusers", str(out), "--tokenizer", str(tokenizer),
                  "--prediction-type", "epsilon"]) == 0
-    source, exported = _folder_weights(folder), _folder_weights(out)
+    source, exported = kit.folder_weights(folder), kit.folder_weights(out)
     assert sorted(source) == sorted(exported)
     assert all(torch.equal(source[k], exported[k]) for k in source)
     assert main(["export", "--model", str(out), "--single-file", str(again), "--dtype", "fp32"]) == 0
