@@ -11,6 +11,7 @@ our writer gives back the list, and the architecture read from the shapes is the
 """
 
 import gzip
+import hashlib
 import json
 from pathlib import Path
 from types import SimpleNamespace
@@ -62,3 +63,40 @@ def test_key_list_of_the_diffusers_script_reads_and_writes_back_exactly(name):
     written = SF.ldm_state(sf.unet, sf.vae, text, where=name)
     assert sorted(set(written) - set(keys)) == [] and sorted(set(keys) - set(written)) == []
     assert {k: list(v.shape) for k, v in written.items()} == keys
+
+
+# --------------------------------------------------------------------------- ComfyUI's loader on the same lists
+
+# Keys ComfyUI's text-encoder classes have that no SD file of these families holds, so it reports them missing for
+# every such file (the real v1-5 / v2-1 / sd_xl_base files too) and keeps its own values: the contrastive
+# `logit_scale`, the projection SD 1.x's CLIP-L and SD 2.x's ViT-H files do not carry, and SD 2.x's 24th OpenCLIP
+# block, which diffusers' script (and so our writer) leaves out as SD 2.x samples from the 23rd (penultimate) layer.
+COMFY_OWN = ("clip_l.logit_scale", "clip_g.logit_scale", "clip_h.logit_scale", "clip_l.transformer.text_projection.",
+             "clip_h.transformer.text_projection.", "clip_h.transformer.text_model.encoder.layers.23.")
+COMFY_CLASS = {"sd15": "SD15", "sd21": "SD20", "sdxl": "SDXL"}
+
+
+def _keys_sha256(keys: dict) -> str:
+    """As tests/fixtures/make_comfy_loads.keys_sha256: one digest of a {key: shape} list."""
+    return hashlib.sha256(json.dumps(sorted((k, list(v)) for k, v in keys.items())).encode()).hexdigest()
+
+
+@pytest.mark.parametrize("name", ["sd15", "sd21", "sdxl"])
+def test_comfyui_loads_what_we_write_without_missing_or_unexpected_keys(name):
+    """tests/fixtures/comfy_loads.json: ComfyUI's checkpoint loader (comfy/model_detection.py, supported_models.py,
+    its UNet, VAE and CLIP classes, at the commit it names) run on the key list whose digest it records. Our writer's
+    list has that digest, so ComfyUI reads our files as it read that list: the right model class, no UNet or VAE
+    key missing or unexpected (before the nin_shortcut fix it reported 8 VAE keys missing), and the text encoders
+    missing only what it supplies itself (COMFY_OWN)."""
+    comfy = json.loads((Path(__file__).parent / "fixtures" / "comfy_loads.json").read_text())
+    assert len(comfy["comfyui_commit"]) == 40
+    got = comfy["families"][name]
+    sf = _read(name, _fixture(name)["keys"])
+    text = SimpleNamespace(models=[sf.text_model, sf.text_model_2]) if name == "sdxl" else sf.text_model
+    written = {k: list(v.shape) for k, v in SF.ldm_state(sf.unet, sf.vae, text, where=name).items()}
+    assert _keys_sha256(written) == got["keys_sha256"]
+    assert got["detected"] == COMFY_CLASS[name]
+    for part in ("unet", "vae"):
+        assert got[part]["missing"] == [] and got[part]["unexpected"] == [], part
+    assert got["clip"]["unexpected"] == []
+    assert [k for k in got["clip"]["missing"] if not k.startswith(COMFY_OWN)] == []
