@@ -100,3 +100,24 @@ def test_comfyui_loads_what_we_write_without_missing_or_unexpected_keys(name):
         assert got[part]["missing"] == [] and got[part]["unexpected"] == [], part
     assert got["clip"]["unexpected"] == []
     assert [k for k in got["clip"]["missing"] if not k.startswith(COMFY_OWN)] == []
+
+
+@pytest.mark.parametrize("name", ["sd15", "sd21", "sdxl"])
+def test_comfyui_maps_every_kohya_lora_name_we_write(name):
+    """tests/fixtures/comfy_lora_names.json.gz: every kohya-style name comfy/lora.py (model_lora_keys_unet /
+    model_lora_keys_clip, at the commit it names) maps onto the full-size models ComfyUI loads from these files.
+    Every name our kohya writer gives a full-size model's layers (the UNet with `lora.targets=all`, the largest set;
+    SD 1.x/2.x's text encoder with attention+ff; SDXL trains no text encoder) is among them, so ComfyUI applies
+    every tensor of our LoRA/LoCon/LoHa/LoKr files instead of dropping it."""
+    from latentforge.adapters.inject import target_paths
+    from latentforge.formats.lora import _alias, kohya_name
+
+    comfy = json.loads(gzip.decompress((Path(__file__).parent / "fixtures" / "comfy_lora_names.json.gz").read_bytes()))
+    assert len(comfy["comfyui_commit"]) == 40
+    known = set(comfy["families"][name])
+    sf = _read(name, _fixture(name)["keys"])
+    ours = [kohya_name("unet", p) for p in target_paths(sf.unet, "all")]
+    if name != "sdxl":
+        ours += [kohya_name("text_encoder", _alias("text_encoder", sf.text_model) + p)
+                 for p in target_paths(sf.text_model, "attention+ff", text=True)]
+    assert len(ours) > 100 and [n for n in ours if n not in known] == []
