@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 from diffusers import AutoencoderKL as DAutoencoderKL
-from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from diffusers.loaders import single_file_utils as sfu
 from safetensors.torch import load_file, save_file
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
@@ -253,6 +253,65 @@ def test_round_trip_file_folder_file(exported, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+SCHEDULERS = {"ddim": DDIMScheduler, "dpmpp-2m": DPMSolverMultistepScheduler}
+
+
+def _diffusers_images(pipe, sampler, latents):
+    """diffusers' way to pick a sampler: the scheduler class `from_config` of the folder's scheduler config."""
+    pipe.scheduler = SCHEDULERS[sampler].from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe("lower", num_inference_steps=3, guidance_scale=3.0, latents=latents, height=16, width=16,
+                output_type="pt").images
+
+
+@pytest.mark.parametrize("name", ["sd1", "sd2v"])
+def test_exported_folder_samples_like_the_file_in_both_libraries(exported, tmp_path, name):
+    """export --diffusers writes the scheduler config the file is sampled with (set_alpha_to_one=False, the
+    spacing, the offset, ... all written out): DDIM and DPM++ images of the file and of the exported folder are
+    the same in latentforge and in diffusers (the file read by diffusers' from_single_file with the source
+    folder's configs). Before, DDIM on the folder went to ᾱ = 1 at its last step."""
+    folder, path = exported[name]
+    out = tmp_path / "folder"
+    assert main(["export", "--model", str(path), "--diffusers", str(out), "--tokenizer", str(folder / "tokenizer")]) == 0
+    written = json.loads((out / "scheduler" / "scheduler_config.json").read_text())
+    assert {k: written[k] for k in ("set_alpha_to_one", "steps_offset", "timestep_spacing", "final_sigmas_type")} \
+        == {"set_alpha_to_one": False, "steps_offset": 1, "timestep_spacing": "leading", "final_sigmas_type": "zero"}
+    ours_file, ours_folder = latentforge_load(path, folder / "tokenizer"), latentforge_load(out, None)
+    theirs_folder = StableDiffusionPipeline.from_pretrained(out, safety_checker=None)
+    theirs_file = StableDiffusionPipeline.from_single_file(str(path), config=str(folder), local_files_only=True,
+                                                           safety_checker=None)
+    latents = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    for sampler in SCHEDULERS:
+        kw = dict(sampler=sampler, steps=3, cfg=3.0, latents=latents, size=(16, 16), output="pt", progress=False)
+        want = ours_file.text2img("lower", **kw)
+        # the same fp32 weights through the same code and the same options: bit for bit
+        torch.testing.assert_close(ours_folder.text2img("lower", **kw), want, atol=0, rtol=0)
+        # diffusers' pipeline and schedulers on the same weights: fp32 rounding of two implementations of the
+        # same steps, a few ulp of pixels in [0, 1] (measured ≤ 4e-7); the slip this catches (DDIM's last step to
+        # ᾱ = 1 on the folder) moved pixels by 6e-4 (sd1) and 3e-3 (sd2v)
+        for pipe in (theirs_folder, theirs_file):
+            torch.testing.assert_close(_diffusers_images(pipe, sampler, latents), want, atol=1e-5, rtol=0)
+
+
+def test_exported_text_encoder_takes_its_token_ids_from_the_tokenizer(exported, tmp_path):
+    """A single file holds no tokenizer; the bos/eos ids written to text_encoder/config.json are the given
+    tokenizer's, not a guess from the end of the vocabulary."""
+    folder, path = exported["sd1"]
+    tok = tmp_path / "tok"
+    tok.mkdir()
+    moved = VOCAB[-2:] + VOCAB[:-2]  # <|startoftext|>, <|endoftext|> first: ids 0 and 1
+    (tok / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(moved)}))
+    (tok / "merges.txt").write_text("#version: 0.2\nl o\nlo w</w>\ne r</w>\n")
+    CLIPTokenizer(str(tok / "vocab.json"), str(tok / "merges.txt"), unk_token="<unk>", pad_token="<|endoftext|>",
+                  model_max_length=12).save_pretrained(tok)
+    out = tmp_path / "folder"
+    assert main(["export", "--model", str(path), "--diffusers", str(out), "--tokenizer", str(tok)]) == 0
+    config = json.loads((out / "text_encoder" / "config.json").read_text())
+    assert (config["bos_token_id"], config["eos_token_id"]) == (0, 1)
+    sf = load_single_file(path, tokenizer=tok)
+    assert sf.text_model.eos_token_id == 1  # transformers' CLIP pools the first eos token by this id
+
+
 # --------------------------------------------------------------------------- bad input: one line naming the file
 
 
@@ -361,7 +420,7 @@ def test_full_size_vae_and_text_encoders_map_exactly():
     with torch.device("meta"):
         ours = AutoencoderKL(cfg).state_dict()
         ref = DAutoencoderKL(**{k: v for k, v in vae_to_diffusers(cfg).items() if not k.startswith("_")})
-    ldm, unmapped = K.map_state(SF._vae_attention_to_conv(ours), K.vae_rules(4), forward=True)
+    ldm, unmapped = K.map_state(SF._vae_attention_to_conv(ours), K.vae_rules(4, 2), forward=True)
     assert not unmapped
     converted = sfu.convert_ldm_vae_checkpoint(ldm, ref.config)
     assert {k: tuple(v.shape) for k, v in converted.items()} == {k: tuple(v.shape) for k, v in ref.state_dict().items()}

@@ -68,7 +68,8 @@ def to_diffusers(model: Path, out: Path, tokenizer, prediction_type) -> Path:
     _refuse_existing(out, "--diffusers")
     sf = load_single_file(model, tokenizer=tokenizer, prediction_type=prediction_type)
     text = sf.text_encoder()  # fails early, in one line, without a tokenizer
-    return save_model_folder(out, sf.unet, sf.vae, sf.schedule_config, text_encoder=text)
+    return save_model_folder(out, sf.unet, sf.vae, sf.schedule_config, text_encoder=text,
+                             scheduler_config=sf.scheduler_config)  # sampled as the file is
 
 
 def run(args):

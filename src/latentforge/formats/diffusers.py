@@ -480,10 +480,12 @@ _COMPONENTS = {"unet": (UNet, unet_from_diffusers, unet_to_diffusers),
                "vae": (AutoencoderKL, vae_from_diffusers, vae_to_diffusers)}
 
 
-def save_schedule(cfg: ScheduleConfig, folder) -> None:
+def save_schedule(cfg: ScheduleConfig, folder, config: Optional[Dict[str, Any]] = None) -> None:
+    """`scheduler_config.json`: `config` (the sampling settings of the model's source, e.g. a single file's)
+    or, without it, `schedule_to_diffusers(cfg)`."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    _write_json(folder / SCHEDULER_CONFIG_NAME, schedule_to_diffusers(cfg))
+    _write_json(folder / SCHEDULER_CONFIG_NAME, dict(config) if config is not None else schedule_to_diffusers(cfg))
 
 
 def load_schedule(folder) -> ScheduleConfig:
@@ -517,13 +519,15 @@ def _text_entries(folder: Path, text_encoder) -> Dict[str, list]:
     return entries
 
 
-def save_model_folder(folder, unet, vae, schedule_config: ScheduleConfig, text_encoder=None) -> Path:
-    """Write a whole model in the diffusers layout (see the module docstring). Returns the folder."""
+def save_model_folder(folder, unet, vae, schedule_config: ScheduleConfig, text_encoder=None,
+                      scheduler_config: Optional[Dict[str, Any]] = None) -> Path:
+    """Write a whole model in the diffusers layout (see the module docstring). Returns the folder.
+    `scheduler_config`: the scheduler_config.json to write (default: `schedule_to_diffusers(schedule_config)`)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     save_component(unet, folder / "unet")
     save_component(vae, folder / "vae")
-    save_schedule(schedule_config, folder / "scheduler")
+    save_schedule(schedule_config, folder / "scheduler", scheduler_config)
     text = {"text_encoder": [None, None], "tokenizer": [None, None]}
     if text_encoder is not None:
         text_encoder.save_pretrained(str(folder))  # writes text_encoder/ + tokenizer/ (+ _2 for SDXL)

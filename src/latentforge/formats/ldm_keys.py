@@ -15,8 +15,10 @@ Each map here is data: a list of `Rule(ours, theirs, renames)` — a key prefix 
 table of renamed pieces below it — built from the network's config, because where a block sits in
 `input_blocks.N` depends on the number of levels and layers. `map_state` applies a map in either
 direction (`to_theirs`: one key, ours -> theirs); the reshapes (VAE attention: Linear ⇄ 1×1 conv; OpenCLIP: q/k/v ⇄ in_proj) live in
-single_file.py. The names follow diffusers' converter (`diffusers.loaders.single_file_utils`), which
-is the oracle in tests/test_single_file.py.
+single_file.py. The names are those of the CompVis code (VAE resnets: `nin_shortcut`), checked against the
+complete key lists of full-size SD 1.5 / 2.1 / SDXL files written by diffusers' repo scripts
+(tests/test_ldm_key_lists.py) and against diffusers' in-library converter (tests/test_single_file.py, which
+accepts more than one spelling, so it alone cannot catch a wrong name).
 """
 
 from __future__ import annotations
@@ -117,9 +119,11 @@ def unet_rules(levels: int, layers: int, attention: Sequence[bool]) -> KeyMap:
 # --------------------------------------------------------------------------- the VAE
 
 
-def vae_rules(levels: int) -> KeyMap:
-    """AutoencoderKL ⇄ LDM `AutoencoderKL`. The decoder's up levels are numbered from the bottom in
-    the LDM code (`decoder.up.0` is the last, full-resolution one), ours from the top."""
+def vae_rules(levels: int, layers: int) -> KeyMap:
+    """AutoencoderKL ⇄ LDM `AutoencoderKL` (`layers` resnets per encoder level, one more per decoder level).
+    The decoder's up levels are numbered from the bottom in the LDM code (`decoder.up.0` is the last,
+    full-resolution one), ours from the top. One rule per resnet, so that the channel-changing shortcut's
+    rename (`conv_shortcut` ⇄ `nin_shortcut`) applies right after the block index."""
     p = VAE_PREFIX
     rules = [Rule("quant_conv.", p + "quant_conv."), Rule("post_quant_conv.", p + "post_quant_conv.")]
     for part in ("encoder", "decoder"):
@@ -129,10 +133,12 @@ def vae_rules(levels: int) -> KeyMap:
                   Rule(f"{part}.mid_block.resnets.1.", f"{p}{part}.mid.block_2.", VAE_RESNET),
                   Rule(f"{part}.mid_block.attentions.0.", f"{p}{part}.mid.attn_1.", VAE_ATTENTION)]
     for i in range(levels):
-        rules.append(Rule(f"encoder.down_blocks.{i}.resnets.", f"{p}encoder.down.{i}.block.", VAE_RESNET))
+        rules += [Rule(f"encoder.down_blocks.{i}.resnets.{j}.", f"{p}encoder.down.{i}.block.{j}.", VAE_RESNET)
+                  for j in range(layers)]
         rules.append(Rule(f"encoder.down_blocks.{i}.downsamplers.0.conv.", f"{p}encoder.down.{i}.downsample.conv."))
         k = levels - 1 - i
-        rules.append(Rule(f"decoder.up_blocks.{i}.resnets.", f"{p}decoder.up.{k}.block.", VAE_RESNET))
+        rules += [Rule(f"decoder.up_blocks.{i}.resnets.{j}.", f"{p}decoder.up.{k}.block.{j}.", VAE_RESNET)
+                  for j in range(layers + 1)]
         rules.append(Rule(f"decoder.up_blocks.{i}.upsamplers.0.conv.", f"{p}decoder.up.{k}.upsample.conv."))
     return rules
 

@@ -366,7 +366,7 @@ def _unet_from(state, family: Family, v_prediction: bool, path, pooled_dim: Opti
 
 def _vae_from(state, path, scaling_factor: float = 0.18215):
     cfg = infer_vae_config(_sub(state, K.VAE_PREFIX), path, scaling_factor)
-    rules = K.vae_rules(len(cfg.channels))
+    rules = K.vae_rules(len(cfg.channels), cfg.layers_per_level)
     model = _build(AutoencoderKL, cfg, path)
     _load_into(model, _vae_attention_to_linear(_component(state, rules, K.VAE_PREFIX, path)), rules, path, meta=True)
     return model
@@ -437,6 +437,13 @@ def infer_schedule(state: Dict[str, Any], family: Family, prediction_type: Optio
 
 # --------------------------------------------------------------------------- the public API
 
+# How a single file is sampled, beyond schedule_to_diffusers' keys (timestep_spacing, steps_offset, clip_sample,
+# thresholding): the defaults diffusers' `from_single_file` gives SD files — the final DDIM step goes to ᾱ_0, not
+# to 1 (`set_alpha_to_one=False`, SD's PNDM/DDIM configs) — and the multistep/Euler settings written out, so
+# that no scheduler class's own default decides them.
+FILE_SAMPLING = {"set_alpha_to_one": False, "final_sigmas_type": "zero", "use_karras_sigmas": False,
+                 "lower_order_final": True, "euler_at_final": False}
+
 
 @dataclass
 class SingleFile:
@@ -453,10 +460,16 @@ class SingleFile:
     tokenizer_2: Any = None  # SDXL: its tokenizer
 
     @property
+    def scheduler_config(self) -> Dict[str, Any]:
+        """The file's `scheduler_config.json`: its schedule and how latentforge samples it, every sampling key
+        written out (`FILE_SAMPLING`), so that any diffusers scheduler class built `from_config` samples the file
+        as latentforge does (export --diffusers writes it)."""
+        return dict(schedule_to_diffusers(self.schedule_config), **FILE_SAMPLING)
+
+    @property
     def scheduler(self) -> SchedulerDefaults:
-        """The sampling defaults diffusers' `from_single_file` gives the file's schedule: its final step goes to
-        ᾱ_0, not to 1 (`set_alpha_to_one=False`)."""
-        return SchedulerDefaults.from_config(dict(schedule_to_diffusers(self.schedule_config), set_alpha_to_one=False))
+        """The sampling defaults of `scheduler_config`."""
+        return SchedulerDefaults.from_config(self.scheduler_config)
 
     def text_encoder(self, max_length: Optional[int] = None):
         """The text model + tokenizer as a `text.TextEncoder` (SDXL: a `text.DualTextEncoder`; a UserError if no
@@ -503,7 +516,26 @@ def load_single_file(path, tokenizer=None, prediction_type: Optional[str] = None
     state = read_checkpoint(path)
     family = identify(path, list(state))
     tok = tokenizer if family.name == "sdxl" else load_tokenizer(tokenizer)  # SDXL reads two (sdxl_file.py)
-    return LOADERS[family.name](path, state, family, tok, prediction_type)
+    single = LOADERS[family.name](path, state, family, tok, prediction_type)
+    token_ids_from(single.text_model, single.tokenizer)
+    token_ids_from(single.text_model_2, single.tokenizer_2)
+    return single
+
+
+def token_ids_from(model, tokenizer) -> None:
+    """The text model's bos/eos ids from its tokenizer (a file holds no tokenizer; infer_text_config's
+    vocabulary-end guess holds for CLIP's own vocabulary only). The eos id picks the pooled token."""
+    if model is None or tokenizer is None:
+        return
+    for name in ("bos_token_id", "eos_token_id"):
+        value = getattr(tokenizer, name, None)
+        if value is None:
+            continue
+        for module in model.modules():  # the configs (a projection model's text_model has its own) and the
+            if getattr(module, "config", None) is not None:  # eos id transformers' CLIP keeps at init
+                setattr(module.config, name, int(value))
+            if hasattr(module, name) and not isinstance(getattr(module, name), torch.nn.Module):
+                setattr(module, name, int(value))
 
 
 def _load_sd(path: Path, state: Dict[str, Any], family: Family, tokenizer, prediction_type) -> SingleFile:
@@ -567,15 +599,11 @@ def _check_exportable(unet, vae, layout: str, where: str) -> None:
             raise UserError(f"{where}: {why} — cannot write it as an SD 1.x/2.x single file; keep the diffusers folder")
 
 
-def single_file_state(unet, vae, text_model, schedule_config: ScheduleConfig, dtype=torch.float16,
-                      where: str = "model") -> Dict[str, torch.Tensor]:
-    """Our three networks -> one state dict in the original layout (the key names A1111 and ComfyUI read)."""
-    if schedule_config.prediction_type == "sample":
-        raise UserError(f"{where}: x0-prediction (prediction_type=sample) cannot be marked in a single file — keep "
-                        "the diffusers folder")
-    c = unet.config
+def ldm_state(unet, vae, text_model, where: str = "model") -> Dict[str, torch.Tensor]:
+    """Our three networks' tensors under the original layout's names and shapes (as they are: no copy, no cast)."""
+    c, v = unet.config, vae.config
     parts = [(unet.state_dict(), K.unet_rules(len(c.channels), c.layers_per_level, c.attention), None),
-             (_vae_attention_to_conv(vae.state_dict()), K.vae_rules(len(vae.config.channels)), None)]
+             (_vae_attention_to_conv(vae.state_dict()), K.vae_rules(len(v.channels), v.layers_per_level), None)]
     if hasattr(text_model, "models"):  # SDXL's DualTextEncoder
         from .sdxl_file import sdxl_text_parts
 
@@ -594,6 +622,16 @@ def single_file_state(unet, vae, text_model, schedule_config: ScheduleConfig, dt
         if unmapped:
             raise UserError(f"{where}: no single-file name for key {unmapped[0]!r} — cannot write this model as one file")
         out.update(post(mapped) if post else mapped)
+    return out
+
+
+def single_file_state(unet, vae, text_model, schedule_config: ScheduleConfig, dtype=torch.float16,
+                      where: str = "model") -> Dict[str, torch.Tensor]:
+    """Our three networks -> one state dict in the original layout (the key names A1111 and ComfyUI read)."""
+    if schedule_config.prediction_type == "sample":
+        raise UserError(f"{where}: x0-prediction (prediction_type=sample) cannot be marked in a single file — keep "
+                        "the diffusers folder")
+    out = ldm_state(unet, vae, text_model, where)
     out = {k: (v.detach().to(dtype) if v.is_floating_point() else v.detach()).cpu().contiguous() for k, v in out.items()}
     if schedule_config.prediction_type == "v_prediction":
         out[V_PRED_KEY] = torch.tensor([])

@@ -78,7 +78,7 @@ def from_single_file(path: str, out, tokenizer=None, prediction_type: Optional[s
     text = sf.text_encoder()  # a one-line UserError without a tokenizer
     tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")  # one per process (torchrun ranks convert at once)
     shutil.rmtree(tmp, ignore_errors=True)
-    save_model_folder(tmp, sf.unet, sf.vae, sf.schedule_config, text_encoder=text)
+    save_model_folder(tmp, sf.unet, sf.vae, sf.schedule_config, text_encoder=text, scheduler_config=sf.scheduler_config)
     try:
         tmp.replace(out)
     except OSError:  # another rank was first: its folder is the same conversion
