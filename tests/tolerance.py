@@ -131,3 +131,19 @@ def assert_runs_match(ref, other, step: int, names=("model", "ema"), *, lr: floa
             assert abs(x - y) <= tol, f"{what}: {key} at step {s} differs by {abs(x - y):.3g} > derived {tol:.3g}"
     worst = {name: assert_close_tensors(ckpt(other, name), ckpt(ref, name), w_tol, f"{what} {name}") for name in names}
     return {"weights_tol": w_tol, "worst": worst, "width": width, "depth": depth}
+
+
+def assert_same_function(got: torch.Tensor, want: torch.Tensor, net, *, positions: int = 1, evaluations: int = 1,
+                         what: str = "") -> float:
+    """Our network against the oracle's (diffusers) on the same weights and inputs: the same function computed
+    with other kernels, fusions and summation orders. The bound is reorder_tol per evaluation with the scale of
+    the oracle's output (the size of the last reduction's result; terms that cancel are covered by λ's slack),
+    the network's (width, depth) from `net` (a module or a state dict) and `positions` (batch × positions a
+    layer sums over); `evaluations` networks run in sequence (a sampler's steps, a VAE decode) add to first order.
+    Returns the largest difference seen."""
+    state = net.state_dict() if hasattr(net, "state_dict") else net
+    width, depth = network_shape(state, positions)
+    tol = evaluations * reorder_tol(want.detach().abs().max().item(), width, depth)
+    diff = (got.detach().double() - want.detach().double()).abs().max().item()
+    assert diff <= tol, f"{what}: differs by {diff:.3g} > derived bound {tol:.3g} (width {width}, depth {depth})"
+    return diff
