@@ -141,8 +141,10 @@ def atomic_folder(path):
         for f in sorted(tmp.rglob("*")):
             fsync_file(f)  # files and folders alike (O_RDONLY opens both)
         os.rename(tmp, path)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError) and e.filename:  # name what the user asked for, not the temporary folder
+            e.filename = str(e.filename).replace(str(tmp), str(path))
         raise
     fsync_dir(path.parent)
 

@@ -290,6 +290,25 @@ CASES = {
     "latentforge cache rebuilds the cache a running train reads": case_cache_rebuilt_under_a_running_train,
 }
 BEFORE = {  # what the code before this round did with the same command (this test, run on that code)
+    case_out_of_memory_mid_step: "traceback (torch.OutOfMemoryError: CUDA out of memory…) from train; sample: "
+                                 "traceback (RuntimeError: DefaultCPUAllocator: can't allocate memory…)",
+    case_cache_file_changed_while_training: "exit 0, nothing said: trained on through step 24 over the changed "
+                                            "latents and wrote checkpoints step-20, step-24 and model/ from them",
+    case_export_cut_off_half_way: "error: …/exported/vae: No space left on device …, and exported/ left holding unet/ "
+                                  "only; the re-run with space again: error: --diffusers …/exported: already exists",
+    case_two_samples_into_one_folder: "exit 0; its 00000-0.png replaced the other process's (one file left)",
+    case_file_system_without_locks: "traceback (OSError: [Errno 37] No locks available)",
+    case_notepad_caption_encodings: "UTF-16 with BOM: image skipped (caption_not_utf8); UTF-16 without BOM and a "
+                                    "caption with a NUL byte: cached as 'a\\x00 \\x00b\\x00l…' (garbage tokens)",
+    case_notepad_config_encodings: "UTF-8 BOM / UTF-16: error: not valid TOML (Invalid statement (at line 1, column 1)) "
+                                   "— fix the file; Latin-1: traceback (UnicodeDecodeError)",
+    case_resume_with_max_steps_below_the_step: "exit 0 'done: 24 steps', report.md '24 of 10', config.toml rewritten "
+                                               "with max_steps = 10, model/ exported again",
+    case_finished_run_without_checkpoints: "trained from step 0 and replaced the finished run's model/, metrics.jsonl "
+                                           "and report.md",
+    case_ssh_session_drops: "killed by SIGHUP (exit -1); checkpoint step-4 the last, the steps after it lost",
+    case_cache_rebuilt_under_a_running_train: "exit 0: the cache was re-encoded under the running train (its manifest "
+                                              "and shards changed)",
 }
 
 
@@ -297,6 +316,6 @@ BEFORE = {  # what the code before this round did with the same command (this te
 def test_a_careless_turn_is_handled(world, tmp_path, capsys, monkeypatch, fault):
     ok, lines, figure = CASES[fault](world, tmp_path, capsys, monkeypatch)
     now = " / ".join(lines) or "(nothing on stderr)"
-    record(f"careless_{list(CASES).index(fault):02d}", fault=fault, before=BEFORE.get(CASES[fault], ""), now=now,
+    record(f"careless_{list(CASES).index(fault):02d}", fault=fault, before=BEFORE[CASES[fault]], now=now,
            figure=figure, verdict="ok" if ok else "NOT HANDLED")
     assert ok, (fault, lines, figure)
