@@ -303,7 +303,7 @@ BEFORE = {  # what the code before this round did with the same command (this te
     case_notepad_config_encodings: "UTF-8 BOM / UTF-16: error: not valid TOML (Invalid statement (at line 1, column 1)) "
                                    "— fix the file; Latin-1: traceback (UnicodeDecodeError)",
     case_resume_with_max_steps_below_the_step: "exit 0 'done: 24 steps', report.md '24 of 10', config.toml rewritten "
-                                               "with max_steps = 10, model/ exported again",
+                                               "with max_steps = 10",
     case_finished_run_without_checkpoints: "trained from step 0 and replaced the finished run's model/, metrics.jsonl "
                                            "and report.md",
     case_ssh_session_drops: "killed by SIGHUP (exit -1); checkpoint step-4 the last, the steps after it lost",
