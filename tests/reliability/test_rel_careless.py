@@ -1,7 +1,8 @@
 """Reliability, third round: faults a careless user (or an unlucky machine) meets through the CLI where the
 earlier rounds did not look — memory running out mid-step, a cache file changed under a running train, an export
 cut off half-way, two `sample`s into one folder, a file system without locks, Notepad's encodings, a resume past
-its own end, a finished run overwritten, an ssh session that drops, a cache rebuilt under a running train.
+its own end, a finished run overwritten, an ssh session that drops, a cache rebuilt under a running train, a
+--class that selects no class.
 Each failed on the code before this round (see BEFORE); each case records the fault, what happens now, and a
 figure it measured."""
 
@@ -276,6 +277,16 @@ def case_cache_rebuilt_under_a_running_train(world, tmp, capsys, monkeypatch):
     return ok, lines, f"cache unchanged while the train ran: {same}; rebuilt after it ended: exit {code2}"
 
 
+def case_class_that_selects_nothing(world, tmp, capsys, monkeypatch):
+    text_model = text_model_folder(tmp / "textmodel" / "model")
+    base = ["sample", "--steps", "2", "--out", tmp / "o"]
+    null = run_cli([*base, "--model", world["ref"] / "model", "--class", "2"], capsys)  # 2 classes: 0, 1 (2 = null)
+    text = run_cli([*base, "--model", text_model, "--prompt", "a red circle", "--class", "1"], capsys)
+    pngs = len(list(tmp.rglob("*.png")))
+    ok = clear_error(*null, "labels count from 0") == "ok" and clear_error(*text, "--class 1") == "ok" and pngs == 0
+    return ok, null[1] + text[1], f"PNGs written: {pngs}"
+
+
 CASES = {
     "out of memory in the middle of a training step (and sample --n 512)": case_out_of_memory_mid_step,
     "a latent cache file changed in place while training read it": case_cache_file_changed_while_training,
@@ -288,6 +299,8 @@ CASES = {
     "train --out a finished run whose checkpoints were deleted": case_finished_run_without_checkpoints,
     "the ssh session of a training run drops (SIGHUP, terminal gone)": case_ssh_session_drops,
     "latentforge cache rebuilds the cache a running train reads": case_cache_rebuilt_under_a_running_train,
+    "sample --class 2 on a model of classes 0, 1 (counted from 1), --class on a text model":
+        case_class_that_selects_nothing,
 }
 BEFORE = {  # what the code before this round did with the same command (this test, run on that code)
     case_out_of_memory_mid_step: "traceback (torch.OutOfMemoryError: CUDA out of memory…) from train; sample: "
@@ -309,6 +322,9 @@ BEFORE = {  # what the code before this round did with the same command (this te
     case_ssh_session_drops: "killed by SIGHUP (exit -1); checkpoint step-4 the last, the steps after it lost",
     case_cache_rebuilt_under_a_running_train: "exit 0: the cache was re-encoded under the running train (its manifest "
                                               "and shards changed)",
+    case_class_that_selects_nothing: "exit 0 both: --class 2 drew with the null (guidance) class on both branches, "
+                                     "i.e. no class, and --class on the text model was ignored; each PNG records "
+                                     "'Class: 2' / 'Class: 1'",
 }
 
 
