@@ -109,3 +109,20 @@ def test_out_of_memory_is_told_apart_and_names_what_to_lower():
     assert not is_out_of_memory(RuntimeError("mat1 and mat2 shapes cannot be multiplied (2x3 and 4x5)"))
     assert "lower --n" in message("sample", SimpleNamespace(), MemoryError())
     assert "no checkpoint was written yet" in message("train", SimpleNamespace(out=None), MemoryError())
+
+
+def test_sighup_stops_like_sigterm_unless_nohup_ignores_it():
+    import signal
+
+    from latentforge.train.signals import StopRequest
+
+    with StopRequest() as stop:
+        signal.raise_signal(signal.SIGHUP)
+        assert stop.name == "SIGHUP"
+    previous = signal.signal(signal.SIGHUP, signal.SIG_IGN)  # what `nohup` leaves the process
+    try:
+        with StopRequest() as stop:
+            signal.raise_signal(signal.SIGHUP)
+            assert not stop.requested and signal.getsignal(signal.SIGHUP) == signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGHUP, previous)

@@ -42,6 +42,8 @@ class StopRequest:
         self._terminal = [fd for fd in (1, 2) if os.isatty(fd)]  # asked now: a hung-up terminal may not answer
         if threading.current_thread() is threading.main_thread():  # signals only go to the main thread
             for s in self.SIGNALS:
+                if s == signal.SIGHUP and signal.getsignal(s) == signal.SIG_IGN:
+                    continue  # `nohup latentforge train …`: the user asked for hang-ups to be ignored
                 self._previous[s] = signal.signal(s, self._handle)
         return self
 
