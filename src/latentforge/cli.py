@@ -3,7 +3,8 @@
 Each sub-command lives in `latentforge/commands/<name>.py` and defines `add_arguments(parser)` and
 `run(args) -> int | None`; this module only parses and calls it. Import is lazy so `--help` is instant.
 A `UserError` (or a user-fixable OSError) becomes one line on stderr and exit status 2; a UserWarning
-(e.g. a scheduler key latentforge does not honour) becomes one `warning: …` line.
+(e.g. a scheduler key latentforge does not honour) becomes one `warning: …` line; running out of memory
+becomes one line saying what to lower (oom.py).
 """
 
 from __future__ import annotations
@@ -139,6 +140,13 @@ def _main(argv: list[str] | None) -> int:
     except (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError) as e:
         # An OSError that names a path is the user's to fix: one line, no traceback.
         print(f"error: {e.strerror or e}: {e.filename}", file=sys.stderr)
+        return 2
+    except (RuntimeError, MemoryError) as e:
+        from .oom import is_out_of_memory, message
+
+        if not is_out_of_memory(e):
+            raise
+        print(f"error: {message(args.command, args, e)}", file=sys.stderr)
         return 2
     except OSError as e:
         if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):

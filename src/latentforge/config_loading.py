@@ -23,6 +23,7 @@ from typing import Optional, Tuple, Union
 from .config import (
     PRESETS, SITUATION_DEFAULTS, TrainConfig, VAETrainConfig, field_choices, field_range, situation,
 )
+from . import textfile
 from .errors import UserError
 
 # Keys that do not change what the run computes: they may differ on --resume. Everything else
@@ -101,10 +102,12 @@ def _raw_settings(path, overrides) -> dict:
     raw: dict = {}
     if path is not None:
         try:
-            with open(path, "rb") as f:
-                data = tomllib.load(f)
+            with open(path, "rb") as f:  # a BOM (Notepad's "UTF-8 with BOM", UTF-16) is read, not a TOML error
+                data = tomllib.loads(textfile.decode(f.read()))
         except FileNotFoundError:
             raise UserError(f"--config {path}: file not found — pass an existing TOML file")
+        except textfile.TextFileError as e:
+            raise UserError(f"--config {path}: cannot read it as text ({e})")
         except tomllib.TOMLDecodeError as e:
             raise UserError(f"--config {path}: not valid TOML ({e}) — fix the file")
         for key, value in _flatten(data):

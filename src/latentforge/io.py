@@ -20,6 +20,7 @@ that lies under a file, is one line instead of a traceback after the work is don
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -28,16 +29,21 @@ from typing import BinaryIO, Callable
 
 from .errors import UserError
 
-__all__ = ["sha256_file", "hash_weights", "fsync_file", "fsync_dir", "atomic_write", "atomic_path", "write_bytes", "write_text", "write_json",
+__all__ = ["sha256_file", "sha256_stream", "hash_weights", "fsync_file", "fsync_dir", "atomic_write", "atomic_path", "atomic_folder", "publish", "write_bytes", "write_text", "write_json",
            "save_image", "save_figure", "temp_name", "check_out_dir"]
 
 
 def sha256_file(path, chunk: int = 1 << 20) -> str:
     """Hex sha256 of a file's bytes, read in `chunk`-byte blocks."""
-    h = hashlib.sha256()
     with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
+        return sha256_stream(f, chunk)
+
+
+def sha256_stream(f, chunk: int = 1 << 20) -> str:
+    """Hex sha256 of what is left to read in the binary file object `f`."""
+    h = hashlib.sha256()
+    while block := f.read(chunk):
+        h.update(block)
     return h.hexdigest()
 
 
@@ -73,23 +79,42 @@ def temp_name(path) -> Path:
     return path.with_name(f"{path.name}.tmp-{os.getpid()}")
 
 
-def atomic_write(path, write: Callable[[BinaryIO], object]) -> Path:
-    """`write(f)` into a temporary file beside `path`, fsync, rename onto `path`, fsync the folder."""
-    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+def atomic_write(path, write: Callable[[BinaryIO], object], exclusive: bool = False) -> Path:
+    """`write(f)` into a temporary file beside `path`, fsync, rename onto `path`, fsync the folder.
+    `exclusive`: never replace an existing `path` (FileExistsError instead; see `publish`)."""
+    with atomic_path(path, exclusive) as tmp, open(tmp, "wb") as f:
         write(f)
     return Path(path)
 
 
+def publish(tmp: Path, path: Path) -> None:
+    """Give the finished file `tmp` the name `path` only if no file has it: a hard link (atomic, refused with
+    FileExistsError when `path` exists — another process got there first), then the temporary name goes. A file
+    system without hard links (FAT, some SMB mounts) gets a check and a rename: a race window, no lost file there
+    unless two processes finish within it."""
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        raise
+    except OSError:
+        if path.exists():
+            raise FileExistsError(errno.EEXIST, "File exists", str(path)) from None
+        os.replace(tmp, path)
+        return
+    os.remove(tmp)
+
+
 @contextlib.contextmanager
-def atomic_path(path):
+def atomic_path(path, exclusive: bool = False):
     """For writers that want a file name (safetensors' save_file): yields the temporary name; when the block
-    ends the file is fsynced and renamed onto `path` — or removed, if the block raised."""
+    ends the file is fsynced and renamed onto `path` (`exclusive`: only if no file has that name, see `publish`)
+    — or removed, if the block raised."""
     path = Path(path)
     tmp = temp_name(path)
     try:
         yield tmp
         fsync_file(tmp)
-        os.replace(tmp, path)
+        publish(tmp, path) if exclusive else os.replace(tmp, path)
     except BaseException:
         try:
             os.remove(tmp)
@@ -97,6 +122,31 @@ def atomic_path(path):
             pass
         raise
     fsync_dir(path.parent if str(path.parent) else ".")
+
+
+@contextlib.contextmanager
+def atomic_folder(path):
+    """A folder written whole or not at all: yields a hidden temporary folder beside `path`
+    (`.<name>.partial-<pid>`); when the block ends each file in it is fsynced and the folder is renamed onto `path`
+    (which must not exist, or be an empty folder) — or deleted, if the block raised. A SIGKILL leaves only the
+    hidden temporary folder, never a half-written `path`."""
+    import shutil
+
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)  # this pid's own leftover, if any
+    try:
+        tmp.mkdir(parents=True)
+        yield tmp
+        for f in sorted(tmp.rglob("*")):
+            fsync_file(f)  # files and folders alike (O_RDONLY opens both)
+        os.rename(tmp, path)
+    except BaseException as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError) and e.filename:  # name what the user asked for, not the temporary folder
+            e.filename = str(e.filename).replace(str(tmp), str(path))
+        raise
+    fsync_dir(path.parent)
 
 
 def write_bytes(path, data: bytes) -> Path:
@@ -111,12 +161,12 @@ def write_json(path, obj, indent: int | None = 1, sort_keys: bool = False) -> Pa
     return write_text(path, json.dumps(obj, indent=indent, sort_keys=sort_keys, default=str) + "\n")
 
 
-def save_image(image, path, **save_kwargs) -> Path:
-    """A PIL image, its format from the suffix (as `Image.save`), written atomically."""
+def save_image(image, path, exclusive: bool = False, **save_kwargs) -> Path:
+    """A PIL image, its format from the suffix (as `Image.save`), written atomically (`exclusive`: see atomic_write)."""
     from PIL import Image
 
     fmt = save_kwargs.pop("format", None) or Image.registered_extensions().get(Path(path).suffix.lower(), "PNG")
-    return atomic_write(path, lambda f: image.save(f, format=fmt, **save_kwargs))
+    return atomic_write(path, lambda f: image.save(f, format=fmt, **save_kwargs), exclusive)
 
 
 def save_figure(fig, path, **savefig_kwargs) -> Path:

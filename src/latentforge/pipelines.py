@@ -457,6 +457,9 @@ class Pipeline:
 
     def _conditions(self, prompt, negative_prompt, class_label, n):
         cfg = self.unet.config
+        if self.text_encoder is not None and class_label is not None:  # it would select nothing, without a word
+            raise UserError(f"--class {class_label}: this model is text-conditional (no class labels) — leave out "
+                            "--class and say what to draw with --prompt")
         if getattr(self.text_encoder, "pooled_dim", None) is not None:  # SDXL's two encoders
             ctx, _, pooled = self._encoded(prompt or "", True, n)  # (n, L, D), (n, P)
             if negative_prompt is None:  # diffusers: zeros under force_zeros_for_empty_prompt
@@ -476,9 +479,10 @@ class Pipeline:
                             "leave out --prompt/--negative" + (" and pass --class" if cfg.num_class_embeds else ""))
         if cfg.num_class_embeds:
             K = cfg.num_class_embeds
-            if class_label is None or not 0 <= int(class_label) < K:
+            if class_label is None or not 0 <= int(class_label) < K - 1:  # K - 1: the null class, no class at all
                 raise UserError(f"--class: this model is class-conditional — pass a class label in 0..{K - 2} "
-                                f"(label {K - 1} is the null class used for guidance)")
+                                f"(label {K - 1} is the null class used for guidance)"
+                                + (" — labels count from 0" if class_label == K - 1 else ""))
             labels = torch.full((n,), int(class_label), dtype=torch.long, device=self.device)
             return {"class_labels": labels}, {"class_labels": torch.full_like(labels, K - 1)}
         if class_label is not None:

@@ -46,11 +46,12 @@ def parse_parameters(text: str) -> Dict[str, str]:
     return out
 
 
-def save_png(image: Image.Image, path, parameters: str) -> Path:
-    """Write `image` as PNG with its `parameters` chunk, atomically (a kill never leaves a truncated PNG)."""
+def save_png(image: Image.Image, path, parameters: str, exclusive: bool = False) -> Path:
+    """Write `image` as PNG with its `parameters` chunk, atomically (a kill never leaves a truncated PNG);
+    `exclusive`: FileExistsError instead of replacing a file of that name."""
     info = PngImagePlugin.PngInfo()
     info.add_text("parameters", parameters)
-    return save_image(image, Path(path), format="PNG", pnginfo=info)
+    return save_image(image, Path(path), exclusive, format="PNG", pnginfo=info)
 
 
 def read_parameters(path) -> Optional[str]:

@@ -106,6 +106,18 @@ SECTIONS = [
      "Faults found in this round by running the real commands the way a careless user (or an unlucky machine) "
      "would; `before` is what the code before this round did with the same command, `now` what the test saw.",
      ("wrong_turn_",)),
+    ("13. Third round: a careless user, an unlucky machine", "test_rel_careless.py", "",
+     "Twelve more faults, found by running the real commands where the earlier rounds had not looked: memory running "
+     "out in the middle of a step (an injected `torch.OutOfMemoryError` at step 6, after checkpoint step-4; a CPU "
+     "allocator failure in `sample`), a latent shard rewritten in place by another program while training reads it, "
+     "`export --diffusers` cut off by a full disk, two `sample` processes finishing into one `--out`, a file system "
+     "without `flock` (an injected ENOLCK), caption and `--config` files as Windows Notepad saves them, `--resume "
+     "max_steps` below the run's step, `train --out` a finished run whose checkpoints were deleted, the run's ssh "
+     "session dropping (a child on a pseudo-terminal: the terminal is closed, then SIGHUP), `latentforge cache` on "
+     "the cache a running child `train` reads, and a `--class` that selects no class (the null label, a text "
+     "model). `before` is what the code before this round did (the same test, run on it: 12 of 12 failed), `now` "
+     "what the test saw; where a run is involved it must end bitwise equal to the reference after `--resume`.",
+     ("careless_",)),
 ]
 
 

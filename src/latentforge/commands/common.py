@@ -159,7 +159,6 @@ def generate(args, mode: str, **inputs) -> int:
     """Load the model, run `mode` (text2img | img2img | inpaint), write one PNG per image."""
     from .. import load
     from ..formats.single_file import is_single_file
-    from ..png import save_png
     from ..samplers import get_sampler, start_index
     from ..text import quiet_transformers
 
@@ -191,11 +190,23 @@ def generate(args, mode: str, **inputs) -> int:
                                  class_label=args.class_label, karras=args.karras, eta=args.eta,
                                  spacing=args.spacing, width=args.width, height=args.height, **micro, **inputs)
     out.mkdir(parents=True, exist_ok=True)
-    first = next_index(out)  # an earlier run's images in the same folder are kept, never overwritten
+    number = next_index(out)  # an earlier run's images in the same folder are kept, never overwritten
     for i, im in enumerate(images):
-        path = save_png(im, out / f"{first + i:05d}-{args.seed + i}.png", im.info["parameters"])
+        path, number = save_numbered(im, out, number, args.seed + i)
         print(path)
     return 0
+
+
+def save_numbered(image, out: Path, number: int, seed: int):
+    """Write `image` as out/<number>-<seed>.png, or under the next free number if another process (a second
+    `sample` into the same --out) took that name meanwhile: never over its file. -> (path, the next number)."""
+    from ..png import save_png
+
+    while True:
+        try:
+            return save_png(image, out / f"{number:05d}-{seed}.png", image.info["parameters"], exclusive=True), number + 1
+        except FileExistsError:
+            number = max(number + 1, next_index(out))
 
 
 def check_numbers(args, inputs) -> None:

@@ -62,14 +62,17 @@ def to_diffusers(model: Path, out: Path, tokenizer, prediction_type) -> Path:
     from ..errors import UserError
     from ..formats.diffusers import save_model_folder
     from ..formats.single_file import load_single_file
+    from ..io import atomic_folder
 
     if not model.is_file():
         raise UserError(f"--model {model}: --diffusers needs a single .safetensors/.ckpt file")
     _refuse_existing(out, "--diffusers")
     sf = load_single_file(model, tokenizer=tokenizer, prediction_type=prediction_type)
     text = sf.text_encoder()  # fails early, in one line, without a tokenizer
-    return save_model_folder(out, sf.unet, sf.vae, sf.schedule_config, text_encoder=text,
-                             scheduler_config=sf.scheduler_config)  # sampled as the file is
+    with atomic_folder(out) as tmp:  # interrupted (a kill, a full disk): nothing under the name OUT_DIR
+        save_model_folder(tmp, sf.unet, sf.vae, sf.schedule_config, text_encoder=text,
+                          scheduler_config=sf.scheduler_config)  # sampled as the file is
+    return out
 
 
 def run(args):

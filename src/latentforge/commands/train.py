@@ -83,9 +83,10 @@ def _run(args, cfg):
             print(build_cache(args.data, vae, cfg.text_encoder, cache, size=cfg.image_size or None,
                               progress=not args.quiet, buckets=spec))
         distributed.barrier(d)
-    dataset, text_encoder = open_cache(cache, vae, cfg.text_encoder, d.device)  # refuses another VAE or encoder
-    torch.set_grad_enabled(True)
-    with disk_full_is_one_line(args.out):
+    # a shared lock while training reads the cache: `latentforge cache` on it (a writer) waits for this run
+    with folder_lock(cache, "latentforge train", flag="--cache", shared=True), disk_full_is_one_line(args.out):
+        dataset, text_encoder = open_cache(cache, vae, cfg.text_encoder, d.device)  # refuses another VAE or encoder
+        torch.set_grad_enabled(True)
         result = train(cfg, dataset, args.out, resume=args.resume, vae=vae, text_encoder=text_encoder,
                        progress=not args.quiet, restart=args.restart, allow_changed_data=args.allow_changed_data)
     if d.is_main:

@@ -519,6 +519,11 @@ class LatentDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.entries)
 
+    def check_unchanged(self) -> None:
+        """CacheCorruptError if a shard file this dataset reads changed on disk since it was verified."""
+        for store in (*self.latent_stores.stores(), self.texts):
+            store.check_unchanged()
+
     def __getitem__(self, i: int) -> dict:
         e = self.entries[i]
         row = self.latent_stores.store(e.get("bucket")).row(e["key"])

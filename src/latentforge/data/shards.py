@@ -17,7 +17,11 @@ import numpy as np
 
 from .. import io
 from ..errors import UserError
-from ..io import sha256_file
+from ..io import sha256_file, sha256_stream
+
+
+def _identity(st: os.stat_result) -> tuple:
+    return st.st_ino, st.st_size, st.st_mtime_ns
 
 
 class CacheCorruptError(UserError):
@@ -54,12 +58,14 @@ class ShardStore:
         self.pending_keys: List[str] = []
         self.pending: Dict[str, List[np.ndarray]] = {}
         self._open: Dict[str, Dict[str, np.ndarray]] = {}
+        self._seen: Dict[str, tuple] = {}  # file -> (inode, size, mtime) when its bytes were last known good
+        self._handles: Dict[str, object] = {}  # file -> the open file its memory map reads
 
     def state(self) -> dict:
         return {"shards": self.shards, "index": self.index}
 
     def __getstate__(self) -> dict:  # DataLoader workers under "spawn": re-open, don't copy, the maps
-        return {**self.__dict__, "_open": {}, "on_flush": None}
+        return {**self.__dict__, "_open": {}, "_handles": {}, "on_flush": None}
 
     def __contains__(self, key: str) -> bool:
         return key in self.index
@@ -73,9 +79,26 @@ class ShardStore:
             if not os.path.isfile(path):
                 raise CacheCorruptError(f"{path}: listed in the manifest but missing — rebuild the cache "
                                         "(latentforge cache ...) to re-encode it")
-            if os.path.getsize(path) != rec["bytes"] or sha256_file(path) != rec["sha256"]:
+            st = os.stat(path)
+            if st.st_size != rec["bytes"] or sha256_file(path) != rec["sha256"]:
                 raise CacheCorruptError(f"{path}: checksum mismatch, the file is corrupt — delete it and "
                                         "re-run latentforge cache to re-encode it")
+            self._seen[rec["file"]] = _identity(st)
+
+    def check_unchanged(self) -> None:
+        """Raise CacheCorruptError naming a memory-mapped file whose bytes changed since they were verified
+        (written in place by another program, a disk error): an fstat per open file, a checksum only of a file
+        whose inode, size or mtime moved. Files replaced by a rename are not read (the map holds the old inode)."""
+        for file, f in self._handles.items():
+            st = os.fstat(f.fileno())
+            if _identity(st) == self._seen.get(file):
+                continue
+            rec = next(r for sh in self.shards.values() for r in sh["files"].values() if r["file"] == file)
+            f.seek(0)
+            if st.st_size != rec["bytes"] or sha256_stream(f) != rec["sha256"]:
+                raise CacheCorruptError(f"{os.path.join(self.root, file)}: changed on disk while training read it "
+                                        "(checksum mismatch)")
+            self._seen[file] = _identity(st)
 
     def drop_bad_shards(self) -> List[str]:
         """Forget shards that fail `verify` (their rows get re-encoded); returns the messages."""
@@ -89,6 +112,10 @@ class ShardStore:
         return problems
 
     def forget(self, name: str) -> None:
+        for rec in self.shards[name]["files"].values():
+            f = self._handles.pop(rec["file"], None)
+            if f is not None:
+                f.close()
         del self.shards[name]
         self._open.pop(name, None)
         self.index = {k: loc for k, loc in self.index.items() if loc[0] != name}
@@ -98,9 +125,18 @@ class ShardStore:
     def arrays(self, name: str) -> Dict[str, np.ndarray]:
         """The shard's arrays, memory-mapped (read-only)."""
         if name not in self._open:
-            self._open[name] = {a: np.load(os.path.join(self.root, rec["file"]), mmap_mode="r")
-                                for a, rec in self.shards[name]["files"].items()}
+            self._open[name] = {a: self._map(rec["file"]) for a, rec in self.shards[name]["files"].items()}
         return self._open[name]
+
+    def _map(self, file: str) -> np.ndarray:
+        """A read-only memory map of the .npy `file`, its file kept open for `check_unchanged`."""
+        f = open(os.path.join(self.root, file), "rb")
+        self._handles[file] = f
+        self._seen.setdefault(file, _identity(os.fstat(f.fileno())))  # verified by path, or trusted (verify=False)
+        fmt = np.lib.format
+        read_header = fmt.read_array_header_1_0 if fmt.read_magic(f) == (1, 0) else fmt.read_array_header_2_0
+        shape, fortran, dtype = read_header(f)
+        return np.memmap(f, dtype=dtype, mode="r", shape=shape, order="F" if fortran else "C", offset=f.tell())
 
     def row(self, key: str) -> Dict[str, np.ndarray]:
         name, i = self.index[key]

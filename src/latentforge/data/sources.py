@@ -23,7 +23,7 @@ from collections import Counter
 from dataclasses import asdict, dataclass, replace
 from typing import Dict, List, Optional, Tuple
 
-from .. import io
+from .. import io, textfile
 from ..config import LABELS  # scan(labels=): where class labels come from (see scan)
 from ..errors import UserError
 from .images import IMAGE_EXTENSIONS, MAX_PIXELS, MIN_SIZE, BadImage, load_image, open_checked, to_rgb
@@ -40,7 +40,7 @@ REASONS = {
     "too_small": "the shorter side is under the minimum size",
     "below_bucket": "smaller than its aspect-ratio bucket by more than the upscale limit",
     "decompression_bomb": "width x height is over the pixel limit",
-    "caption_not_utf8": "the caption file is not UTF-8 text",
+    "caption_not_utf8": "the caption file is not text (UTF-8, or UTF-16/UTF-8 with a byte-order mark)",
     "caption_bad_json": "a webdataset .json caption is not a JSON object with a caption",
     "caption_without_image": "a caption file with no image of the same name",
     "symlink_loop": "a symbolic link that leads back to itself or a parent folder",
@@ -141,9 +141,9 @@ def _read_caption(path: str, skipped: List[Skip]) -> Optional[str]:
         return None
     try:
         with open(path, "rb") as f:
-            return f.read().decode("utf-8-sig").strip()
-    except UnicodeDecodeError as e:
-        skipped.append(Skip(path, "caption_not_utf8", f"byte {e.start}: {e.reason}; save it as UTF-8"))
+            return textfile.decode(f.read()).strip()  # UTF-8, or UTF-16 with its byte-order mark (Notepad)
+    except textfile.TextFileError as e:
+        skipped.append(Skip(path, "caption_not_utf8", str(e)))
     except PermissionError as e:
         skipped.append(Skip(path, "unreadable", e.strerror or "permission denied"))
     return None
@@ -212,9 +212,9 @@ def _tar_items(path: str, rel: str, column: str, skipped: List[Skip]) -> List[It
 def _tar_caption(path, parts, column, read, skipped) -> Optional[str]:
     if ".txt" in parts:
         try:
-            return read(parts[".txt"]).decode("utf-8-sig").strip()
-        except UnicodeDecodeError as e:
-            skipped.append(Skip(f"{path}/{parts['.txt'].name}", "caption_not_utf8", f"byte {e.start}: {e.reason}"))
+            return textfile.decode(read(parts[".txt"])).strip()
+        except textfile.TextFileError as e:
+            skipped.append(Skip(f"{path}/{parts['.txt'].name}", "caption_not_utf8", str(e)))
             return None
     if ".json" in parts:
         try:

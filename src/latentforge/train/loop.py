@@ -26,9 +26,10 @@ from tqdm import tqdm
 from .. import io
 from ..adapters import sample_keys
 from ..config_loading import config_hash, math_dict, to_toml
+from ..data.shards import CacheCorruptError
 from ..errors import UserError
 from ..schedule import NoiseSchedule
-from . import adapter, distributed, resume as runs, text_training
+from . import adapter, checkpoint, distributed, resume as runs, text_training
 from .data import Stream, make_stream
 from .freeze import apply_freeze
 from .init import build_unet
@@ -238,9 +239,29 @@ def _periodic(r: _Run, state: TrainState, stopped: str) -> None:
     """After an optimizer step: a checkpoint (every checkpoint_every, at the end, on a stop signal), a sample grid."""
     cfg, step = r.cfg, state.step
     if stopped or step % cfg.checkpoint_every == 0 or step == cfg.max_steps:
+        _cache_unchanged(r)
         runs.write_checkpoint(r.dir, cfg, r.d, state, step * r.images_per_step, extra={"cache": r.cache_id})
     if r.d.is_main and cfg.sample_every and (step % cfg.sample_every == 0 or step == cfg.max_steps):
         maybe_sample(r.dir, step, cfg, state.part.module, state.part.ema, r.vae, r.text_encoder, r.full, r.held_out)
+
+
+def _cache_unchanged(r: _Run) -> None:
+    """Before a checkpoint: the latent cache's files still hold the bytes verified when the run opened them — else
+    the steps since the last checkpoint may have read damaged latents, and no checkpoint is written from them.
+    Every rank takes the same way (a rank that saw a change stops them all)."""
+    problem = ""
+    try:
+        getattr(r.full, "check_unchanged", lambda: None)()
+    except CacheCorruptError as e:
+        problem = str(e)
+    if not distributed.max_int(int(bool(problem)), r.d):
+        return
+    last = checkpoint.complete_steps(r.dir / "checkpoints")
+    since = f"since checkpoint step-{last[-1]}" if last else "of this session"
+    raise UserError(f"{problem or 'a latent cache file changed on disk (seen by another process)'} — the steps {since} "
+                    "may have used changed latents, so no checkpoint was written from them; rebuild the cache "
+                    "(latentforge cache), then run the same command with --resume"
+                    + (f" (it continues from step-{last[-1]})" if last else ""))
 
 
 def _finish(r: _Run, state: TrainState, stopped: str, start: int, t0: float) -> None:

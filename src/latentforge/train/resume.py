@@ -12,6 +12,9 @@ The checks, in order (each refusal is one line; none of them writes a byte):
   - the run folder holds checkpoints but `--resume` was not given -> refuse (or `restart`);
   - every `step-N` folder is unusable (no COMPLETE marker, a checksum mismatch) -> refuse, listing each
     with what is wrong; `restart` moves them to `checkpoints-set-aside-K/` (never deleted) and starts over;
+  - no checkpoint, but a finished run's model/ (or lora/, vae/) is there (its checkpoints deleted to save
+    space) -> refuse: step 0 would overwrite it; `restart` moves it to `model-set-aside-K/` as well;
+  - max_steps is below the checkpoint's step -> refuse (the run is past it);
   - a setting that changes the math differs from the checkpoint's -> refuse naming the keys;
   - the checkpoint's data position does not match its step -> refuse (damaged state.json);
   - the latent cache is not the one the checkpoint was trained on (latents added, removed, re-encoded
@@ -38,7 +41,7 @@ from ..errors import UserError
 from ..io import sha256_file
 from . import checkpoint, distributed
 
-SET_ASIDE = "checkpoints-set-aside-{}"
+SET_ASIDE = "{}-set-aside-{}"
 _LIST_MAX = 200_000  # latents up to which the per-latent hashes are stored (to name what changed)
 
 
@@ -138,6 +141,9 @@ def _none_usable(ckpts: list[Path]) -> UserError:
 
 
 def _check_position(state: dict, cfg, path) -> None:
+    if cfg.max_steps < state["step"]:
+        raise UserError(f"--resume: max_steps={cfg.max_steps} is below step {state['step']}, where {path} already "
+                        f"is — pass max_steps={state['step']} or more (or leave max_steps out to keep the run's)")
     if state["data_position"] != state["step"] * getattr(cfg, "grad_accum", 1) * cfg.batch_size:
         raise UserError(f"--resume: {path}/state.json: data position does not match step — the checkpoint is damaged")
 
@@ -168,30 +174,37 @@ def _problem(ckpt: Path) -> str | None:
     return None
 
 
-def set_aside(run: Path) -> Path:
-    """Move run/checkpoints to run/checkpoints-set-aside-K (the first free K); nothing is deleted."""
+def set_aside(run: Path, name: str = "checkpoints") -> Path:
+    """Move run/<name> to run/<name>-set-aside-K (the first free K); nothing is deleted."""
     k = 1
-    while (run / SET_ASIDE.format(k)).exists():
+    while (run / SET_ASIDE.format(name, k)).exists():
         k += 1
-    target = run / SET_ASIDE.format(k)
-    (run / "checkpoints").rename(target)
+    target = run / SET_ASIDE.format(name, k)
+    (run / name).rename(target)
     return target
 
 
 def prepare(run, cfg, dataset, *, resume: bool, math: dict, restart: bool = False,
-            allow_changed_data: bool = False, warn=_stderr, is_main: bool = True):
+            allow_changed_data: bool = False, warn=_stderr, is_main: bool = True, outputs=("model", "lora")):
     """-> (path, tensors, state) of the checkpoint to continue from, or None to start at step 0.
+    `outputs`: the folders a finished run writes into `run` (a new run from step 0 would replace them).
 
     Every check is made here, before the caller writes config.toml or touches any log."""
     run = Path(run)
     ckpts = step_dirs(run / "checkpoints")
-    if ckpts and restart:
+    finished = [name for name in outputs if (run / name).exists()]
+    if (ckpts or finished) and restart:
         if is_main:
-            warn(f"warning: --restart: the old checkpoints are kept in {set_aside(run)}; starting from step 0")
+            kept = ", ".join(f"{name}/ in {set_aside(run, name)}" for name in ["checkpoints"] * bool(ckpts) + finished)
+            warn(f"warning: --restart: the earlier run's {kept} (kept); starting from step 0")
         return None
     if ckpts and not resume:
         raise _not_resumed(run)
     if not ckpts:
+        if finished:  # a finished run whose checkpoints were deleted: step 0 would overwrite its model
+            raise UserError(f"--out {run}: holds a finished run's {finished[0]}/ and no checkpoint to "
+                            f"{'resume from' if resume else 'continue'} — choose a new --out (or pass --restart "
+                            f"to set {finished[0]}/ aside, kept, and start over)")
         if resume and is_main:
             warn(f"--resume: no checkpoint in {run / 'checkpoints'} yet — starting from step 0")
         return None

@@ -118,7 +118,7 @@ def train_vae(cfg, data_dir, out, *, resume: bool = False, progress: bool = True
         raise UserError(f"image_size={size}: must be a multiple of the VAE's downsampling factor {f}")
     data = _split(cfg, *load_images(data_dir, size, progress))
     cfg = replace(cfg, vae=replace(cfg.vae, sample_size=size))
-    loaded = runs.prepare(run, cfg, None, resume=resume, math=math_dict(cfg), restart=restart)
+    loaded = runs.prepare(run, cfg, None, resume=resume, math=math_dict(cfg), restart=restart, outputs=("vae",))
     run.mkdir(parents=True, exist_ok=True)  # every check passed: the run folder may be written now
     io.write_text(run / "config.toml", to_toml(cfg))
     state, disc = _build(cfg, run, d)
