@@ -23,6 +23,7 @@ from latentforge.data.cache import CacheCorruptError, LatentDataset, build_cache
 from latentforge.errors import UserError
 from latentforge.models import AutoencoderKL
 from latentforge.text import TextEncoder
+from tolerance import assert_same_function
 
 VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "red", "green", "blue", "yellow", "circle",
          "square", "triangle", "at", "the", "top", "bottom", "left", "right", "on", "white", "black", "background"]
@@ -317,8 +318,11 @@ def test_sdxl_dual_encoder_cache_stores_pooled_and_zero_null(tmp_path):
     for i in range(len(ds)):
         caption = open(os.path.join(d, ds[i]["id"])[:-4] + ".txt", encoding="utf-8").read().strip()
         context, mask, pooled = enc.encode_pooled([caption])
-        torch.testing.assert_close(ds[i]["context"], context[0], atol=1e-6, rtol=0)  # batched vs one: rounding
-        torch.testing.assert_close(ds[i]["pooled"], pooled[0], atol=1e-6, rtol=0)
+        # batched (the cache) vs one caption: the same function, other GEMM shapes
+        assert_same_function(ds[i]["context"], context[0], enc.models[0] if hasattr(enc, "models") else enc.model,
+                             positions=3 * 77, what="context")
+        assert_same_function(ds[i]["pooled"], pooled[0], enc.models[-1] if hasattr(enc, "models") else enc.model,
+                             positions=3 * 77, what="pooled")
     assert ds.null_context.shape == (77, 64) and not ds.null_context.any()
     assert ds.null_pooled.shape == (24,) and not ds.null_pooled.any()
     again = build_cache(d, vae, enc, str(tmp_path / "c"), size=32, progress=False)  # incremental: nothing new

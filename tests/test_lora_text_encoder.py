@@ -23,6 +23,7 @@ from latentforge.train.data import InMemoryLatents
 from latentforge.train.init import init_base, read_init
 from test_lora_files import _diffusers, _draw
 from test_pipelines import _folder
+from tolerance import assert_same_function, sampling_evaluations
 
 CAPTIONS = ["lower newer", "wider", "lowest", "low", "newer wider", "lower", "wider lowest", "newer"]
 OPTS = ["batch_size=4", "lr=3e-2", "warmup_steps=0", "lr_schedule=constant", "log_every=1", "sample_every=0",
@@ -108,12 +109,14 @@ def test_merged_model_folder_draws_what_base_plus_lora_draws(trained, tmp_path):
     folder, run, _ = trained
     merged = _draw(Pipeline.from_pretrained(run / "model", device="cpu"))
     adapted = _draw(Pipeline.from_pretrained(folder, device="cpu").with_lora(run / "lora"))
-    torch.testing.assert_close(merged, adapted, atol=1e-4, rtol=0)
+    # merged weights vs base + adapter terms: the same function summed in another order, 4 DDIM steps at CFG 5
+    same = lambda a, b: assert_same_function(a, b, Pipeline.from_pretrained(folder).unet,  # noqa: E731
+                                             positions=8 * 8, evaluations=sampling_evaluations(4, 5.0))
+    same(merged, adapted)
     assert (merged - _draw(Pipeline.from_pretrained(folder, device="cpu"))).abs().max() > 1e-3
     assert main(["merge", "--model", str(folder), "--lora", f"{run / 'lora' / 'run.safetensors'}:1.0",
                  "--out", str(tmp_path / "cli")]) == 0
-    torch.testing.assert_close(_draw(Pipeline.from_pretrained(tmp_path / "cli", device="cpu")), merged, atol=1e-4,
-                               rtol=0)
+    same(_draw(Pipeline.from_pretrained(tmp_path / "cli", device="cpu")), merged)
 
 
 def test_a_fresh_text_adapter_changes_nothing(trained):

@@ -147,3 +147,11 @@ def assert_same_function(got: torch.Tensor, want: torch.Tensor, net, *, position
     diff = (got.detach().double() - want.detach().double()).abs().max().item()
     assert diff <= tol, f"{what}: differs by {diff:.3g} > derived bound {tol:.3g} (width {width}, depth {depth})"
     return diff
+
+
+def sampling_evaluations(steps: int, cfg: float) -> int:
+    """How many network evaluations' errors reach a generated image, to first order: each sampler step evaluates
+    the UNet for both branches of classifier-free guidance, and u + s·(c − u) scales their errors by at most
+    |1 − s| + s = 2s − 1 (s ≥ 1); the VAE decode adds one more. Solver steps are taken as passing an error on
+    unamplified (the ODE solvers here move x towards the denoised estimate: a convex combination)."""
+    return steps * max(1, math.ceil(2 * cfg - 1)) + 1
