@@ -7,6 +7,7 @@ final UNet training loss within 10 % of fp32's. "Final" = the mean of the last `
 both runs), so one noisy log step does not decide. Nothing is timed here; the two runs are given.
 
     .venv/bin/python bench/bench_demo_precision.py runs/demo-fp32 runs/demo-bf16 [--n 10]
+    .venv/bin/python bench/bench_demo_precision.py RUN RUN RUN ...      # one row per run: precision × seed × kernels
 """
 
 from __future__ import annotations
@@ -48,6 +49,34 @@ def read_run(folder: str | Path, n: int) -> dict:
                      "images_per_prompt": ev.get("images_per_prompt")}}
 
 
+def spread(folders, n: int = 10) -> dict:
+    """Many demo runs (precision × seed × kernel setting): one row each, and per precision the lowest and the
+    mean seen accuracy, so a default's worst case is visible, not only one run's."""
+    runs = []
+    for folder in folders:
+        r = read_run(folder, n)
+        demo = json.loads((Path(folder) / "demo.json").read_text()) if (Path(folder) / "demo.json").is_file() else {}
+        kernels = {k: v for k, v in demo.get("kernels", {}).items() if k != "MKL_CBWR"}
+        r.update(seed=demo.get("seed", 0), kernels=" ".join(f"{k}={v}" for k, v in kernels.items()) or "default")
+        runs.append(r)
+    by = {}
+    for r in runs:
+        by.setdefault(r["precision"], []).append(r["seen"]["accuracy"])
+    return {"n": n, "runs": runs, "summary": {p: {"runs": len(a), "min": min(a), "mean": statistics.mean(a)}
+                                             for p, a in by.items()}}
+
+
+def spread_markdown(s: dict) -> str:
+    acc = lambda x: f"{x['accuracy']:.3f} [{x['low']:.3f}, {x['high']:.3f}]" if x else "–"  # noqa: E731
+    rows = [[r["precision"], str(r["seed"]), r["kernels"], acc(r["seen"]), acc(r["held_out"]), f"{r['final_loss']:.5f}",
+             f"{r['unet_s']:.0f}" if r["unet_s"] else "–"] for r in s["runs"]]
+    table = common.table(["UNet precision", "seed", "kernel setting", "seen all-attribute accuracy [95 % CI]",
+                          "held-out", f"final loss (mean of last {s['n']})", "UNet stage s (wall)"], rows)
+    lines = [f"{p}: {v['runs']} run(s), seen accuracy lowest {v['min']:.3f}, mean {v['mean']:.3f}"
+             for p, v in s["summary"].items()]
+    return table + "\n\n" + "; ".join(lines) + "."
+
+
 def compare(fp32: str | Path, bf16: str | Path, n: int = 10) -> dict:
     a, b = read_run(fp32, n), read_run(bf16, n)
     if a["eval"] != b["eval"]:
@@ -78,9 +107,13 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("fp32")
     p.add_argument("bf16")
+    p.add_argument("more", nargs="*", help="more runs: then every run is one row of a precision × seed × kernel table")
     p.add_argument("--n", type=int, default=10, help="final loss = mean of the last n logged losses")
     args = p.parse_args(argv)
     try:
+        if args.more:
+            print(spread_markdown(spread([args.fp32, args.bf16, *args.more], args.n)))
+            return 0
         print(markdown(compare(args.fp32, args.bf16, args.n)))
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)

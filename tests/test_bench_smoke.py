@@ -200,3 +200,10 @@ def test_demo_precision_reads_two_runs(tmp_path):
     settings["steps"] = 10
     e = fake_run("bf16-other-eval", "bf16", [1.0, 0.5, 0.10, 0.10], 1.0)
     assert quality.main([str(a), str(e)]) == 2  # evaluated with other settings: not comparable
+    # many runs: one row each (seed and kernel setting from demo.json), per precision the lowest and mean accuracy
+    (b / "demo.json").write_text(json.dumps({"seconds": {"UNet": 60.0}, "seed": 2,
+                                             "kernels": {"ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_CBWR": "AUTO,STRICT"}}))
+    s = quality.spread([a, b, c], n=2)
+    assert [r["seed"] for r in s["runs"]] == [0, 2, 0] and s["runs"][1]["kernels"] == "ONEDNN_MAX_CPU_ISA=AVX2"
+    assert s["summary"]["bf16"] == {"runs": 2, "min": 0.96, "mean": 0.96} and s["summary"]["fp32"]["min"] == 1.0
+    assert "bf16: 2 run(s), seen accuracy lowest 0.960" in quality.spread_markdown(s)

@@ -120,12 +120,16 @@ def run_demo(out: str | os.PathLike = "runs/demo", budget: str = "full", threads
                                           settings={**options, "model": str(out / "unet" / "model")})
     summary = {"budget": budget, "seconds": {k: round(v, 1) for k, v in stages.seconds.items()},
                "wall_seconds": round(stages.wall, 1), "scores": result["scores"], "sampling": options,
-               "threads": torch.get_num_threads(), "precision": precision, "precision_reason": why, "seed": seed}
+               "threads": torch.get_num_threads(), "precision": precision, "precision_reason": why, "seed": seed,
+               "kernels": {k: os.environ[k] for k in KERNEL_SWITCHES if k in os.environ}}
     io.write_text(out / "demo.json", json.dumps(summary, indent=1) + "\n")
     write_loss_plot(out)
     write_report(out, b, summary)
     return summary
 
+
+# The environment switches that choose CPU kernels (tests/kernel_settings.py): recorded with each run's accuracy.
+KERNEL_SWITCHES = ("MKL_ENABLE_INSTRUCTIONS", "MKL_CBWR", "ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA")
 
 DEMO_MARKER = ".latentforge-demo"  # written first into every demo folder: only such a folder is ever replaced
 
