@@ -1,5 +1,6 @@
 """One owner per convention, checked on the source: the latent scaling factor only in models/vae.py, σ ⇄ ᾱ
-(k-diffusion's σ = √((1-ᾱ)/ᾱ), ᾱ = 1/(1+σ²)) and arithmetic on σ only in samplers.py."""
+(k-diffusion's σ = √((1-ᾱ)/ᾱ), ᾱ = 1/(1+σ²)) and arithmetic on σ only in samplers.py (the flow's σ: flow.py,
+flow_sampling.py)."""
 
 import ast
 import io
@@ -98,8 +99,10 @@ def test_only_samplers_convert_between_sigma_and_alpha_cumprod():
 
 def test_only_samplers_compute_with_sigma():
     """The pipelines start, re-noise and finish through SamplingPlan's methods. (schedule.py's `sigma` is the
-    VP noise scale √(1-ᾱ), a different quantity, and stays there.)"""
-    offenders = [f"{p.relative_to(SRC)}:{line}" for p in _modules("samplers.py", "schedule.py")
+    VP noise scale √(1-ᾱ), and flow.py / flow_sampling.py's the rectified flow's time σ ∈ [0, 1]: different
+    quantities, each with its own owner.)"""
+    offenders = [f"{p.relative_to(SRC)}:{line}" for p in _modules("samplers.py", "schedule.py", "flow.py",
+                                                                    "flow_sampling.py")
                  for line, operands in _arithmetic(ast.parse(p.read_text()))
                  if any(SIGMA_NAME.match(name) for op in operands for name in _operands(op))]
     assert offenders == []
