@@ -115,6 +115,7 @@ def case_export_cut_off_half_way(world, tmp, capsys, monkeypatch):
     model = text_model_folder(tmp / "textmodel" / "model")
     parts = fd.load_model_folder(model)
     single = SimpleNamespace(unet=parts["unet"], vae=parts["vae"], schedule_config=parts["schedule_config"],
+                             scheduler_config=None,
                              text_encoder=lambda: TextEncoder.from_pretrained(str(model)))
     monkeypatch.setattr(sf, "load_single_file", lambda *a, **k: single)  # (stands for a real SD .safetensors)
     real, calls = fd.save_component, [0]
