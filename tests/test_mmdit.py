@@ -12,7 +12,7 @@ import torch
 from diffusers import SD3Transformer2DModel
 from latentforge.config import MMDIT_PRESETS, MMDiTConfig
 from latentforge.errors import UserError
-from latentforge.formats.diffusers import mmdit_to_diffusers
+from latentforge.formats.diffusers import mmdit_from_diffusers, mmdit_to_diffusers
 from latentforge.models import MMDiT
 from latentforge.models.mmdit import sincos_2d
 from tolerance import assert_same_function
@@ -34,6 +34,11 @@ CONFIGS = {
                       pooled_projection_dim=6, pos_embed_max_size=9, qk_norm="rms_norm"),
 }
 SIZES = {"sd3_like": (8, 8), "sd35_like": (12, 12), "nonsquare": (5, 8)}  # latent (H, W) each is run at
+
+
+def mmdit_from(cfg: dict) -> MMDiTConfig:
+    """Our config for diffusers' config dict `cfg` (the translation formats/diffusers.py reads config.json with)."""
+    return mmdit_from_diffusers(cfg, "config.json")
 
 
 def _random_diffusers(cfg: dict) -> SD3Transformer2DModel:
@@ -79,7 +84,8 @@ def test_diffusers_to_ours_and_back(name, tmp_path):
     assert {k: saved[k] for k in cfg} == {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.items()}
     back = SD3Transformer2DModel.from_pretrained(tmp_path / "ours").eval()
     with torch.no_grad():
-        assert_same_function(back(x, ctx, pooled, t).sample, expected, ours, positions=n, what=f"{name}: ours -> diffusers")
+        assert_same_function(back(x, ctx, pooled, t).sample, expected, ours, positions=n,
+                             what=f"{name}: ours -> diffusers")
 
 
 def test_position_table_is_diffusers():
@@ -95,16 +101,13 @@ def test_position_table_closed_form():
     """sincos_2d(8, grid 2, base 4): cells 4/2 = 2 apart, frequencies 1 and 10000^(-1/2) = 0.01; the first half of
     the channels codes the column as [sin, sin, cos, cos], the second half the row."""
     table = sincos_2d(8, grid=2, base=4).reshape(2, 2, 8)  # (row, column, channels)
-    code = lambda pos: torch.tensor([pos * 1.0, pos * 0.01]).sin().tolist() + torch.tensor([pos * 1.0, pos * 0.01]).cos().tolist()  # noqa: E731
+    def code(pos):  # one axis: [sin(pos·1), sin(pos·0.01), cos(pos·1), cos(pos·0.01)]
+        angles = torch.tensor([pos * 1.0, pos * 0.01], dtype=torch.float64)
+        return angles.sin().tolist() + angles.cos().tolist()
+
     for row in range(2):
         for col in range(2):
             assert torch.allclose(table[row, col], torch.tensor(code(2 * col) + code(2 * row)), atol=1e-7)
-
-
-def mmdit_from(cfg: dict) -> MMDiTConfig:
-    from latentforge.formats.diffusers import mmdit_from_diffusers
-
-    return mmdit_from_diffusers(cfg, "config.json")
 
 
 def _diffusers_count(cfg: MMDiTConfig) -> int:

@@ -17,8 +17,8 @@ from sdxl_kit import PROMPTS, write_clip
 T5_WIDTH, T5_LENGTH = 80, 12  # the context width (CLIP's 32 + 40 = 72 features are zero-padded to it)
 NEGATIVES = ["lower", "", "wider a red circle"]
 LONG = "a red circle at the top left a red circle at the top left lower newer"  # > 12 T5 tokens: truncated
-T5_PIECES = ["▁a", "▁red", "▁circle", "▁at", "▁the", "▁top", "▁left", "▁lower", "▁", "a", "e", "r", "d", "c", "l",
-             "o", "w", "n", "t", "s", "i", "p", "h", "g", "k", "b", "f"]
+T5_PIECES = ["▁a", "▁red", "▁circle", "▁at", "▁the", "▁top", "▁left", "▁lower", "▁",
+             *"aerdclowntsiphgkbf"]
 
 
 def write_t5(root: Path, seed: int = 2) -> None:
@@ -53,7 +53,8 @@ def write_sd3_text(root: Path, t5: bool = True) -> Path:
 
 
 def diffusers_pipeline(root: Path, t5: bool = True):
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from diffusers import (AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel,
+                           StableDiffusion3Pipeline)
     from transformers import AutoTokenizer, CLIPTextModelWithProjection, T5EncoderModel
 
     load = lambda cls, sub: cls.from_pretrained(root / sub)  # noqa: E731

@@ -171,7 +171,8 @@ class TextEncoder(CaptionLength):
 
         quiet_transformers()
         root = None if name_or_dir in (None, DEFAULT) else os.fspath(name_or_dir)
-        if root is not None and any(os.path.isdir(os.path.join(root, sub)) for sub in ("text_encoder_3", "transformer")):
+        sd3_parts = ("text_encoder_3", "transformer")  # T5, or the MMDiT of an SD3 root saved without T5
+        if root is not None and any(os.path.isdir(os.path.join(root, sub)) for sub in sd3_parts):
             from .text_sd3 import SD3TextEncoder  # late: text_sd3 builds on this module
 
             return SD3TextEncoder.from_pretrained(root, max_length, device=device)

@@ -161,8 +161,8 @@ class SD3TextEncoder(CaptionLength):
             t5, t5_mask = self._t5(chunk)
             parts.append((torch.cat([clip, t5], dim=1), torch.cat([clip_mask, t5_mask], dim=1), pooled))
         if not parts:
-            return (torch.zeros(0, self.context_length, self.dim), torch.zeros(0, self.context_length, dtype=torch.bool),
-                    torch.zeros(0, self.pooled_dim))
+            L = self.context_length
+            return torch.zeros(0, L, self.dim), torch.zeros(0, L, dtype=torch.bool), torch.zeros(0, self.pooled_dim)
         return tuple(torch.cat(p) for p in zip(*parts))
 
     def encode(self, captions: List[str], batch_size: int = 256) -> Tuple[torch.Tensor, torch.Tensor]:

@@ -498,7 +498,7 @@ def _build(cls, cfg, config_path: Path):
 
 
 def load_component(name: str, folder):
-    """Our model for component `name` ("unet", "vae") from `folder` (or `folder/name`): config.json translated,
+    """Our model for component `name` ("unet", "transformer", "vae") from `folder` (or `folder/name`): config.json translated,
     weights checked (`UNet.from_pretrained` / `AutoencoderKL.from_pretrained`)."""
     cls, from_diffusers, _ = _COMPONENTS[name]
     folder = _component_dir(folder, name)
@@ -516,7 +516,7 @@ def _save_component(model, config: Dict[str, Any], folder) -> None:
 
 
 def save_component(model, folder) -> None:
-    """A UNet or VAE as its diffusers component folder (`save_pretrained`)."""
+    """A UNet, MMDiT or VAE as its diffusers component folder (`save_pretrained`)."""
     _save_component(model, _COMPONENTS[model.component][2](model.config), folder)
 
 # component -> (our class, its config from diffusers' config.json, and back)

@@ -219,8 +219,9 @@ class MMDiT(PretrainedModule):
         self.pos_embed = PatchEmbed(config)
         self.time_text_embed = TimeTextEmbedding(config)
         self.context_embedder = nn.Linear(config.context_dim, D)
+        dual = set(config.dual_attention_layers)
         self.transformer_blocks = nn.ModuleList([
-            JointTransformerBlock(config, pre_only=i == n - 1, dual=i in config.dual_attention_layers) for i in range(n)])
+            JointTransformerBlock(config, pre_only=i == n - 1, dual=i in dual) for i in range(n)])
         self.norm_out = AdaLayerNorm(D, 2)
         self.proj_out = nn.Linear(D, config.patch_size ** 2 * config.out_channels)
         self.gradient_checkpointing = False
