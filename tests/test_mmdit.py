@@ -139,13 +139,16 @@ def test_preset_sizes():
     ("caption_projection_dim", 24, "caption_projection_dim=24 — the joint attention needs it equal"),
     ("dual_attention_layers", [5], "dual_attention_layers=[5]"),
     ("_class_name", "FluxTransformer2DModel", "expected 'SD3Transformer2DModel'"),
-    ("pos_embed_max_size", None, None),  # absent/None: diffusers' default (96) is taken
+    ("pos_embed_max_size", None, "unsupported pos_embed_max_size=null"),
+    ("pos_embed_max_size", ..., None),  # absent: diffusers' default 96, not the stored 8 × 8 table: the key is named
 ])
 def test_config_refusals_name_the_file(tmp_path, key, value, says):
     folder = tmp_path / "transformer"
     MMDiT(mmdit_from(CONFIGS["sd3_like"])).save_pretrained(folder)
     cfg = json.loads((folder / "config.json").read_text())
     cfg[key] = value
+    if value is ...:  # the key left out
+        del cfg[key]
     (folder / "config.json").write_text(json.dumps(cfg))
     if says is None:
         with pytest.raises(UserError, match="pos_embed.pos_embed"):  # the table's shape now differs from the file

@@ -347,8 +347,10 @@ def mmdit_to_diffusers(cfg: MMDiTConfig) -> Dict[str, Any]:
 def mmdit_from_diffusers(d: Dict[str, Any], path: Path) -> MMDiTConfig:
     """diffusers SD3Transformer2DModel config -> our MMDiTConfig; UserError for what we do not support."""
     _check_class(path, d, "SD3Transformer2DModel")
-    values = {key: d.get(key) if d.get(key) is not None else _MMDIT_DEFAULTS[key] for key in _MMDIT_KEYS}
-    if d.get("out_channels", 16) is None:  # diffusers: out_channels=None means in_channels
+    if "pos_embed_max_size" in d and d["pos_embed_max_size"] is None:  # diffusers' uncropped, unstored table
+        raise _unsupported(path, "pos_embed_max_size", None, "SD3 models crop a stored table; set its side")
+    values = {key: d.get(key, _MMDIT_DEFAULTS[key]) for key in _MMDIT_KEYS}
+    if values["out_channels"] is None:  # diffusers: out_channels=None means in_channels
         values["out_channels"] = values["in_channels"]
     for key, value in values.items():
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
