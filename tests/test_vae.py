@@ -22,6 +22,11 @@ DIFFUSERS_CONFIGS = {
                              down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
                              scaling_factor=0.7, shift_factor=0.1, use_quant_conv=False, use_post_quant_conv=False,
                              mid_block_add_attention=False),
+    # SD3's latent format, tiny channels: 16 latent channels, SD3's shift and scale (its vae/config.json),
+    # no quant convs, mid attention as SD3's VAE has it. latents = (z − 0.0609) · 1.5305.
+    "sd3_like": dict(block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4, latent_channels=16,
+                     down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                     scaling_factor=1.5305, shift_factor=0.0609, use_quant_conv=False, use_post_quant_conv=False),
 }
 
 

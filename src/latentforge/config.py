@@ -148,6 +148,36 @@ class VAEConfig:
 
 
 @dataclass(frozen=True)
+class MMDiTConfig:
+    """SD3/SD3.5 multimodal diffusion transformer (models/mmdit.py; Esser et al. 2024, §4). Width = heads × head_dim;
+    the text context is projected to the same width (diffusers' `caption_projection_dim` must equal it)."""
+
+    in_channels: int = 16
+    out_channels: int = 16
+    patch_size: int = 2
+    num_layers: int = 24  # joint blocks; the last one updates only the image stream ("context pre-only")
+    num_heads: int = 24
+    head_dim: int = 64
+    context_dim: int = 4096  # width of the text tokens fed in (diffusers' joint_attention_dim: CLIP-L+G | T5)
+    pooled_dim: int = 2048  # width of the pooled text vector (CLIP-L + CLIP-G pooled outputs)
+    sample_size: int = 128  # latent side at training; sets the position grid's spacing (sample_size / patch_size)
+    pos_embed_max_size: int = 192  # side of the position-embedding table in patches; inputs take its centre crop
+    dual_attention_layers: Tuple[int, ...] = ()  # SD3.5 (MMDiT-X): blocks with a second, image-only attention
+    qk_norm: bool = False  # SD3.5: RMSNorm of each head's queries and keys (diffusers' qk_norm="rms_norm")
+
+    @property
+    def width(self) -> int:
+        return self.num_heads * self.head_dim
+
+
+# The released transformers' shapes (their diffusers `transformer/config.json`), for counting and from-config use.
+MMDIT_PRESETS = {
+    "sd3-medium": MMDiTConfig(),
+    "sd3.5-large": MMDiTConfig(num_layers=38, num_heads=38, qk_norm=True),
+}
+
+
+@dataclass(frozen=True)
 class ScheduleConfig:
     """The forward noising process q(x_t | x_0). Mirrors diffusers' DDPMScheduler config keys."""
 

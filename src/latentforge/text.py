@@ -12,7 +12,8 @@ mask; the last hidden state). Other (BERT-like) encoders get the attention mask,
 `save_pretrained` records `use_attention_mask: true` in their config so the pipeline passes it too.
 
 SDXL's two encoders (a model root with `text_encoder_2/`) load as a `DualTextEncoder`, with the same
-`encode` and `null_context` plus `encode_pooled` for the pooled text embedding (see its docstring).
+`encode` and `null_context` plus `encode_pooled` for the pooled text embedding (see its docstring). An SD3 root
+(with `text_encoder_3/` or `transformer/`) loads as text_sd3.SD3TextEncoder (CLIP-L + CLIP-G + T5).
 """
 
 from __future__ import annotations
@@ -164,11 +165,18 @@ class TextEncoder(CaptionLength):
     @classmethod
     def from_pretrained(cls, name_or_dir: Optional[str] = DEFAULT, max_length: Optional[int] = None,
                         device: str | torch.device = "cpu") -> "TextEncoder":
-        """A local text model folder or model root; a root with `text_encoder_2/` gives a DualTextEncoder."""
+        """A local text model folder or model root; a root with `text_encoder_2/` gives a DualTextEncoder (SDXL), one
+        with `text_encoder_3/` or `transformer/` an SD3TextEncoder (text_sd3.py)."""
         from transformers import AutoConfig, AutoModel, AutoTokenizer, CLIPTextModel
 
         quiet_transformers()
-        if name_or_dir not in (None, DEFAULT) and os.path.isdir(os.path.join(os.fspath(name_or_dir), "text_encoder_2")):
+        root = None if name_or_dir in (None, DEFAULT) else os.fspath(name_or_dir)
+        sd3_parts = ("text_encoder_3", "transformer")  # T5, or the MMDiT of an SD3 root saved without T5
+        if root is not None and any(os.path.isdir(os.path.join(root, sub)) for sub in sd3_parts):
+            from .text_sd3 import SD3TextEncoder  # late: text_sd3 builds on this module
+
+            return SD3TextEncoder.from_pretrained(root, max_length, device=device)
+        if root is not None and os.path.isdir(os.path.join(root, "text_encoder_2")):
             return DualTextEncoder.from_pretrained(name_or_dir, max_length, device)
         model_dir, tok_dir = _resolve(name_or_dir)
         _check_safetensors(model_dir)

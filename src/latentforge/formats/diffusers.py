@@ -5,6 +5,7 @@
       unet/config.json                      UNet2DConditionModel config
       unet/diffusion_pytorch_model.safetensors
       vae/config.json, vae/diffusion_pytorch_model.safetensors   AutoencoderKL
+      transformer/config.json, …            SD3Transformer2DModel (SD3/SD3.5; our MMDiT), in place of unet/
       scheduler/scheduler_config.json      DDPMScheduler config (the training noise schedule)
       text_encoder/, tokenizer/             optional; written by latentforge.text
       text_encoder_2/, tokenizer_2/         SDXL's second encoder (model_index names StableDiffusionXLPipeline)
@@ -25,10 +26,10 @@ from typing import Any, Dict, Optional
 
 import torch
 
-from ..config import BETA_SCHEDULES, PREDICTION_TYPES, ScheduleConfig, UNetConfig, VAEConfig
+from ..config import BETA_SCHEDULES, PREDICTION_TYPES, MMDiTConfig, ScheduleConfig, UNetConfig, VAEConfig
 from ..errors import UserError
 from ..io import atomic_path, write_json
-from ..models import AutoencoderKL, UNet
+from ..models import AutoencoderKL, MMDiT, UNet
 from ..scheduler_config import SchedulerDefaults
 from .identify import describe
 
@@ -322,6 +323,51 @@ def vae_from_diffusers(d: Dict[str, Any], path: Path) -> VAEConfig:
     )
 
 
+# --------------------------------------------------------------------------- SD3 transformer config
+
+# diffusers' SD3Transformer2DModel keys -> our MMDiTConfig fields (qk_norm and caption_projection_dim aside)
+_MMDIT_KEYS = {"sample_size": "sample_size", "patch_size": "patch_size", "in_channels": "in_channels",
+               "num_layers": "num_layers", "attention_head_dim": "head_dim", "num_attention_heads": "num_heads",
+               "joint_attention_dim": "context_dim", "pooled_projection_dim": "pooled_dim",
+               "out_channels": "out_channels", "pos_embed_max_size": "pos_embed_max_size"}
+_MMDIT_DEFAULTS = {"sample_size": 128, "patch_size": 2, "in_channels": 16, "num_layers": 18, "attention_head_dim": 64,
+                   "num_attention_heads": 18, "joint_attention_dim": 4096, "pooled_projection_dim": 2048,
+                   "out_channels": 16, "pos_embed_max_size": 96}  # SD3Transformer2DModel's, for absent keys
+_QK_NORMS = {None: False, "rms_norm": True}
+
+
+def mmdit_to_diffusers(cfg: MMDiTConfig) -> Dict[str, Any]:
+    """Our MMDiTConfig -> diffusers SD3Transformer2DModel config.json contents."""
+    return {"_class_name": "SD3Transformer2DModel", "_diffusers_version": DIFFUSERS_VERSION,
+            **{key: getattr(cfg, name) for key, name in _MMDIT_KEYS.items()},
+            "caption_projection_dim": cfg.width, "dual_attention_layers": list(cfg.dual_attention_layers),
+            "qk_norm": "rms_norm" if cfg.qk_norm else None}
+
+
+def mmdit_from_diffusers(d: Dict[str, Any], path: Path) -> MMDiTConfig:
+    """diffusers SD3Transformer2DModel config -> our MMDiTConfig; UserError for what we do not support."""
+    _check_class(path, d, "SD3Transformer2DModel")
+    if "pos_embed_max_size" in d and d["pos_embed_max_size"] is None:  # diffusers' uncropped, unstored table
+        raise _unsupported(path, "pos_embed_max_size", None, "SD3 models crop a stored table; set its side")
+    values = {key: d.get(key, _MMDIT_DEFAULTS[key]) for key in _MMDIT_KEYS}
+    if values["out_channels"] is None:  # diffusers: out_channels=None means in_channels
+        values["out_channels"] = values["in_channels"]
+    for key, value in values.items():
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise _unsupported(path, key, value, "a positive int")
+    width = values["num_attention_heads"] * values["attention_head_dim"]
+    if d.get("caption_projection_dim", 1152) != width:
+        raise _unsupported(path, "caption_projection_dim", d.get("caption_projection_dim", 1152),
+                           f"the joint attention needs it equal to heads × head dim ({width})")
+    if d.get("qk_norm") not in _QK_NORMS:
+        raise _unsupported(path, "qk_norm", d.get("qk_norm"), 'use null or "rms_norm" (SD3.5)')
+    dual = d.get("dual_attention_layers") or ()
+    if not all(isinstance(i, int) and 0 <= i < values["num_layers"] for i in dual):
+        raise _unsupported(path, "dual_attention_layers", dual, "block indices below num_layers")
+    return MMDiTConfig(**{name: values[key] for key, name in _MMDIT_KEYS.items()},
+                       dual_attention_layers=tuple(dual), qk_norm=_QK_NORMS[d.get("qk_norm")])
+
+
 # --------------------------------------------------------------------------- scheduler config
 
 
@@ -454,7 +500,7 @@ def _build(cls, cfg, config_path: Path):
 
 
 def load_component(name: str, folder):
-    """Our model for component `name` ("unet", "vae") from `folder` (or `folder/name`): config.json translated,
+    """Our model for component `name` ("unet", "transformer", "vae") from `folder` (or `folder/name`): config.json translated,
     weights checked (`UNet.from_pretrained` / `AutoencoderKL.from_pretrained`)."""
     cls, from_diffusers, _ = _COMPONENTS[name]
     folder = _component_dir(folder, name)
@@ -472,12 +518,13 @@ def _save_component(model, config: Dict[str, Any], folder) -> None:
 
 
 def save_component(model, folder) -> None:
-    """A UNet or VAE as its diffusers component folder (`save_pretrained`)."""
+    """A UNet, MMDiT or VAE as its diffusers component folder (`save_pretrained`)."""
     _save_component(model, _COMPONENTS[model.component][2](model.config), folder)
 
 # component -> (our class, its config from diffusers' config.json, and back)
 _COMPONENTS = {"unet": (UNet, unet_from_diffusers, unet_to_diffusers),
-               "vae": (AutoencoderKL, vae_from_diffusers, vae_to_diffusers)}
+               "vae": (AutoencoderKL, vae_from_diffusers, vae_to_diffusers),
+               "transformer": (MMDiT, mmdit_from_diffusers, mmdit_to_diffusers)}
 
 
 def save_schedule(cfg: ScheduleConfig, folder, config: Optional[Dict[str, Any]] = None) -> None:
@@ -563,6 +610,7 @@ def _sdxl_index(index: Dict[str, Any], text_encoder) -> Dict[str, Any]:
 
 # What a component's own files say its type is: (file, key) — the value must equal model_index.json's class.
 _COMPONENT_TYPE = {"unet": (CONFIG_NAME, "_class_name"), "vae": (CONFIG_NAME, "_class_name"),
+                   "transformer": (CONFIG_NAME, "_class_name"),
                    "scheduler": (SCHEDULER_CONFIG_NAME, "_class_name"), "text_encoder": (CONFIG_NAME, "architectures"),
                    "tokenizer": ("tokenizer_config.json", "tokenizer_class"),
                    "text_encoder_2": (CONFIG_NAME, "architectures"),

@@ -1,6 +1,7 @@
-"""The networks: the SD-style UNet and the KL autoencoder (VAE)."""
+"""The networks: the SD-style UNet, the SD3-style MMDiT and the KL autoencoder (VAE)."""
 
+from .mmdit import MMDiT
 from .unet import UNet
 from .vae import AutoencoderKL
 
-__all__ = ["UNet", "AutoencoderKL"]
+__all__ = ["UNet", "MMDiT", "AutoencoderKL"]

@@ -1,4 +1,4 @@
-"""What the two networks share as modules: their diffusers folder format (read and written by
+"""What the networks share as modules: their diffusers folder format (read and written by
 formats/diffusers.py), the parameter count and the gradient-checkpointing switch."""
 
 from __future__ import annotations
@@ -7,13 +7,13 @@ from torch import nn
 
 
 class PretrainedModule(nn.Module):
-    """Base of `UNet` and `AutoencoderKL`; `component` is the diffusers sub-folder they live in."""
+    """Base of `UNet`, `MMDiT` and `AutoencoderKL`; `component` is the diffusers sub-folder they live in."""
 
     component: str = ""
 
     @classmethod
     def from_pretrained(cls, folder):
-        """Load from a diffusers `<component>/` folder (`unet/`, `vae/`), or a model root that contains one."""
+        """Load from a diffusers `<component>/` folder (`unet/`, `transformer/`, `vae/`), or a model root that contains one."""
         return _diffusers_format().load_component(cls.component, folder)
 
     def save_pretrained(self, folder) -> None:
