@@ -37,7 +37,8 @@ SENSITIVE = ["test_tolerance.py", "test_unet.py", "test_vae.py", "test_attend.py
              "test_lora_features.py", "test_lora_train.py", "test_train_loop.py", "test_train_step.py",
              "test_finetune.py", "test_train_sdxl.py", "test_buckets_train.py", "test_train_validation.py",
              "test_precision.py", "test_scheduler_config.py", "test_script_oracles.py", "test_kohya_oracle.py",
-             "test_lora_precision.py", "test_resume_refusals.py"]
+             "test_lora_precision.py", "test_resume_refusals.py", "test_flow.py", "test_mmdit.py",
+             "test_text_sd3.py"]
 
 PROBE = """
 import hashlib, latentforge, torch, torch.nn.functional as F  # latentforge first: its MKL setting, as the product runs
