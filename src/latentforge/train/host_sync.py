@@ -34,15 +34,16 @@ def pin(t: torch.Tensor) -> torch.Tensor:
 
 
 class Transfer:
-    """Moves host tensors to `device`: through `pin_fn` (pinned memory on CUDA) and a non-blocking copy.
-    Tensors already on the device, and non-tensors, pass through unchanged."""
+    """Moves tensors to `device`: a host tensor through `pin_fn` (default: pinned memory when the device is CUDA,
+    none on CPU), then a non-blocking copy (`.to` of a tensor already there returns it). Non-tensors pass through.
+    Tests inject `pin_fn` to run the CUDA path's code on CPU."""
 
     def __init__(self, device: torch.device, pin_fn: Optional[Callable[[torch.Tensor], torch.Tensor]] = None):
         self.device = torch.device(device)
         self.pin_fn = pin_fn if pin_fn is not None else (pin if self.device.type == "cuda" else None)
 
     def __call__(self, x):
-        if not torch.is_tensor(x) or x.device == self.device:
+        if not torch.is_tensor(x):
             return x
         if self.pin_fn is not None and x.device.type == "cpu":
             x = self.pin_fn(x)
