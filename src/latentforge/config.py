@@ -281,6 +281,7 @@ class TrainConfig:
     # fp32; bf16 (CPU: bf16 copy + fp32 masters; CUDA: autocast); fp16 (CUDA, grad scaler)
     precision: str = choice("fp32", PRECISIONS)
     gradient_checkpointing: bool = False
+    compile: bool = False  # torch.compile the UNet (train/compile.py): the first step takes minutes
     device: str = choice("auto", DEVICES)
     # --- fine-tuning ---
     init: str = ""  # a pretrained model (diffusers folder or single .safetensors) to start from; same as --init

@@ -31,6 +31,7 @@ from ..errors import UserError
 from ..schedule import NoiseSchedule
 from . import adapter, distributed, resume as runs, text_training
 from .data import Stream, make_stream
+from .compile import CountingBackend, compile_denoiser, count_shapes
 from .freeze import apply_freeze
 from .host_sync import Prefetcher, Transfer, next_key, no_host_sync
 from .init import build_unet
@@ -82,6 +83,7 @@ class _Run:
     val_loss: object = None  # the latest held-out loss (training weights), for the progress bar
     held_out: tuple = ()  # their ids
     stream: object = None  # the data order (train.data.Stream, or BucketStream for a bucketed cache)
+    compiled: object = None  # compile=true: the backend, which counts the graphs it compiled
 
     @property
     def images_per_step(self) -> int:
@@ -106,6 +108,9 @@ def _train(cfg, dataset, run_dir: Path, d, resume_flags, vae, text_encoder, prog
     if cfg.precision == "bf16" and d.device.type == "cpu":  # bf16 compute copy, fp32 masters; CUDA: autocast
         r.lowp = LowPrecisionCompute(state.part.module, torch.bfloat16)
     model = distributed.wrap(r.lowp.compute if r.lowp else state.part.module, d)
+    if cfg.compile:  # after DDP's wrap, as torch recommends; one graph per latent shape (compile.py)
+        r.compiled = CountingBackend()
+        model = compile_denoiser(model, count_shapes(train_set), r.compiled, warn)
     log = RunLog(run_dir, enabled=d.is_main, resume_step=state.step if loaded is not None else None)
     bar = tqdm(total=cfg.max_steps, initial=state.step, disable=not (progress and d.is_main), desc="train",
                unit="step", dynamic_ncols=True)
@@ -295,6 +300,7 @@ def _finish(r: _Run, state: TrainState, stopped: str, start: int, t0: float) -> 
         "model": f"{f'fine-tuned from {cfg.init}' if cfg.init else f'preset {cfg.model}'}, "
                  f"{unet.num_parameters():,} UNet parameters, {cfg.conditioning}-conditional",
         **({"buckets": r.stream.summary()} if hasattr(r.stream, "summary") else {}),
+        **({"compile": f"{r.compiled.graphs} graphs compiled this session (one per latent shape)"} if r.compiled else {}),
         "skipped non-finite steps": state.guard.skipped, "config hash": config_hash(cfg),
         **({"adapter": adapter.summary(cfg, [p.module for p in state.parts], step == cfg.max_steps)} if adapter.enabled(cfg) else {}),
         "model folder": "model/ (EMA weights)" if done else "not written (run unfinished or no VAE"
