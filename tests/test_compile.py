@@ -1,0 +1,45 @@
+"""compile=true (train/compile.py): the compiled training step computes the eager one's function, and a bucketed
+run compiles one graph per bucket shape (static shapes), with the first-step warning said once."""
+
+import pytest
+import torch
+
+from latentforge.train import compile as compile_mod
+from latentforge.train import loop
+from latentforge.train.data import InMemoryLatents
+from test_train_loop import dataset, run
+from tolerance import assert_runs_match
+
+
+@pytest.mark.slow
+def test_compiled_training_equals_eager_within_the_derived_bound(tmp_path):
+    """Two steps of the tiny model, eager vs torch.compile (inductor: fused kernels, other reduction orders).
+    Bound: tests/tolerance.py's reorder bound λ·√(width·depth)·u·scale, carried through AdamW (adam_eps=1e-3
+    so that it is tight), as for DDP vs one process. Inductor's first compile of this model takes 1-4 minutes
+    on a 2-core machine (its cache makes later runs seconds)."""
+    overrides = ["max_steps=2", "checkpoint_every=2", "adam_eps=1e-3", "caption_dropout=0"]
+    run(tmp_path / "eager", overrides)
+    run(tmp_path / "compiled", overrides + ["compile=true"])
+    # positions a weight gradient sums over: batch 4 × 8×8 latent positions
+    assert_runs_match(tmp_path / "eager", tmp_path / "compiled", 2, lr=1e-3, adam_eps=1e-3, positions=4 * 8 * 8,
+                      what="compiled vs eager")
+
+
+@pytest.mark.slow
+def test_bucketed_run_compiles_once_per_bucket_shape_and_warns_once(tmp_path, monkeypatch, capsys):
+    """Two buckets (8×8 and 8×12 latents, 8 images each, batch 4): 6 steps visit both shapes several times and
+    compile exactly 2 graphs. Backend aot_eager: it traces forward and backward as inductor does (graphs and
+    recompiles are decided there, before code generation) without inductor's minutes of C++ compilation."""
+    g = torch.Generator().manual_seed(0)
+    latents = [torch.randn(4, 8, 8 if i < 8 else 12, generator=g) for i in range(16)]
+    base = dataset("text")
+    ds = InMemoryLatents(latents, base.contexts, base.masks, null_context=base.null_context, null_mask=base.null_mask)
+    assert sorted(set(ds.buckets)) == ["8x12", "8x8"]
+    backends = []
+    monkeypatch.setattr(loop, "CountingBackend", lambda: backends.append(compile_mod.CountingBackend("aot_eager"))
+                        or backends[-1])
+    monkeypatch.setattr(compile_mod, "_warned", False)
+    run(tmp_path / "r", ["max_steps=6", "checkpoint_every=6", "compile=true"], ds=ds)
+    assert len(backends) == 1 and backends[0].graphs == 2
+    assert capsys.readouterr().err.count(compile_mod.FIRST_STEP_WARNING) == 1
+    assert "2 graphs compiled this session (one per latent shape)" in (tmp_path / "r" / "report.md").read_text()
