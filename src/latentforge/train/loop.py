@@ -105,7 +105,7 @@ def _train(cfg, dataset, run_dir: Path, d, resume_flags, vae, text_encoder, prog
     stream = r.stream = make_stream(train_set, cfg.seed, cfg.batch_size, cfg.bucket_leftovers)  # 1 bucket per batch
     if loaded is not None:
         runs.restore(loaded, d, state)
-    if cfg.precision == "bf16" and d.device.type == "cpu":  # bf16 compute copy, fp32 masters; CUDA: autocast
+    if cfg.precision == "bf16":  # bf16 compute copy, fp32 masters (CPU and CUDA); bf16-autocast: torch.autocast
         r.lowp = LowPrecisionCompute(state.part.module, torch.bfloat16)
     model = distributed.wrap(r.lowp.compute if r.lowp else state.part.module, d)
     if cfg.compile:  # after DDP's wrap, as torch recommends; one graph per latent shape (compile.py)
