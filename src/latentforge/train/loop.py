@@ -101,7 +101,8 @@ def _train(cfg, dataset, run_dir: Path, d, resume_flags, vae, text_encoder, prog
         io.write_text(run_dir / "config.toml", to_toml(cfg))
     state = build_state(cfg, run_dir, d, fresh=loaded is None, text_encoder=text_encoder)
     ac = NoiseSchedule.from_config(cfg.schedule).alphas_cumprod.to(d.device)
-    null = null_condition(cfg, train_set, text_encoder)
+    # on the host, where caption dropout is applied (a text encoder on the GPU gives device tensors)
+    null = tuple(x.cpu() if torch.is_tensor(x) else x for x in null_condition(cfg, train_set, text_encoder))
     stream = r.stream = make_stream(train_set, cfg.seed, cfg.batch_size, cfg.bucket_leftovers)  # 1 bucket per batch
     if loaded is not None:
         runs.restore(loaded, d, state)
