@@ -8,11 +8,11 @@
 #
 # On a machine without diffusers and without a package index (the project's device machine: its image has torch,
 # transformers, safetensors, tensorboard, matplotlib, scipy, tqdm, but not diffusers), bring diffusers as wheels:
-# where pip can reach PyPI, in the repository root,
-#   echo /.whl/ >> .git/info/exclude
+# where pip can reach PyPI, in the repository root (.whl/ is in .gitignore; both are pure-Python wheels),
 #   python3 -m pip download --no-deps --only-binary=:all: -d .whl diffusers==0.42.1 importlib_metadata==10.2.0
-# and let .whl travel with the tree (the device tool: carry [".whl"]). This script installs .whl/*.whl into
-# /tmp/latentforge-site (no index, no dependencies) when diffusers is not importable, then runs the check.
+# and let .whl travel with the tree. With the device tool: run(command="bench/gpu_check.sh --out $OUT/gpu_check.md",
+# carry=[".whl"], timeout_s=600). This script installs .whl/*.whl into /tmp/latentforge-site (no index, no
+# dependencies) when diffusers is not importable, then runs the check.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ -n "${PYTHON:-}" ]; then PY=$PYTHON; elif [ -x .venv/bin/python ]; then PY=.venv/bin/python; else PY=python3; fi
