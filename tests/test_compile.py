@@ -1,5 +1,8 @@
-"""compile=true (train/compile.py): the compiled training step computes the eager one's function, and a bucketed
-run compiles one graph per bucket shape (static shapes), with the first-step warning said once."""
+"""compile=true (train/compile.py): the compiled training step computes the eager one's function; a bucketed
+run compiles one graph per bucket shape (static shapes), says the first-step warning once and resumes bitwise;
+Pipeline.compile() samples the eager images."""
+
+import shutil
 
 import pytest
 import torch
@@ -7,7 +10,7 @@ import torch
 from latentforge.train import compile as compile_mod
 from latentforge.train import loop
 from latentforge.train.data import InMemoryLatents
-from test_train_loop import dataset, run
+from test_train_loop import assert_bitwise, dataset, run, weights
 from tolerance import assert_runs_match
 
 
@@ -26,10 +29,11 @@ def test_compiled_training_equals_eager_within_the_derived_bound(tmp_path):
 
 
 @pytest.mark.slow
-def test_bucketed_run_compiles_once_per_bucket_shape_and_warns_once(tmp_path, monkeypatch, capsys):
+def test_bucketed_run_compiles_once_per_bucket_shape_warns_once_and_resumes_bitwise(tmp_path, monkeypatch, capsys):
     """Two buckets (8×8 and 8×12 latents, 8 images each, batch 4): 6 steps visit both shapes several times and
-    compile exactly 2 graphs. Backend aot_eager: it traces forward and backward as inductor does (graphs and
-    recompiles are decided there, before code generation) without inductor's minutes of C++ compilation."""
+    compile exactly 2 graphs; a compiled run resumed compiled from its step-3 checkpoint ends bitwise equal.
+    Backend aot_eager: it traces forward and backward as inductor does (graphs and recompiles are decided there,
+    before code generation) without inductor's minutes of C++ compilation."""
     g = torch.Generator().manual_seed(0)
     latents = [torch.randn(4, 8, 8 if i < 8 else 12, generator=g) for i in range(16)]
     base = dataset("text")
@@ -39,11 +43,17 @@ def test_bucketed_run_compiles_once_per_bucket_shape_and_warns_once(tmp_path, mo
     monkeypatch.setattr(loop, "CountingBackend", lambda: backends.append(compile_mod.CountingBackend("aot_eager"))
                         or backends[-1])
     monkeypatch.setattr(compile_mod, "_warned", False)
-    run(tmp_path / "r", ["max_steps=6", "checkpoint_every=6", "compile=true"], ds=ds)
+    overrides = ["max_steps=6", "checkpoint_every=3", "compile=true"]
+    run(tmp_path / "r", overrides, ds=ds)
     assert len(backends) == 1 and backends[0].graphs == 2
     assert capsys.readouterr().err.count(compile_mod.FIRST_STEP_WARNING) == 1
     assert "2 graphs compiled this session (one per latent shape)" in (tmp_path / "r" / "report.md").read_text()
-
+    part = tmp_path / "resumed"
+    shutil.copytree(tmp_path / "r" / "checkpoints" / "step-3", part / "checkpoints" / "step-3")
+    assert run(part, overrides, ds=ds, resume=True).step == 6
+    for x, y in zip(weights(part, 6), weights(tmp_path / "r", 6)):
+        assert_bitwise(x, y, "compiled, resumed compiled at 3:")
+    assert capsys.readouterr().err.count(compile_mod.FIRST_STEP_WARNING) == 0  # once per process
 
 def test_sampling_with_the_compiled_unet_gives_the_eager_images(tmp_path):
     """Pipeline.compile(): text→image through the compiled UNet, one graph for the size and batch, the eager
