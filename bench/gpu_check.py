@@ -113,11 +113,15 @@ def _part(title: str, fn, results: dict, key: str) -> str:
 
 def header(s: Sizes) -> str:
     m = common.machine(s.device)
-    rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=common.ROOT, capture_output=True, text=True)
+    try:  # the device machine's copy of the tree may have no .git (or no git)
+        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=common.ROOT, capture_output=True,
+                             text=True).stdout.strip()
+    except OSError:
+        rev = ""
     what = "dry run on CPU, tiny sizes — no figure here is a GPU measurement" if s.device == "cpu" else m.get("gpu")
     return (f"## GPU check (`bench/gpu_check.sh`{' --dry-run' if s.device == 'cpu' else ''})\n\n"
             f"{what}; {m['date']}; torch {m['torch']}, diffusers {m['diffusers (oracle)']}, CPU {m['cpu']} "
-            f"({m['cores']} cores); latentforge at {rev.stdout.strip() or 'unknown commit'}.")
+            f"({m['cores']} cores); latentforge at {rev or 'an unknown commit'}.")
 
 
 # ---- 1. the training step arms ----------------------------------------------------------------
