@@ -106,12 +106,7 @@ def _train(cfg, dataset, run_dir: Path, d, resume_flags, vae, text_encoder, prog
     stream = r.stream = make_stream(train_set, cfg.seed, cfg.batch_size, cfg.bucket_leftovers)  # 1 bucket per batch
     if loaded is not None:
         runs.restore(loaded, d, state)
-    if cfg.precision == "bf16":  # bf16 compute copy, fp32 masters (CPU and CUDA); bf16-autocast: torch.autocast
-        r.lowp = LowPrecisionCompute(state.part.module, torch.bfloat16)
-    model = distributed.wrap(r.lowp.compute if r.lowp else state.part.module, d)
-    if cfg.compile:  # after DDP's wrap, as torch recommends; one graph per latent shape (compile.py)
-        r.compiled = CountingBackend()
-        model = compile_denoiser(model, count_shapes(train_set), r.compiled, warn)
+    model = _network(r, state, warn)
     log = RunLog(run_dir, enabled=d.is_main, resume_step=state.step if loaded is not None else None)
     bar = tqdm(total=cfg.max_steps, initial=state.step, disable=not (progress and d.is_main), desc="train",
                unit="step", dynamic_ncols=True)
@@ -151,6 +146,19 @@ def _train(cfg, dataset, run_dir: Path, d, resume_flags, vae, text_encoder, prog
         _finish(r, state, stopped, start, meter.t0)
     distributed.barrier(d)
     return TrainResult(run_dir, state.step, stopped, state.guard.skipped)
+
+
+def _network(r: _Run, state: TrainState, warn) -> torch.nn.Module:
+    """The module the steps run: the bf16 compute copy with fp32 masters (precision=bf16, CPU and CUDA;
+    bf16-autocast runs the master under torch.autocast) or the master, DDP-wrapped under torchrun, then under
+    torch.compile with compile=true (after DDP's wrap, as torch recommends; one graph per latent shape)."""
+    if r.cfg.precision == "bf16":
+        r.lowp = LowPrecisionCompute(state.part.module, torch.bfloat16)
+    model = distributed.wrap(r.lowp.compute if r.lowp else state.part.module, r.d)
+    if r.cfg.compile:
+        r.compiled = CountingBackend()
+        model = compile_denoiser(model, count_shapes(r.dataset), r.compiled, warn)
+    return model
 
 
 STOP_POLL_STEPS = 10  # under DDP the ranks agree on a stop signal at most this many steps apart
