@@ -46,7 +46,8 @@ def compile_denoiser(model: torch.nn.Module, shapes: int = 1, backend="inductor"
         (warn or (lambda m: print(m, file=sys.stderr)))(FIRST_STEP_WARNING)
         _warned = True
     config = torch._dynamo.config
-    config.recompile_limit = max(config.recompile_limit, shapes + 2)
+    name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"  # torch < 2.6's name
+    setattr(config, name, max(getattr(config, name), shapes + 2))
     return torch.compile(model, dynamic=False, backend=backend)
 
 
