@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: test test-kernels demo bench clean
+.PHONY: test test-kernels demo bench bench-gpu clean
 
 # The exact tested set (constraints.txt) inside the ranges pyproject.toml declares.
 $(STAMP): pyproject.toml constraints.txt
@@ -24,6 +24,11 @@ demo: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) bench/run_all.py --out docs/BENCHMARKS.md
+
+# One CUDA GPU, about 6-8 minutes: a markdown section for docs/BENCHMARKS.md (bench/gpu_check.py says what it runs).
+# Without a GPU: `bench/gpu_check.sh --dry-run` (make test runs it, tests/test_gpu_check.py).
+bench-gpu: $(STAMP)
+	PYTHON=$(PY) bench/gpu_check.sh --out gpu_check.md
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

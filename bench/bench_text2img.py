@@ -54,8 +54,8 @@ def write_clip(folder: Path, dim: int, layers: int = 2, seed: int = 0) -> TextEn
     return TextEncoder.from_pretrained(str(folder))
 
 
-def write_model(folder: Path, preset: str = "small", seed: int = 0) -> Path:
-    """A latentforge model folder with random weights (perturbed off the init) and a CLIP encoder."""
+def write_model(folder: Path, preset: str = "small", seed: int = 0, text_layers: int = 2) -> Path:
+    """A latentforge model folder with random weights (perturbed off the init) and a CLIP encoder of `text_layers`."""
     p = PRESETS[preset]
     torch.manual_seed(seed)
     unet, vae = UNet(p.unet), AutoencoderKL(p.vae)
@@ -63,31 +63,40 @@ def write_model(folder: Path, preset: str = "small", seed: int = 0) -> Path:
         for m in (unet, vae):
             for w in m.parameters():
                 w.add_(torch.randn_like(w) * 0.02)
-    text = write_clip(folder.parent / f"{folder.name}-clip", p.unet.cross_attention_dim)
+    text = write_clip(folder.parent / f"{folder.name}-clip", p.unet.cross_attention_dim, layers=text_layers)
     return save_model_folder(folder, unet, vae, ScheduleConfig(), text_encoder=text)
 
 
 def load_pair(folder: Path, device: torch.device):
+    return Pipeline.from_pretrained(folder, device=device), load_diffusers(folder, device)
+
+
+def load_diffusers(folder: Path, device: torch.device, dtype: torch.dtype = torch.float32):
+    """diffusers' StableDiffusionPipeline of the folder with DPM++ 2M, in `dtype` (bf16: its documented
+    `torch_dtype` loading, every component in bf16)."""
     import diffusers
 
-    ours = Pipeline.from_pretrained(folder, device=device)
     theirs = diffusers.StableDiffusionPipeline.from_pretrained(folder, safety_checker=None, feature_extractor=None,
-                                                               requires_safety_checker=False).to(device)
+                                                               requires_safety_checker=False, torch_dtype=dtype)
+    theirs = theirs.to(device)
     theirs.scheduler = diffusers.DPMSolverMultistepScheduler.from_config(theirs.scheduler.config)
     theirs.set_progress_bar_config(disable=True)
-    return ours, theirs
+    return theirs
 
 
 def run(preset: str = "small", steps: int = 20, batch: int = 4, cfg: float = 7.5, repeats: int = 5, warmup: int = 1,
-        device: str = "cpu", progress: bool = True, bf16: bool = True, profile: bool = True) -> dict:
+        device: str = "cpu", progress: bool = True, bf16: bool = True, profile: bool = True,
+        folder: Path = None, diffusers_bf16: bool = False) -> dict:
     """latentforge vs diffusers at fp32 (same images), plus (`bf16`) latentforge with its UNet in bf16
     (`Pipeline.compute_in(torch.bfloat16)`) as a third arm of the same rounds, with its image difference, and
-    (`profile`, CPU) where the time of one call goes, by aten op, for the two fp32 arms."""
+    (`profile`, CPU) where the time of one call goes, by aten op, for the two fp32 arms. `folder`: a model
+    folder to use (default: a random one of `preset`); `diffusers_bf16`: diffusers in bf16 as a fourth arm."""
     dev = torch.device(device)
     with tempfile.TemporaryDirectory() as tmp:
-        folder = write_model(Path(tmp) / "model", preset)
+        folder = folder or write_model(Path(tmp) / "model", preset)
         ours, theirs = load_pair(folder, dev)
         low = Pipeline.from_pretrained(folder, device=dev).compute_in(torch.bfloat16) if bf16 else None
+        theirs_low = load_diffusers(folder, dev, torch.bfloat16) if diffusers_bf16 else None
     side = ours.default_size[0]
     latents = torch.randn(batch, ours.unet.config.in_channels, side // ours.vae.downsample_factor,
                           side // ours.vae.downsample_factor, generator=torch.Generator().manual_seed(0))
@@ -105,6 +114,11 @@ def run(preset: str = "small", steps: int = 20, batch: int = 4, cfg: float = 7.5
     }
     if low is not None:
         arms["latentforge bf16"] = lambda: low.text2img(PROMPT, negative_prompt=NEGATIVE, seed=0, **common_kw)
+    if theirs_low is not None:
+        arms["diffusers bf16"] = lambda: theirs_low([PROMPT] * batch, negative_prompt=[NEGATIVE] * batch,
+                                                    num_inference_steps=steps, guidance_scale=cfg, height=side,
+                                                    width=side, generator=[torch.Generator().manual_seed(i)
+                                                                           for i in range(batch)]).images
     samples = common.interleaved(arms, batch, repeats, warmup, dev, progress)
     la, di = samples["latentforge"], samples["diffusers"]
     extra = {}
@@ -117,6 +131,12 @@ def run(preset: str = "small", steps: int = 20, batch: int = 4, cfg: float = 7.5
                          "vs_diffusers_cpu": common.paired_ratio(lb, di, "cpu"),
                          "max_abs_diff": float((c - a.cpu()).abs().max()),
                          "mean_abs_diff": float((c - a.cpu()).abs().mean())}
+    if theirs_low is not None:
+        db = samples["diffusers bf16"]
+        extra["diffusers_bf16"] = {"images_per_s": db.rate("wall"), "images_per_cpu_s": db.rate("cpu"),
+                                   "wall": db.wall, "cpu": db.cpu}
+        if low is not None:
+            extra["bf16"]["vs_diffusers_bf16_wall"] = common.paired_ratio(samples["latentforge bf16"], db, "wall")
     if profile and dev.type == "cpu":
         pair = {k: arms[k] for k in ("latentforge", "diffusers")}
         extra["profile"], extra["profile_ops"] = bench_unet.profile_breakdown(pair, n=1)

@@ -45,6 +45,7 @@ import bench_common as common  # noqa: E402
 from latentforge.config import PRESETS, ScheduleConfig, TrainConfig, UNetConfig  # noqa: E402
 from latentforge.models import UNet  # noqa: E402
 from latentforge.schedule import NoiseSchedule  # noqa: E402
+from latentforge.train.compile import compile_denoiser  # noqa: E402
 from latentforge.train.precision import LowPrecisionCompute  # noqa: E402
 from latentforge.train.setup import make_optimizer  # noqa: E402
 from latentforge.train.step import Batch, Draws, train_step  # noqa: E402
@@ -151,10 +152,11 @@ def ours_step(model, cfg: BenchConfig, device: torch.device, dtype, optimizer=No
     return step
 
 
-def bf16_step(model, cfg: BenchConfig, device: torch.device, dtype, mode: str = "masters"):
-    """latentforge in bf16 on CPU. mode `masters`: what `precision=bf16` trains with (bf16 compute copy, fp32
+def bf16_step(model, cfg: BenchConfig, device: torch.device, dtype, mode: str = "masters", compile_backend=None):
+    """latentforge in bf16. mode `masters`: what `precision=bf16` trains with (bf16 compute copy, fp32
     master weights and AdamW, train/precision.py); `autocast`: torch.autocast over fp32 weights;
-    `masters+channels_last`: the first with NHWC activations and weights."""
+    `masters+channels_last`: the first with NHWC activations and weights. `compile_backend`: the compute copy
+    under torch.compile with that backend, as `compile=true` runs it (train/compile.py)."""
     x0, noise, t, ctx = make_batch(cfg, device)
     ac = NoiseSchedule.from_config(ScheduleConfig()).alphas_cumprod.to(device)
     opt = make_optimizer(model, TrainConfig(lr=1e-4), device)
@@ -168,9 +170,10 @@ def bf16_step(model, cfg: BenchConfig, device: torch.device, dtype, mode: str = 
         lowp.compute.to(memory_format=torch.channels_last)
         x0, noise = x0.contiguous(memory_format=torch.channels_last), noise.contiguous(memory_format=torch.channels_last)
     batch = Batch(latent=x0, context=ctx)
+    net = compile_denoiser(lowp.compute, backend=compile_backend) if compile_backend else lowp.compute
 
     def step():
-        train_step(lowp.compute, batch, draws, ac, compute_dtype=torch.bfloat16).backward()
+        train_step(net, batch, draws, ac, compute_dtype=torch.bfloat16).backward()
         lowp.grads_to_master()
         opt.step()
         opt.zero_grad(set_to_none=True)

@@ -438,7 +438,9 @@ def section_gpu(device: str) -> str:
         return (f"Measured in §1 on {torch.cuda.get_device_name()}. To rerun: `.venv/bin/python bench/bench_unet.py "
                 "--device cuda --dtype bf16 --configs sd15,small --steps-per-sample 10 --threads 0`.")
     return ("**No GPU was available for this run**, so the GPU points (the sync-debug check over 20 training "
-            "steps, the bf16 step of the SD 1.5-size UNet with its MFU, the LoRA step on a GPU) are not measured here.")
+            "steps, the bf16 step of the SD 1.5-size UNet with its MFU, the LoRA step on a GPU) are not measured here. "
+            "`make bench-gpu` (`bench/gpu_check.sh`) measures them on one H100/H200 in about 8 minutes and prints "
+            "a markdown section for this document; no GPU has run it yet.")
 
 
 # Run in this order (the document orders them by number): steps vs quality, whose DDPM reference may still be

@@ -27,7 +27,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "latentforge"
 # (owner module file, constant name) -> its names
 OWNERS = {
     **{("config.py", name): tuple(getattr(config, name)) for name in (
-        "PREDICTION_TYPES", "BETA_SCHEDULES", "PRECISIONS", "OPTIMIZERS", "ADAPTERS", "LORA_TARGETS",
+        "PREDICTION_TYPES", "BETA_SCHEDULES", "PRECISIONS", "TRAIN_PRECISIONS", "OPTIMIZERS", "ADAPTERS", "LORA_TARGETS",
         "LR_SCHEDULES", "TIMESTEP_SAMPLINGS", "CONDITIONINGS", "DEVICES", "RECON_LOSSES", "BUCKET_LEFTOVERS",
         "SAMPLER_NAMES", "SPACINGS", "LABELS", "PRESETS")},
     ("data/images.py", "IMAGE_EXTENSIONS"): tuple(images.IMAGE_EXTENSIONS),
@@ -146,8 +146,9 @@ def test_the_implementations_cover_exactly_the_choices():
         assert schedule.make_betas(name, 10).shape == (10,)
     with pytest.raises(UserError, match="beta_schedule"):
         schedule.make_betas("zzz", 10)
-    assert {p: setup.autocast_dtype(p) for p in config.PRECISIONS} == {
-        "fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+    assert {p: setup.autocast_dtype(p) for p in config.TRAIN_PRECISIONS} == {
+        "fp32": None, "bf16": torch.bfloat16, "bf16-autocast": torch.bfloat16, "fp16": torch.float16}
+    assert config.PRECISIONS.items() <= config.TRAIN_PRECISIONS.items()
 
 
 def test_cli_help_lists_the_owners_choices():

@@ -64,3 +64,26 @@ def test_compute_copy_rounds_the_masters_and_hands_fp32_grads_back():
     lowp.weights_to_compute()
     for m, c in zip(master.parameters(), lowp.compute.parameters()):
         assert torch.equal(c, m.detach().to(torch.bfloat16))
+
+
+def test_bf16_uses_the_compute_copy_on_every_device_and_bf16_autocast_does_not(tmp_path, monkeypatch):
+    """precision=bf16 builds the compute copy whatever the device (the loop no longer asks which: CUDA trains as
+    the CPU does); precision=bf16-autocast trains the fp32 module under torch.autocast, with no copy, and its
+    first loss is the autocast step's on the same batch and draws."""
+    from latentforge.train import loop
+    from latentforge.train.step import train_step
+
+    built = []
+    monkeypatch.setattr(loop, "LowPrecisionCompute", lambda m, dtype: built.append(dtype) or LowPrecisionCompute(m, dtype))
+    ds = dataset("none", n=8)
+    run(tmp_path / "fp32", ["max_steps=1"], ds=ds)
+    assert built == []  # fp32: none
+    run(tmp_path / "copy", ["max_steps=1", "precision=bf16"], ds=ds)
+    assert built == [torch.bfloat16]
+    calls = []
+    real = loop.train_step
+    monkeypatch.setattr(loop, "train_step", lambda *a, **kw: calls.append(kw.get("compute_dtype")) or real(*a, **kw))
+    run(tmp_path / "autocast", ["max_steps=1", "precision=bf16-autocast"], ds=ds)
+    assert built == [torch.bfloat16] and calls == [None]  # no compute copy, fp32 weights
+    assert losses(tmp_path / "autocast")[0] != losses(tmp_path / "fp32")[0]  # it did compute in bf16
+    assert train_step is real

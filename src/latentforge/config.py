@@ -25,6 +25,9 @@ IntOrTuple = Union[int, Tuple[int, ...]]
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")  # what the UNet predicts (diffusers' names; schedule.py)
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2", "cosine")  # cosine = squaredcos_cap_v2 (schedule.py)
 PRECISIONS = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}  # name -> torch dtype name
+# train's precision=: bf16 = a bf16 compute copy with fp32 masters (train/precision.py); bf16-autocast = torch.autocast
+# over the fp32 weights (the choice where it measures faster: bench/gpu_check.sh has both arms)
+TRAIN_PRECISIONS = {**PRECISIONS, "bf16-autocast": "bfloat16"}
 OPTIMIZERS = ("adamw", "adamw8bit", "prodigy", "adafactor")  # train/optimizers.py
 ADAPTERS = ("none", "lora", "loha", "lokr")  # none = train the weights; the rest: adapters/layers.py KINDS
 LORA_TARGETS = ("attention", "attention+ff", "all")  # which layers get adapters (adapters/inject.py)
@@ -308,9 +311,10 @@ class TrainConfig:
     offset_noise: float = ranged(0.0, 0.0)  # 0 disables offset noise (Guttenberg 2023 use 0.1)
     caption_dropout: float = ranged(0.1, 0.0, 1.0)  # probability of the null context / null class (for CFG)
     conditioning: str = choice("auto", CONDITIONINGS)
-    # fp32; bf16 (CPU: bf16 copy + fp32 masters; CUDA: autocast); fp16 (CUDA, grad scaler)
-    precision: str = choice("fp32", PRECISIONS)
+    # fp32; bf16 (bf16 compute copy + fp32 masters); bf16-autocast (torch.autocast); fp16 (CUDA, grad scaler)
+    precision: str = choice("fp32", TRAIN_PRECISIONS)
     gradient_checkpointing: bool = False
+    compile: bool = False  # torch.compile the UNet (train/compile.py): the first step takes minutes
     device: str = choice("auto", DEVICES)
     # --- fine-tuning ---
     init: str = ""  # a pretrained model (diffusers folder or single .safetensors) to start from; same as --init

@@ -31,7 +31,7 @@ from .errors import UserError
 NON_MATH_KEYS = frozenset({
     "checkpoint_every", "keep_checkpoints", "sample_every", "sample_prompts", "sample_count", "sample_steps",
     "sample_guidance", "sample_seed", "log_every", "nan_max_consecutive", "device",
-    "gradient_checkpointing", "vae_path", "text_encoder", "image_size", "holdout",
+    "gradient_checkpointing", "compile", "vae_path", "text_encoder", "image_size", "holdout",
     "buckets", "bucket_step", "init", "val_every", "merge", "force_upcast",
 })
 

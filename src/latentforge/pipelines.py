@@ -214,12 +214,22 @@ class Pipeline:
             module.load_state_dict(getattr(self, kept))
             setattr(self, kept, None)
 
+    def compile(self, on: bool = True, backend="inductor") -> "Pipeline":
+        """Sample with the UNet under torch.compile (train/compile.py: static shapes, one graph per image size
+        and batch; the first call of each compiles, for minutes on an SD-size UNet). `on=False` goes back to eager.
+        The weights stay the module's: `compute_in` and `with_lora` after it recompile at the next call."""
+        from .train.compile import compile_denoiser
+
+        self._compiled = compile_denoiser(self.unet, backend=backend) if on else None
+        return self
+
     def _unet_fn(self):
-        dtype = self.unet.dtype
+        compiled = getattr(self, "_compiled", None)
+        dtype, unet = self.unet.dtype, self.unet if compiled is None else compiled
         if dtype == torch.float32:
-            return lambda x, t, **c: self.unet(x, t, **c)
+            return lambda x, t, **c: unet(x, t, **c)
         cast = lambda v: v.to(dtype) if torch.is_tensor(v) and v.is_floating_point() else v  # noqa: E731
-        return lambda x, t, **c: self.unet(cast(x), t, **{k: cast(v) for k, v in c.items()}).float()
+        return lambda x, t, **c: unet(cast(x), t, **{k: cast(v) for k, v in c.items()}).float()
 
     def _adaptable(self) -> dict:
         """The modules an adapter may change (so the cached prompt embeddings are dropped)."""

@@ -8,8 +8,9 @@ what is trained and checkpointed, `resume` how a run continues.
             loss = train_step(...); state.backward   # DDP averages gradients over ranks
         state.optimizer_step: clip -> NaN guard -> AdamW -> EMA;  then log / checkpoint / samples / stop on signal
 
-No host synchronisation per step: the NaN guard decides on the device (nan_guard.py) and the loss
-is read back at log steps only (`state.flush`).
+No host synchronisation per step: the NaN guard decides on the device (nan_guard.py), the loss is read
+back at log steps only (`state.flush`), and the next micro-batch is made on the host and copied (pinned,
+non-blocking) while the device runs the current one (host_sync.py, which also lists what does synchronise).
 """
 
 from __future__ import annotations
@@ -31,7 +32,9 @@ from ..errors import UserError
 from ..schedule import NoiseSchedule
 from . import adapter, checkpoint, distributed, resume as runs, text_training
 from .data import Stream, make_stream
+from .compile import CountingBackend, compile_denoiser, count_shapes
 from .freeze import apply_freeze
+from .host_sync import Prefetcher, Transfer, next_key, no_host_sync
 from .init import build_unet
 from .lr import lr_for
 from .nan_guard import NanGuard
@@ -41,7 +44,7 @@ from .samples import export_model, maybe_sample
 from .setup import autocast_dtype, check_precision, make_optimizer, null_condition, resolve_for_data
 from .signals import StopRequest
 from .state import TrainState, make_part
-from .step import apply_dropout, draw, mix, train_step
+from .step import Batch, Draws, apply_dropout, draw, mix, train_step
 from .validation import dataset_ids, evaluate, held_out_ids, held_out_split
 
 
@@ -81,6 +84,7 @@ class _Run:
     val_loss: object = None  # the latest held-out loss (training weights), for the progress bar
     held_out: tuple = ()  # their ids
     stream: object = None  # the data order (train.data.Stream, or BucketStream for a bucketed cache)
+    compiled: object = None  # compile=true: the backend, which counts the graphs it compiled
 
     @property
     def images_per_step(self) -> int:
@@ -98,26 +102,27 @@ def _train(cfg, dataset, run_dir: Path, d, resume_flags, vae, text_encoder, prog
         io.write_text(run_dir / "config.toml", to_toml(cfg))
     state = build_state(cfg, run_dir, d, fresh=loaded is None, text_encoder=text_encoder)
     ac = NoiseSchedule.from_config(cfg.schedule).alphas_cumprod.to(d.device)
-    null = null_condition(cfg, train_set, text_encoder)
+    # on the host, where caption dropout is applied (a text encoder on the GPU gives device tensors)
+    null = tuple(x.cpu() if torch.is_tensor(x) else x for x in null_condition(cfg, train_set, text_encoder))
     stream = r.stream = make_stream(train_set, cfg.seed, cfg.batch_size, cfg.bucket_leftovers)  # 1 bucket per batch
     if loaded is not None:
         runs.restore(loaded, d, state)
-    if cfg.precision == "bf16" and d.device.type == "cpu":  # bf16 compute copy, fp32 masters; CUDA: autocast
-        r.lowp = LowPrecisionCompute(state.part.module, torch.bfloat16)
-    model = distributed.wrap(r.lowp.compute if r.lowp else state.part.module, d)
+    model = _network(r, state, warn)
     log = RunLog(run_dir, enabled=d.is_main, resume_step=state.step if loaded is not None else None)
     bar = tqdm(total=cfg.max_steps, initial=state.step, disable=not (progress and d.is_main), desc="train",
                unit="step", dynamic_ncols=True)
     meter, start, stopped = _Meter(state.step * r.images_per_step), state.step, ""
     if loaded is None:
         _validate(r, state, ac, log)  # the held-out loss before any training: the baseline
+    feed = _feed(r, stream, null, ac.shape[0])
     with StopRequest(insist=not d.enabled) as stop:  # under DDP a repeat is the launcher's copy (signals.py)
         while state.step < cfg.max_steps:
             lr = state.set_lr(lr_for(cfg, state.step))
-            loss, picked = _accumulate(r, state, model, stream, ac, null)
-            state.optimizer_step(loss, picked)
-            if r.lowp:
-                r.lowp.weights_to_compute()  # round the fp32 masters into the bf16 copy
+            with no_host_sync(d.device):  # LATENTFORGE_SYNC_DEBUG: any host sync in here is an error
+                loss, picked = _accumulate(r, state, model, feed, ac)
+                state.optimizer_step(loss, picked)
+                if r.lowp:
+                    r.lowp.weights_to_compute()  # round the fp32 masters into the bf16 copy
             if state.step % cfg.log_every == 0 or state.step == cfg.max_steps:
                 loss, gnorm = state.flush()  # the host reads the device here, once per log step
                 seen = state.step * r.images_per_step
@@ -142,6 +147,19 @@ def _train(cfg, dataset, run_dir: Path, d, resume_flags, vae, text_encoder, prog
         _finish(r, state, stopped, start, meter.t0)
     distributed.barrier(d)
     return TrainResult(run_dir, state.step, stopped, state.guard.skipped)
+
+
+def _network(r: _Run, state: TrainState, warn) -> torch.nn.Module:
+    """The module the steps run: the bf16 compute copy with fp32 masters (precision=bf16, CPU and CUDA;
+    bf16-autocast runs the master under torch.autocast) or the master, DDP-wrapped under torchrun, then under
+    torch.compile with compile=true (after DDP's wrap, as torch recommends; one graph per latent shape)."""
+    if r.cfg.precision == "bf16":
+        r.lowp = LowPrecisionCompute(state.part.module, torch.bfloat16)
+    model = distributed.wrap(r.lowp.compute if r.lowp else state.part.module, r.d)
+    if r.cfg.compile:
+        r.compiled = CountingBackend()
+        model = compile_denoiser(model, count_shapes(r.dataset), r.compiled, warn)
+    return model
 
 
 STOP_POLL_STEPS = 10  # under DDP the ranks agree on a stop signal at most this many steps apart
@@ -190,15 +208,42 @@ def build_state(cfg, run_dir: Path, d, fresh: bool = True, text_encoder=None) ->
                       gather=lambda samples: distributed.gather_json(samples, d))  # forensics: all ranks' ids
 
 
-def _accumulate(r: _Run, state: TrainState, model, stream: Stream, ac, null) -> tuple[torch.Tensor, list[dict]]:
+@dataclass
+class _Item:
+    """One micro-batch of this rank: its stream positions, the batch and draws on the device, the draws on the host."""
+    positions: list
+    batch: Batch
+    draws: Draws
+    host: Draws
+
+
+def _feed(r: _Run, stream: Stream, null, num_timesteps: int, transfer=None) -> Prefetcher:
+    """Micro-batches by (optimizer step, micro-step): read, drawn and caption-dropped on the host, then moved by
+    `transfer` (default: pinned + non-blocking on CUDA, the identity on CPU)."""
+    cfg, d = r.cfg, r.d
+    move = transfer or Transfer(d.device)
+
+    def make(key) -> _Item:
+        positions = stream.positions(key[0], key[1], cfg.grad_accum, cfg.batch_size, d.rank, d.world_size)
+        batch = stream.batch(positions)
+        draws = draw(cfg, positions, batch.latent.shape[1:], num_timesteps)
+        if not text_training.enabled(cfg) and cfg.conditioning != "none":
+            batch = apply_dropout(batch, draws.drop, *null)
+        return _Item(positions, batch, draws, draws)
+
+    return Prefetcher(make, lambda it: _Item(it.positions, it.batch.moved(move), it.draws.moved(move), it.host))
+
+
+def _accumulate(r: _Run, state: TrainState, model, feed: Prefetcher, ac) -> tuple[torch.Tensor, list[dict]]:
     """The gradient of one optimizer step (grad_accum micro-batches); (mean loss over ranks on the device,
-    this rank's samples)."""
+    this rank's samples). The next micro-batch is prefetched once this one's backward is queued."""
     cfg, d, A = r.cfg, r.d, r.cfg.grad_accum
     losses, picked = [], []
     for micro in range(A):
-        positions = stream.positions(state.step, micro, A, cfg.batch_size, d.rank, d.world_size)
-        with _dropout_keys(r, model, positions):  # the text model's and the UNet's forward and backward
-            loss, samples = _micro_batch(r, state, model, stream.batch(positions), positions, ac, null, micro)
+        item = feed.get((state.step, micro))
+        with _dropout_keys(r, model, item.positions):  # the text model's and the UNet's forward and backward
+            loss, samples = _micro_batch(r, state, model, item, ac, micro)
+        feed.prefetch(next_key(state.step, micro, A, cfg.max_steps))
         picked += samples
         losses.append(loss.detach().float())
     if r.lowp:
@@ -208,22 +253,20 @@ def _accumulate(r: _Run, state: TrainState, model, stream: Stream, ac, null) -> 
     return distributed.mean_tensor(torch.stack(losses).mean(), d), picked  # on the device, no host read
 
 
-def _micro_batch(r: _Run, state: TrainState, model, batch, positions, ac, null, micro: int):
+def _micro_batch(r: _Run, state: TrainState, model, item: _Item, ac, micro: int):
     """Forward and backward of one micro-batch; (its loss, its samples [{"id", "t"}])."""
     cfg, d, A = r.cfg, r.d, r.cfg.grad_accum
-    draws = draw(cfg, positions, batch.latent.shape[1:], ac.shape[0])
+    batch = item.batch
     if text_training.enabled(cfg):  # the context from the captions, by the text model as it is now
-        batch = text_training.encode_batch(r.text_encoder, batch, draws.drop)
-    elif cfg.conditioning != "none":
-        batch = apply_dropout(batch, draws.drop, *null)
+        batch = text_training.encode_batch(r.text_encoder, batch, item.host.drop)
     sync = model.no_sync() if d.enabled and micro < A - 1 else contextlib.nullcontext()
     with sync:
-        loss = train_step(model, batch.to(d.device), draws, ac, cfg.schedule.prediction_type,
+        loss = train_step(model, batch, item.draws, ac, cfg.schedule.prediction_type,
                           cfg.min_snr_gamma, None if r.lowp else autocast_dtype(cfg.precision),
                           micro=cfg.unet.addition_input_dim is not None,
                           compute_dtype=r.lowp.dtype if r.lowp else None)
         state.backward(loss, A)
-    return loss, [{"id": i, "t": t} for i, t in zip(batch.ids, draws.t.tolist())]
+    return loss, [{"id": i, "t": t} for i, t in zip(batch.ids, item.host.t.tolist())]
 
 
 def _dropout_keys(r: _Run, model, positions):
@@ -287,6 +330,7 @@ def _finish(r: _Run, state: TrainState, stopped: str, start: int, t0: float) -> 
         "model": f"{f'fine-tuned from {cfg.init}' if cfg.init else f'preset {cfg.model}'}, "
                  f"{unet.num_parameters():,} UNet parameters, {cfg.conditioning}-conditional",
         **({"buckets": r.stream.summary()} if hasattr(r.stream, "summary") else {}),
+        **({"compile": f"{r.compiled.graphs} graphs compiled this session (one per latent shape)"} if r.compiled else {}),
         "skipped non-finite steps": state.guard.skipped, "config hash": config_hash(cfg),
         **({"adapter": adapter.summary(cfg, [p.module for p in state.parts], step == cfg.max_steps)} if adapter.enabled(cfg) else {}),
         "model folder": "model/ (EMA weights)" if done else "not written (run unfinished or no VAE"

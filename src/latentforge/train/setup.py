@@ -7,7 +7,7 @@ import dataclasses
 
 import torch
 
-from ..config import PRECISIONS
+from ..config import TRAIN_PRECISIONS
 from ..errors import UserError
 from .optimizers import make_optimizer  # noqa: F401 (the loop's setup; one definition, in optimizers.py)
 
@@ -100,7 +100,7 @@ def null_condition(cfg, dataset, text_encoder=None):
 
 
 def autocast_dtype(precision: str):
-    return None if precision == "fp32" else getattr(torch, PRECISIONS[precision])
+    return None if precision == "fp32" else getattr(torch, TRAIN_PRECISIONS[precision])
 
 
 def check_precision(precision: str, device: torch.device) -> None:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, replace
-from typing import List, Optional
+from typing import Callable, List, Optional
 
 import torch
 
@@ -32,7 +32,10 @@ class Batch:
     captions: Optional[List[str]] = None  # the captions (train_text_encoder re-encodes them every step)
 
     def to(self, device) -> "Batch":
-        move = lambda x: x.to(device, non_blocking=True) if torch.is_tensor(x) else x  # noqa: E731
+        return self.moved(lambda x: x.to(device, non_blocking=True) if torch.is_tensor(x) else x)
+
+    def moved(self, move: Callable) -> "Batch":
+        """Every tensor through `move` (e.g. host_sync.Transfer: pinned, non-blocking)."""
         return replace(self, latent=move(self.latent), context=move(self.context), mask=move(self.mask),
                        label=move(self.label), pooled=move(self.pooled), time_ids=move(self.time_ids))
 
@@ -49,6 +52,10 @@ class Draws:
     t: torch.Tensor  # (B,) long
     noise: torch.Tensor  # (B, C, h, w)
     drop: torch.Tensor  # (B,) bool: use the null condition (caption dropout)
+
+    def moved(self, move: Callable) -> "Draws":
+        """t and ε through `move`; the dropout coins stay where they are (the host decides with them)."""
+        return replace(self, t=move(self.t), noise=move(self.noise))
 
 
 def mix(*parts) -> int:
