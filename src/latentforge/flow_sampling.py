@@ -35,6 +35,12 @@ def flow_sigmas(steps: int, num_train_timesteps: int = 1000, shift: float = 1.0,
     return torch.cat([grid.float(), torch.zeros(1)])
 
 
+def model_timestep(sigma: torch.Tensor, num_train_timesteps: int = 1000) -> torch.Tensor:
+    """The time input the network is given at σ: σ·T, as diffusers' flow schedulers' `timesteps` (and so its
+    pipelines' transformer calls) are made; float32 in, float32 out."""
+    return sigma * num_train_timesteps
+
+
 def start_at(sigmas: torch.Tensor, steps: int, strength: float) -> torch.Tensor:
     """The tail of the grid an image→image run takes: from index ⌊steps − steps·strength⌋ on, as diffusers' flow
     img2img pipelines' `get_timesteps` (StableDiffusion3Img2ImgPipeline, FluxImg2ImgPipeline: no rounding of

@@ -23,7 +23,7 @@ from PIL import Image
 from . import flow
 from .data.images import fit_image, to_pil, to_tensor
 from .errors import UserError
-from .flow_sampling import FLOW_SAMPLERS, start_at
+from .flow_sampling import FLOW_SAMPLERS, model_timestep, start_at
 from .formats.sd3 import FlowSchedule, load_sd3_folder
 from .guidance import classifier_free_guidance
 from .pipelines import _reading
@@ -196,7 +196,7 @@ class SD3Pipeline:
     def _model_fn(self):
         """The transformer as the guidance wrapper calls it: (x, σ (B,), context, pooled) -> velocity, t = σ·T."""
         T = self.schedule.num_train_timesteps
-        return lambda x, sigma, context, pooled: self.transformer(x, sigma * T, context, pooled)
+        return lambda x, sigma, context, pooled: self.transformer(x, model_timestep(sigma, T), context, pooled)
 
     def _conditions(self, prompt: str, negative_prompt: Optional[str], n: int):
         """cond / uncond keywords of the transformer: the prompt's and the negative prompt's (None: "") encodings."""
