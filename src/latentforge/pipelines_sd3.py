@@ -26,7 +26,7 @@ from .errors import UserError
 from .flow_sampling import FLOW_SAMPLERS, model_timestep, start_at
 from .formats.sd3 import FlowSchedule, load_sd3_folder
 from .guidance import classifier_free_guidance
-from .pipelines import _reading
+from .pipelines import _reading, dropped_token_settings, starting_noise
 from .png import format_parameters
 from .text_sd3 import T5_LENGTH, SD3TextEncoder
 
@@ -158,7 +158,8 @@ class SD3Pipeline:
             pixels = to_tensor(init)[None].to(self.device, self.vae.dtype)  # (1, 3, H, W)
             # the posterior sampled with image i's generator before its noise is drawn, as diffusers' img2img
             x0 = torch.cat([self.vae.encode(pixels, sample=True, generator=g) for g in gens]).float()  # (n, C, h, w)
-        noise = self._noise(r.latents, gens, (r.n, self.transformer.config.in_channels, H // f, W // f))
+        noise = starting_noise(r.latents, gens, (r.n, self.transformer.config.in_channels, H // f, W // f),
+                               self.device)
         x = noise if x0 is None else flow.noised(x0, noise, sigmas[0])  # (n, C, h, w)
         cond, uncond = self._conditions(r.prompt, r.negative_prompt, r.n)
         velocity = classifier_free_guidance(self._model_fn(), cond, uncond, r.cfg)
@@ -205,14 +206,6 @@ class SD3Pipeline:
         cond = {"context": expand(context[:1]), "pooled": expand(pooled[:1])}
         return cond, {"context": expand(context[1:]), "pooled": expand(pooled[1:])}
 
-    def _noise(self, latents, gens, shape) -> torch.Tensor:
-        if latents is not None:
-            if tuple(latents.shape) != tuple(shape):
-                raise UserError(f"latents: shape {tuple(latents.shape)} does not match {tuple(shape)} "
-                                "(n, channels, height/f, width/f)")
-            return latents.to(self.device, torch.float32)
-        return torch.cat([torch.randn((1, *shape[1:]), generator=g) for g in gens]).to(self.device)
-
     def _check_size(self, size, flag: str) -> Size:
         W, H = int(size[0]), int(size[1])
         g = self.grid
@@ -225,9 +218,7 @@ class SD3Pipeline:
     def _parameters(self, r: _Request, i: int, strength: Optional[float]) -> str:
         """Image i's A1111 'parameters' text (png.py), as the UNet pipeline writes it."""
         s = self.schedule
-        cut = {name: self.text_encoder.dropped_tokens(text) or None
-               for name, text in (("Prompt tokens dropped", r.prompt), ("Negative tokens dropped", r.negative_prompt))
-               if text}
+        cut = dropped_token_settings(self.text_encoder, r.prompt, r.negative_prompt)
         return format_parameters(r.prompt, r.negative_prompt, {
             "Steps": r.steps, "Sampler": SAMPLER_DISPLAY[r.sampler], "CFG scale": float(r.cfg), "Seed": r.seed + i,
             "Size": f"{r.size[0]}x{r.size[1]}", "Model": self.name or None,
