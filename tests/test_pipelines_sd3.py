@@ -171,6 +171,20 @@ def test_sample_cli_writes_png_with_parameters(folders, tmp_path, capsys):
         == ("2", "Euler", "3", "4", "12x16", "3")
 
 
+def test_img2img_cli_and_no_inpaint(folders, tmp_path, capsys):
+    _, folder = folders(False, "shift3")
+    _image().save(tmp_path / "in.png")
+    common = ["--model", str(folder), "--image", str(tmp_path / "in.png"), "--steps", "4", "--cfg", "3", "--device",
+              "cpu"]
+    assert main(["img2img", *common, "--strength", "0.5", "--out", str(tmp_path / "out")]) == 0
+    params = parse_parameters(read_parameters(tmp_path / "out" / "00000-0.png"))
+    assert (params["Denoising strength"], params["Size"], params["Sampler"]) == ("0.5", "12x16", "Euler")
+    Image.new("L", (12, 16), 255).save(tmp_path / "mask.png")
+    rc = main(["inpaint", *common, "--mask", str(tmp_path / "mask.png"), "--out", str(tmp_path / "paint")])
+    err = capsys.readouterr().err
+    assert rc != 0 and "SD3Pipeline has no inpaint" in err and len(err.strip().splitlines()) == 1
+
+
 def test_bad_input_is_one_line(folders, tmp_path, capsys):
     _, folder = folders(False, "shift3")
     pipe = latentforge.load(folder, device="cpu", t5_length=T5_LENGTH)

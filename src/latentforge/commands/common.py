@@ -185,6 +185,8 @@ def generate(args, mode: str, **inputs) -> int:
     quiet_transformers()
     extra = dict(tokenizer=args.tokenizer, prediction_type=args.prediction_type) if is_single_file(args.model) else {}
     pipe = load(args.model, device=device, **extra)
+    if not hasattr(pipe, mode):  # an SD3 model has no inpainting yet
+        raise UserError(f"--model {args.model}: {type(pipe).__name__} has no {mode} — use sample or img2img")
     for file, scale in loras:
         pipe.with_lora(file, scale)
     chosen = {} if args.sampler is None else {"sampler": args.sampler}  # None: the model's default
