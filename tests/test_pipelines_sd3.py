@@ -204,6 +204,14 @@ def test_bad_input_is_one_line(folders, tmp_path, capsys):
     assert not (tmp_path / "bad").exists() or not any((tmp_path / "bad").iterdir())
 
 
+def test_unet_paths_name_an_sd3_folder(folders):
+    from latentforge.pipelines import Pipeline
+
+    _, folder = folders(False, "shift3")
+    with pytest.raises(UserError, match=r"a transformer model \(StableDiffusion3Pipeline\), not a UNet one"):
+        Pipeline.from_pretrained(folder)
+
+
 def test_unsupported_scheduler_setting_is_one_line(folders, tmp_path):
     import shutil
 
