@@ -179,8 +179,12 @@ def test_heun_equals_flow_match_heun_discrete_scheduler():
 def test_image_to_image_takes_the_tail_of_the_grid():
     sigmas = flow_sigmas(10, shift=3.0)
     assert torch.equal(start_at(sigmas, 10, 0.6), sigmas[4:]) and len(start_at(sigmas, 10, 1.0)) == 11
-    with pytest.raises(ValueError, match="strength 0.05"):
-        start_at(sigmas, 10, 0.05)
+    # diffusers' SD3/Flux img2img get_timesteps: t_start = int(max(steps − steps·strength, 0)), steps·strength not
+    # rounded first: 4 steps at 0.6 start at index int(1.6) = 1 (3 steps run); 10 at 0.05 still run 1
+    assert torch.equal(start_at(flow_sigmas(4), 4, 0.6), flow_sigmas(4)[1:])
+    assert len(start_at(sigmas, 10, 0.05)) == 2
+    with pytest.raises(ValueError, match="strength 0"):
+        start_at(sigmas, 10, 0.0)
     x0, eps = torch.ones(1, 2), torch.zeros(1, 2)
     assert torch.equal(flow.noised(x0, eps, torch.tensor([0.25])), torch.full((1, 2), 0.75))
 

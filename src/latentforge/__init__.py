@@ -15,7 +15,13 @@ os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
 
 def load(model_dir, **kwargs):
     """Load a model folder (diffusers layout) or an SD 1.x/2.x single file as a generation pipeline
-    (see pipelines.py; a single file also takes `tokenizer=` a CLIP tokenizer folder)."""
+    (see pipelines.py; a single file also takes `tokenizer=` a CLIP tokenizer folder); an SD3 folder
+    (model_index.json naming StableDiffusion3Pipeline) as pipelines_sd3.SD3Pipeline."""
+    from .formats.sd3 import is_sd3_folder
     from .pipelines import Pipeline
 
+    if is_sd3_folder(model_dir):
+        from .pipelines_sd3 import SD3Pipeline
+
+        return SD3Pipeline.from_pretrained(model_dir, **kwargs)
     return Pipeline.from_pretrained(model_dir, **kwargs)

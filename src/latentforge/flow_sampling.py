@@ -35,10 +35,17 @@ def flow_sigmas(steps: int, num_train_timesteps: int = 1000, shift: float = 1.0,
     return torch.cat([grid.float(), torch.zeros(1)])
 
 
+def model_timestep(sigma: torch.Tensor, num_train_timesteps: int = 1000) -> torch.Tensor:
+    """The time input the network is given at σ: σ·T, as diffusers' flow schedulers' `timesteps` (and so its
+    pipelines' transformer calls) are made; float32 in, float32 out."""
+    return sigma * num_train_timesteps
+
+
 def start_at(sigmas: torch.Tensor, steps: int, strength: float) -> torch.Tensor:
-    """The tail of the grid an image→image run takes: the last ⌊steps·strength⌋ steps (diffusers' img2img
-    `get_timesteps`)."""
-    run = min(int(steps * strength), steps)
+    """The tail of the grid an image→image run takes: from index ⌊steps − steps·strength⌋ on, as diffusers' flow
+    img2img pipelines' `get_timesteps` (StableDiffusion3Img2ImgPipeline, FluxImg2ImgPipeline: no rounding of
+    steps·strength first, unlike the UNet pipelines' ⌊steps·strength⌋ steps; 4 steps at 0.6 run 3, not 2)."""
+    run = steps - int(max(steps - steps * strength, 0))
     if run < 1:
         raise ValueError(f"strength {strength}: leaves no step of {steps} — raise it or the steps")
     return sigmas[steps - run:]

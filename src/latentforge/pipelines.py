@@ -109,6 +109,23 @@ def _reading(image: ImageLike, flag: str):
         raise UserError(f"{flag} {path}: not a readable image ({e}) — pass a PNG or JPEG") from None
 
 
+def starting_noise(latents: Optional[torch.Tensor], gens, shape, device) -> torch.Tensor:
+    """The sampler's starting noise (n, C, h, w): `latents` as given (its shape checked), or image i's drawn from
+    generator i on the CPU (diffusers' pipelines with a list of generators), then moved to `device`."""
+    if latents is not None:
+        if tuple(latents.shape) != tuple(shape):
+            raise UserError(f"latents: shape {tuple(latents.shape)} does not match {tuple(shape)} "
+                            "(n, channels, height/f, width/f)")
+        return latents.to(device, torch.float32)
+    return torch.cat([torch.randn((1, *shape[1:]), generator=g) for g in gens]).to(device)
+
+
+def dropped_token_settings(text_encoder, prompt: str, negative_prompt: Optional[str]) -> dict:
+    """The PNG settings saying how many tokens of each prompt the encoder did not see (None: all seen)."""
+    return {name: text_encoder.dropped_tokens(text) or None
+            for name, text in (("Prompt tokens dropped", prompt), ("Negative tokens dropped", negative_prompt)) if text}
+
+
 class Pipeline:
     """A UNet, a VAE, the noise schedule and (for text models) the text encoder."""
 
@@ -376,10 +393,8 @@ class Pipeline:
         info, (W, H) = samplers.get_sampler(r.sampler), size
         # The whole prompt, as typed: the image is made again from it (the encoder cuts it the same way);
         # how many tokens the encoder did not see is a setting of its own.
-        cut = {} if self.text_encoder is None else {
-            name: self.text_encoder.dropped_tokens(text) or None
-            for name, text in (("Prompt tokens dropped", r.prompt), ("Negative tokens dropped", r.negative_prompt))
-            if text}
+        cut = {} if self.text_encoder is None else dropped_token_settings(self.text_encoder, r.prompt,
+                                                                           r.negative_prompt)
         return format_parameters(r.prompt, r.negative_prompt, {
             "Steps": r.steps, "Sampler": info.display + (" Karras" if karras else ""),
             "CFG scale": float(r.cfg), "Seed": r.seed + i, "Size": f"{W}x{H}", "Model": self.name or None,
@@ -429,12 +444,7 @@ class Pipeline:
         return self._check_size((W, H), "--width/--height")
 
     def _noise(self, latents, gens, shape) -> torch.Tensor:
-        if latents is not None:
-            if tuple(latents.shape) != tuple(shape):
-                raise UserError(f"latents: shape {tuple(latents.shape)} does not match {tuple(shape)} "
-                                "(n, channels, height/f, width/f)")
-            return latents.to(self.device, torch.float32)
-        return torch.cat([torch.randn((1, *shape[1:]), generator=g) for g in gens]).to(self.device)
+        return starting_noise(latents, gens, shape, self.device)
 
     def _micro_conditioning(self, cond: dict, uncond: dict, size: Tuple[int, int], n: int, micro: "_Micro") -> None:
         """SDXL's size/crop conditioning, as diffusers' StableDiffusionXLPipeline: sizes (height, width) default

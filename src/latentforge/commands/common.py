@@ -103,7 +103,8 @@ def add_generation_arguments(p, cfg_default: float = 5.0):
     p.add_argument("--negative", default=None, help="negative prompt: what to steer away from")
     p.add_argument("--class", dest="class_label", type=int, default=None,
                    help="class label (class-conditional models)")
-    p.add_argument("--sampler", default="dpmpp-2m", help=f"{' | '.join(SAMPLER_NAMES)} (default: %(default)s)")
+    p.add_argument("--sampler", default=None, help=f"{' | '.join(SAMPLER_NAMES)} (default: dpmpp-2m; an SD3 model: "
+                                                   "euler or heun, default euler)")
     p.add_argument("--karras", action="store_true", default=None,
                    help="Karras et al. (2022) sigma spacing (default: the model's use_karras_sigmas)")
     p.add_argument("--spacing", default=None,
@@ -163,7 +164,8 @@ def generate(args, mode: str, **inputs) -> int:
     from ..text import quiet_transformers
 
     # the cheap checks first: a typo should not wait for the model to load
-    get_sampler(args.sampler)
+    if args.sampler is not None:
+        get_sampler(args.sampler)
     if args.steps < 1:
         raise UserError(f"--steps: must be at least 1, got {args.steps}")
     if args.n < 1:
@@ -183,9 +185,12 @@ def generate(args, mode: str, **inputs) -> int:
     quiet_transformers()
     extra = dict(tokenizer=args.tokenizer, prediction_type=args.prediction_type) if is_single_file(args.model) else {}
     pipe = load(args.model, device=device, **extra)
+    if not hasattr(pipe, mode):  # an SD3 model has no inpainting yet
+        raise UserError(f"--model {args.model}: {type(pipe).__name__} has no {mode} — use sample or img2img")
     for file, scale in loras:
         pipe.with_lora(file, scale)
-    images = getattr(pipe, mode)(prompt=args.prompt, negative_prompt=args.negative, sampler=args.sampler,
+    chosen = {} if args.sampler is None else {"sampler": args.sampler}  # None: the model's default
+    images = getattr(pipe, mode)(prompt=args.prompt, negative_prompt=args.negative, **chosen,
                                  steps=args.steps, cfg=args.cfg, seed=args.seed, n=args.n,
                                  class_label=args.class_label, karras=args.karras, eta=args.eta,
                                  spacing=args.spacing, width=args.width, height=args.height, **micro, **inputs)

@@ -629,6 +629,9 @@ def _named_type(folder: Path, part: str):
 def check_components(folder: Path, index: Dict[str, Any]) -> None:
     """Every component model_index.json names (a [library, class] pair that is not [null, null]) must be present,
     and for the ones we read, of the named type; the UNet and VAE are required. One line says which is not."""
+    if isinstance(index.get("transformer"), list) and "unet" not in index:  # SD3: formats/sd3.py reads it
+        raise UserError(f"{folder}: a transformer model ({index.get('_class_name')}), not a UNet one — it loads with "
+                        "latentforge.load and `latentforge sample`/`img2img`, not here yet")
     for part in ("unet", "vae"):
         if not isinstance(index.get(part), list) or not (folder / part).is_dir():
             raise UserError(f"{folder / part}: no such folder — {folder / MODEL_INDEX_NAME} lists a model without its "
