@@ -116,11 +116,12 @@ def test_sighup_stops_like_sigterm_unless_nohup_ignores_it():
 
     from latentforge.train.signals import StopRequest
 
-    with StopRequest() as stop:
-        signal.raise_signal(signal.SIGHUP)
-        assert stop.name == "SIGHUP"
-    previous = signal.signal(signal.SIGHUP, signal.SIG_IGN)  # what `nohup` leaves the process
+    previous = signal.signal(signal.SIGHUP, signal.SIG_DFL)  # as in a login shell (the suite may run under nohup)
     try:
+        with StopRequest() as stop:
+            signal.raise_signal(signal.SIGHUP)
+            assert stop.name == "SIGHUP"
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)  # what `nohup` leaves the process
         with StopRequest() as stop:
             signal.raise_signal(signal.SIGHUP)
             assert not stop.requested and signal.getsignal(signal.SIGHUP) == signal.SIG_IGN

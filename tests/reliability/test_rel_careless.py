@@ -233,8 +233,10 @@ def case_ssh_session_drops(world, tmp, capsys, monkeypatch):
     run = tmp / "run"
     master, slave = os.openpty()  # the child's terminal, as in an ssh session (progress bar on)
     argv = ["train", "--cache", world["cache"], "--vae", world["vae"], "--out", run, *SETTINGS, FOREVER]
+    # SIGHUP at its default, as in a login shell: the test itself may run under nohup (SIGHUP ignored, inherited)
     child = subprocess.Popen([sys.executable, "-m", "latentforge", *map(str, argv)], stdin=subprocess.DEVNULL,
-                             stdout=slave, stderr=slave, env=child_env())
+                             stdout=slave, stderr=slave, env=child_env(),
+                             preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_DFL))
     os.close(slave)
     os.set_blocking(master, False)
 
