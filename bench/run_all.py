@@ -418,6 +418,13 @@ def section_demo_precision(runs: str | None, note: str = "") -> tuple[dict | Non
     if not runs:
         return None, ("No demo runs were given (`--demo-runs FP32_DIR,BF16_DIR`: the folders of `latentforge demo "
                       "--precision fp32` and `--precision bf16`), so bf16 training quality is not in this document.")
+    if len(runs.split(",")) > 2:  # many runs: one row each (precision × seed × kernel setting)
+        try:
+            s = bench_demo_precision.spread(runs.split(","))
+        except UserError as e:
+            return None, f"The demo runs given with `--demo-runs` could not be read: {e}."
+        return None, ("`latentforge demo` runs read back by `bench/bench_demo_precision.py` (not re-run by this "
+                      "script)." + (f" {note}" if note else "") + "\n\n" + bench_demo_precision.spread_markdown(s))
     fp32, bf16 = runs.split(",")
     try:
         r = bench_demo_precision.compare(fp32, bf16)

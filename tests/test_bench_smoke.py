@@ -207,3 +207,6 @@ def test_demo_precision_reads_two_runs(tmp_path):
     assert [r["seed"] for r in s["runs"]] == [0, 2, 0] and s["runs"][1]["kernels"] == "ONEDNN_MAX_CPU_ISA=AVX2"
     assert s["summary"]["bf16"] == {"runs": 2, "min": 0.96, "mean": 0.96} and s["summary"]["fp32"]["min"] == 1.0
     assert "bf16: 2 run(s), seen accuracy lowest 0.960" in quality.spread_markdown(s)
+    assert quality.main([str(a), str(b), str(c), "--n", "2", "--out", str(tmp_path / "PRECISION.md")]) == 0
+    page = (tmp_path / "PRECISION.md").read_text()
+    assert page.startswith("# The demo's accuracy") and "| bf16 | 2 | ONEDNN_MAX_CPU_ISA=AVX2 |" in page
