@@ -87,3 +87,30 @@ def test_make_test_kernels_names_existing_tests_and_switches():
     here = __import__("pathlib").Path(__file__).parent
     assert all((here / f).is_file() for f in K.SENSITIVE) and K.SETTINGS["default"] == {}
     assert {"MKL_ENABLE_INSTRUCTIONS", "ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA"} <= set(K.SETTINGS["avx2-machine"])
+
+
+def test_same_function_bound_holds_for_a_batch_split_and_catches_a_perturbed_weight():
+    """assert_same_function on the MLP: one batch of 16 against two of 8 (other GEMM shapes, the same function)
+    passes, and is not bitwise-trivial; a model whose one weight is off by 1e-3 of its size (a wrong constant, a
+    mis-converted key) fails; and a bound without the width and depth terms (a single rounding of the output) is too
+    tight for a float32 vs float64 evaluation of the same network."""
+    import pytest
+
+    m = _mlp()
+    x = torch.randn(16, 64, generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        whole, halves = m(x), torch.cat([m(x[:8]), m(x[8:])])
+        T.assert_same_function(halves, whole, m, positions=16, what="batch split")
+        exact = m.double()(x.double()).float()
+        m.float()
+        T.assert_same_function(whole, exact, m, positions=16, what="float32 vs float64")
+        # one rounding of the output each way (2u·scale, no width, no depth) is too tight for it
+        assert (whole - exact).abs().max().item() > 2 * T.unit_roundoff() * exact.abs().max().item()
+        bad = _mlp()
+        bad[2].weight[0, 0] += 1e-3 * bad[2].weight.abs().max()
+        with pytest.raises(AssertionError, match="derived bound"):
+            T.assert_same_function(bad(x), whole, m, positions=16, what="perturbed")
+
+
+def test_sampling_evaluations_counts_guided_steps_and_the_decode():
+    assert T.sampling_evaluations(4, 1.0) == 5 and T.sampling_evaluations(4, 5.0) == 37
