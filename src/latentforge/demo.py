@@ -65,8 +65,8 @@ class Stages:
 
 def choose_precision(requested: str = "auto", cuda: bool | None = None, native: str | None = "?") -> tuple:
     """(precision of the UNet training, the reason in words). `auto` is fp32 everywhere: bf16 training (bf16
-    compute copy, fp32 masters) is faster on a CPU with native bf16 instructions, but its accuracy on the demo
-    was not the same on every such processor (docs/BENCHMARKS.md §9), so it is only ever chosen by name."""
+    compute copy, fp32 masters) is faster on a CPU with native bf16 instructions, but it is not shown to keep the
+    demo's accuracy on every such processor (docs/PRECISION.md), so it is only ever chosen by name."""
     if requested not in PRECISIONS:
         raise UserError(f"--precision: unknown {requested!r} — use one of {', '.join(PRECISIONS)}")
     native = cpu_native_bf16() if native == "?" else native
@@ -76,8 +76,8 @@ def choose_precision(requested: str = "auto", cuda: bool | None = None, native: 
     if requested != "auto":
         return requested, f"chosen with --precision {requested}"
     faster = f" (--precision bf16 trains the UNet faster on this CPU, {native})" if native else ""
-    return "fp32", ("auto: fp32 — bf16 training reached a lower accuracy on some processors than fp32 on the same "
-                    f"machine (docs/BENCHMARKS.md §9){faster}")
+    return "fp32", ("auto: fp32 — bf16 training is not shown to keep the demo's accuracy on every processor "
+                    f"(docs/PRECISION.md){faster}")
 
 
 def run_demo(out: str | os.PathLike = "runs/demo", budget: str = "full", threads: int | None = None,
