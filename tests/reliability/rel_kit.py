@@ -252,3 +252,14 @@ def text_model_folder(folder, max_length=16) -> Path:
     torch.nn.init.normal_(unet.conv_out.weight, std=0.1)  # a fresh UNet predicts exactly 0
     return save_model_folder(folder, unet, tiny_vae(), ScheduleConfig(),
                              text_encoder=TextEncoder(bert, tok, max_length=max_length))
+
+
+def check_case(cases: dict, before: dict, prefix: str, fault: str, *args) -> None:
+    """Run the case `cases[fault]` (with the test's fixtures `args`), record what it did against what the earlier
+    code did (`before[case]`) as `<prefix>_NN`, and assert it was handled."""
+    case = cases[fault]
+    ok, lines, figure = case(*args)
+    now = " / ".join(lines) or "(nothing on stderr)"
+    record(f"{prefix}_{list(cases).index(fault):02d}", fault=fault, before=before[case], now=now, figure=figure,
+           verdict="ok" if ok else "NOT HANDLED")
+    assert ok, (fault, lines, figure)

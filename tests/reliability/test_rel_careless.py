@@ -18,8 +18,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from rel_kit import (FOREVER, MAX_STEPS, SETTINGS, assert_bitwise, child_env, ckpt_steps, class_folders, clear_error,
-                     logged_steps, record, run_cli, text_model_folder, tree_digest, wait_for, weights)
+from rel_kit import (FOREVER, MAX_STEPS, SETTINGS, assert_bitwise, check_case, child_env, ckpt_steps, class_folders,
+                     clear_error, logged_steps, run_cli, text_model_folder, tree_digest, wait_for, weights)
 
 
 def sha(path) -> str:
@@ -333,8 +333,4 @@ BEFORE = {  # what the code before this round did with the same command (this te
 
 @pytest.mark.parametrize("fault", list(CASES))
 def test_a_careless_turn_is_handled(world, tmp_path, capsys, monkeypatch, fault):
-    ok, lines, figure = CASES[fault](world, tmp_path, capsys, monkeypatch)
-    now = " / ".join(lines) or "(nothing on stderr)"
-    record(f"careless_{list(CASES).index(fault):02d}", fault=fault, before=BEFORE[CASES[fault]], now=now,
-           figure=figure, verdict="ok" if ok else "NOT HANDLED")
-    assert ok, (fault, lines, figure)
+    check_case(CASES, BEFORE, "careless", fault, world, tmp_path, capsys, monkeypatch)

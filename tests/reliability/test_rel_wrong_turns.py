@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from rel_kit import clear_error, logged_steps, record, run_cli
+from rel_kit import check_case, clear_error, logged_steps, run_cli
 
 
 def sha(path) -> str:
@@ -179,8 +179,4 @@ BEFORE = {  # what the code before this round did (measured by hand with the sam
 
 @pytest.mark.parametrize("fault", list(CASES))
 def test_a_wrong_turn_is_handled(world, tmp_path, capsys, monkeypatch, fault):
-    ok, lines, figure = CASES[fault](world, tmp_path, capsys, monkeypatch)
-    now = " / ".join(lines) or "(nothing on stderr)"
-    record(f"wrong_turn_{list(CASES).index(fault):02d}", fault=fault, before=BEFORE[CASES[fault]], now=now,
-           figure=figure, verdict="ok" if ok else "NOT HANDLED")
-    assert ok, (fault, lines, figure)
+    check_case(CASES, BEFORE, "wrong_turn", fault, world, tmp_path, capsys, monkeypatch)
