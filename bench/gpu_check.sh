@@ -6,13 +6,13 @@
 #
 # Python: $PYTHON, else .venv/bin/python (make's environment), else python3. latentforge is imported from src/.
 #
-# On a machine without diffusers and without a package index (the project's device machine: its image has torch,
-# transformers, safetensors, tensorboard, matplotlib, scipy, tqdm, but not diffusers), bring diffusers as wheels:
+# On a GPU machine without diffusers and without a package index (one whose image has torch, transformers,
+# safetensors, tensorboard, matplotlib, scipy and tqdm, but not diffusers), bring diffusers as wheels:
 # where pip can reach PyPI, in the repository root (.whl/ is in .gitignore; both are pure-Python wheels),
 #   python3 -m pip download --no-deps --only-binary=:all: -d .whl diffusers==0.42.1 importlib_metadata==10.2.0
-# and let .whl travel with the tree. With the device tool: run(command="bench/gpu_check.sh --out $OUT/gpu_check.md",
-# carry=[".whl"], timeout_s=600). This script installs .whl/*.whl into /tmp/latentforge-site (no index, no
-# dependencies) when diffusers is not importable, then runs the check.
+# and copy .whl/ to that machine with the tree, then run `bench/gpu_check.sh --out gpu_check.md` there (at most
+# 10 minutes). This script installs .whl/*.whl into /tmp/latentforge-site (no index, no dependencies) when
+# diffusers is not importable, then runs the check.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ -n "${PYTHON:-}" ]; then PY=$PYTHON; elif [ -x .venv/bin/python ]; then PY=.venv/bin/python; else PY=python3; fi
