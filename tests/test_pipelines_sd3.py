@@ -3,7 +3,7 @@ StableDiffusion3Img2ImgPipeline on a tiny random SD3 folder made in the test (no
 pipeline with FlowMatchHeunDiscreteScheduler; our folder writer read back by diffusers; the `sample` CLI; one-line
 errors.
 
-Tolerance 1e-3 (issue's bound for the pipelines) on images in [0, 1]: the same float32 functions in other kernel
+Tolerance 1e-3 on images in [0, 1], as for the UNet pipelines: the same float32 functions in other kernel
 orders, a few 1e-7 per evaluation, carried through ≤ 7 transformer evaluations and the decoder; the measured
 differences (printed) are far below it.
 """

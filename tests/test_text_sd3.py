@@ -72,7 +72,8 @@ def diffusers_pipeline(root: Path, t5: bool = True):
 
 
 def _close(got, want, what):
-    """The same transformers models on the same ids: only the dtype casts differ (none in float32)."""
+    """The same transformers models on the same ids: only the dtype casts differ (none in float32), so the results
+    are equal in practice (measured 0); 1e-5 is the bound the SD3 text stack is held to."""
     diff = (got - want).abs().max().item()
     assert got.shape == want.shape and diff <= 1e-5, f"{what}: {diff:.3g} (shapes {got.shape}, {want.shape})"
     return diff
